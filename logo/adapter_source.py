@@ -1,0 +1,97 @@
+"""Where adapters come from: resolve an ``--adapters`` spec to named local adapter directories.
+
+Specs:
+- ``DIR``: a directory whose subdirectories are PEFT adapters (or a single adapter directory);
+- a list of adapter directories;
+- ``hub:OWNER/REPO/SUBFOLDER_PREFIX``: every subfolder of a hub repo whose path starts with the prefix,
+  e.g. ``hub:archon159/LoGo-loras-collection/Llama-3.1-8B-loras-flanv2/flanv2.`` (downloaded with
+  huggingface_hub, which honours ``HF_HOME``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE``);
+- ``embedded:demo``: the demo library shipped inside the package (for the embedded SmolLM2).
+
+An adapter's name is its folder name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from logo.errors import AdapterError
+
+CONFIG_FILE = "adapter_config.json"
+EMBEDDED_LIBRARIES = {"demo": Path(__file__).parent / "assets" / "demo_library"}
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file()
+
+
+def _from_directory(directory: Path) -> list[tuple[str, Path]]:
+    if not directory.exists():
+        raise AdapterError(f"adapter directory {directory} does not exist")
+    if not directory.is_dir():
+        raise AdapterError(f"{directory} is not a directory; give a directory of PEFT adapters")
+    if is_adapter_dir(directory):
+        return [(directory.name, directory)]
+    found = sorted((p.name, p) for p in directory.iterdir() if p.is_dir() and is_adapter_dir(p))
+    if not found:
+        raise AdapterError(
+            f"no adapters in {directory}: expected subdirectories holding {CONFIG_FILE} and "
+            "adapter_model.safetensors (as written by PEFT's save_pretrained)"
+        )
+    return found
+
+
+def _from_hub(spec: str) -> list[tuple[str, Path]]:
+    rest = spec[len("hub:") :]
+    parts = rest.split("/", 2)
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise AdapterError(f"bad hub spec {spec!r}: use hub:OWNER/REPO or hub:OWNER/REPO/SUBFOLDER_PREFIX")
+    repo_id = f"{parts[0]}/{parts[1]}"
+    prefix = parts[2] if len(parts) == 3 else ""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    pattern = [f"{prefix}*/{CONFIG_FILE}", f"{prefix}*/adapter_model.*"] if prefix else None
+    try:
+        root = Path(snapshot_download(repo_id, allow_patterns=pattern))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = " (HF_HUB_OFFLINE is set and the cache lacks it)" if offline else ""
+        raise AdapterError(
+            f"cannot fetch adapters {repo_id}/{prefix}* from the hub{hint}: {err}. "
+            "Download them once where the hub is reachable (same HF_HOME), or pass a local directory."
+        ) from err
+    base = root / prefix
+    parent, stem = (base, "") if prefix.endswith("/") or not prefix else (base.parent, base.name)
+    if not parent.is_dir():
+        raise AdapterError(f"hub repo {repo_id} has no folder {parent.relative_to(root)}")
+    found = sorted(
+        (p.name, p) for p in parent.iterdir() if p.is_dir() and p.name.startswith(stem) and is_adapter_dir(p)
+    )
+    if not found:
+        raise AdapterError(f"hub repo {repo_id} has no adapter folders starting with {prefix!r}")
+    return found
+
+
+def resolve_adapters(spec: str | Path | list[str | Path]) -> list[tuple[str, Path]]:
+    """Resolve an adapters spec to ``[(name, local_dir), ...]`` in a stable order."""
+    if isinstance(spec, (list, tuple)):
+        if len(spec) == 1:
+            return resolve_adapters(spec[0])
+        out = []
+        for item in spec:
+            path = Path(item)
+            if not is_adapter_dir(path):
+                raise AdapterError(f"{path} is not a PEFT adapter directory (no {CONFIG_FILE} in it)")
+            out.append((path.name, path))
+        return out
+    text = str(spec)
+    if text.startswith("hub:"):
+        return _from_hub(text)
+    if text.startswith("embedded:"):
+        key = text.split(":", 1)[1]
+        if key not in EMBEDDED_LIBRARIES:
+            raise AdapterError(f"unknown embedded library {key!r}; known: {sorted(EMBEDDED_LIBRARIES)}")
+        return _from_directory(EMBEDDED_LIBRARIES[key])
+    return _from_directory(Path(text))

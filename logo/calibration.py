@@ -1,0 +1,96 @@
+"""Per-adapter score calibration (beyond the paper).
+
+Raw LoGo scores compare adapters whose output scale differs for reasons unrelated to the input
+(training length, rank, alpha). Calibration divides each adapter's score by a per-adapter statistic:
+
+- ``mean``: the adapter's mean raw score over unlabeled calibration prompts (training-free and
+  label-free; computed once per library and signal, stored next to the library in
+  ``logo_calibration.json``, or in the logo cache when the library's folder is not writable);
+- ``weight-norm``: data-free, ``scaling_i * ||B_i A_i||_F`` of the signal module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from logo.errors import LogoError
+
+FILE_NAME = "logo_calibration.json"
+DEFAULT_PROMPTS = Path(__file__).parent / "assets" / "calibration_prompts.txt"
+
+
+def _cache_file(names: list[str]) -> Path:
+    from logo.models import cache_dir
+
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    return cache_dir() / "calibration" / f"{digest}.json"
+
+
+def _candidates(library) -> list[Path]:
+    files = []
+    if library.root is not None:
+        files.append(library.root / FILE_NAME)
+    files.append(_cache_file(library.names))
+    return files
+
+
+def load_calibration(library) -> dict:
+    """Stored statistics for this library, keyed by signal; empty if none were computed."""
+    for file in _candidates(library):
+        if file.is_file():
+            try:
+                data = json.loads(file.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise LogoError(f"cannot read calibration file {file}: {err}; delete it and recalibrate") from err
+            if data.get("adapters") != library.names:
+                continue  # statistics for another set of adapters
+            return data.get("entries", {})
+    return {}
+
+
+def save_calibration(library, path: Path | None = None) -> Path:
+    """Write ``library.calibration``; next to the library if writable, else in the logo cache."""
+    payload = {"version": 1, "adapters": library.names, "entries": library.calibration}
+    targets = [path] if path is not None else _candidates(library)
+    for target in targets:
+        if target.parent.exists() and os.access(target.parent, os.W_OK) or target == targets[-1]:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(payload, indent=1))
+            return target
+    raise AssertionError("unreachable")
+
+
+def default_prompts() -> list[str]:
+    """A small generic prompt set (not evaluation data) for label-free calibration."""
+    text = DEFAULT_PROMPTS.read_text()
+    return [block.strip().replace("\\n", "\n") for block in text.splitlines() if block.strip()]
+
+
+def weight_norms(library, module: str) -> torch.Tensor:
+    """``scaling_i * ||B_i A_i||_F`` per adapter, without forming ``B A``: trace((B^T B)(A A^T))."""
+    stack = library.stacks[module]
+    a, b = stack.A.float(), stack.B.float()
+    gram_b = b.transpose(1, 2) @ b  # [N, r, r]
+    gram_a = a @ a.transpose(1, 2)  # [N, r, r]
+    return (gram_b * gram_a).sum((1, 2)).clamp(min=0).sqrt() * stack.scaling
+
+
+def divisors(library, config, module_name: str, num_layers: int) -> torch.Tensor | None:
+    """The per-adapter divisor for ``config.calibration`` at signal module ``module_name``, or None (raw)."""
+    if config.calibration == "none":
+        return None
+    if config.calibration == "weight-norm":
+        return weight_norms(library, module_name).clamp(min=1e-12)
+    key = config.signal_key(num_layers)
+    entry = library.calibration.get(key)
+    if entry is None:
+        raise LogoError(
+            f"no '{config.calibration}' calibration statistics for signal {key}; compute them once with "
+            "`logo calibrate --base-model ... --adapters ...` (same router options)"
+        )
+    return torch.tensor(entry["values"], dtype=torch.float32).clamp(min=1e-12)

@@ -1,0 +1,271 @@
+"""The adapter library: load PEFT LoRA adapters, validate them against the base model, stack them.
+
+For every target module the library holds, once, ``A [N, r_max, d_in]``, ``B [N, d_out, r_max]`` and
+``scaling [N]``. Ranks that differ are zero-padded (exact: padded rows of A meet padded columns of B).
+An adapter that does not target a module has zeros there (it contributes nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from logo.adapter_source import CONFIG_FILE, resolve_adapters
+from logo.errors import AdapterError
+
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+# Config fields whose non-default value changes what the adapter computes; we refuse them.
+_UNSUPPORTED = {
+    "use_dora": (False, None),
+    "lora_bias": (False, None),
+    "fan_in_fan_out": (False, None),
+    "modules_to_save": (None, []),
+    "layer_replication": (None, []),
+    "use_qalora": (False, None),
+    "trainable_token_indices": (None, [], {}),
+    "alora_invocation_tokens": (None, []),
+    "target_parameters": (None, []),
+    "use_bdlora": (None, False),
+    "kasa_config": (None,),
+    "monteclora_config": (None,),
+    "arrow_config": (None,),
+}
+
+
+@dataclass
+class AdapterInfo:
+    """One adapter as read from disk."""
+
+    name: str
+    path: Path
+    config: dict
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A [r, d_in], B [d_out, r])
+    scaling: dict[str, float]  # module -> lora_alpha / r (or / sqrt(r) with rsLoRA)
+
+
+@dataclass
+class ModuleStack:
+    """All adapters' LoRA factors for one target module."""
+
+    A: torch.Tensor  # [N, r_max, d_in]
+    B: torch.Tensor  # [N, d_out, r_max]
+    scaling: torch.Tensor  # [N] fp32, 0 where an adapter lacks this module
+
+
+@dataclass
+class AdapterLibrary:
+    """N named LoRA adapters stacked per target module, ready for routing and mixture inference."""
+
+    names: list[str]
+    paths: list[Path]
+    configs: list[dict]
+    stacks: dict[str, ModuleStack]
+    calibration: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.stacks)
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise AdapterError(f"no adapter named {name!r} in the library ({len(self)} adapters)") from None
+
+    @property
+    def root(self) -> Path | None:
+        """The common parent directory of the adapters, where library-level files (calibration) live."""
+        parents = {p.parent for p in self.paths}
+        return parents.pop() if len(parents) == 1 else None
+
+    @classmethod
+    def load(
+        cls,
+        spec: str | Path | list[str | Path],
+        model: nn.Module,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        progress: bool = False,
+    ) -> AdapterLibrary:
+        """Load, validate and stack the adapters named by ``spec`` for ``model``.
+
+        ``device``/``dtype`` default to the model's.
+        """
+        entries = resolve_adapters(spec)
+        return cls.from_entries(entries, model, device=device, dtype=dtype, progress=progress)
+
+    @classmethod
+    def from_entries(
+        cls,
+        entries: list[tuple[str, Path]],
+        model: nn.Module,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        progress: bool = False,
+    ) -> AdapterLibrary:
+        if not entries:
+            raise AdapterError("the adapter library is empty: give at least one adapter")
+        seen: dict[str, Path] = {}
+        for name, path in entries:
+            if name in seen:
+                raise AdapterError(
+                    f"duplicate adapter name {name!r}: {seen[name]} and {path}; adapter names are folder "
+                    "names and must be unique, rename one folder"
+                )
+            seen[name] = path
+        param = next(model.parameters())
+        device = torch.device(device) if device is not None else param.device
+        dtype = dtype or param.dtype
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            futures = [pool.submit(read_adapter, name, path, linears) for name, path in entries]
+            iterator = futures
+            if progress:
+                from tqdm import tqdm
+
+                iterator = tqdm(futures, desc="loading adapters", unit="adapter")
+            infos = [f.result() for f in iterator]
+        stacks = stack_adapters(infos, linears, device=device, dtype=dtype)
+        lib = cls(
+            names=[i.name for i in infos],
+            paths=[i.path for i in infos],
+            configs=[i.config for i in infos],
+            stacks=stacks,
+        )
+        from logo.calibration import load_calibration
+
+        lib.calibration = load_calibration(lib)
+        return lib
+
+
+def _check_config(name: str, path: Path, config: dict) -> None:
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(
+            f"adapter {name!r} ({path / CONFIG_FILE}) has peft_type {config.get('peft_type')!r}; "
+            "only LoRA adapters (peft_type LORA) can be routed and mixed"
+        )
+    for key, allowed in _UNSUPPORTED.items():
+        if key in config and config[key] not in allowed:
+            raise AdapterError(
+                f"adapter {name!r} ({path / CONFIG_FILE}) uses {key}={config[key]!r}, which logo does not "
+                "support (it would change the adapter's output); retrain or export it as a plain LoRA"
+            )
+    if config.get("bias", "none") != "none":
+        raise AdapterError(
+            f"adapter {name!r} ({path / CONFIG_FILE}) trains biases (bias={config['bias']!r}); logo supports "
+            "bias='none' only"
+        )
+
+
+def _read_weights(name: str, path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    for filename in WEIGHT_FILES:
+        file = path / filename
+        if file.is_file():
+            break
+    else:
+        raise AdapterError(f"adapter {name!r}: no {' or '.join(WEIGHT_FILES)} in {path}")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return file, load_file(str(file))
+        return file, torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any reader failure means a corrupt file; we say which
+        raise AdapterError(f"adapter {name!r}: cannot read {file} ({type(err).__name__}: {err}); "
+                           "the file is corrupt or truncated, re-download or re-save it") from err
+
+
+def _scaling(config: dict, module: str, rank: int) -> float:
+    alpha = config.get("lora_alpha", 8)
+    pattern = config.get("alpha_pattern") or {}
+    if pattern:
+        from peft.utils.other import get_pattern_key
+
+        key = get_pattern_key(list(pattern), module)
+        alpha = pattern.get(key, alpha)
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def read_adapter(name: str, path: Path, linears: dict[str, nn.Linear]) -> AdapterInfo:
+    """Read one adapter and check it against the base model's linear layers."""
+    config_file = path / CONFIG_FILE
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise AdapterError(f"adapter {name!r}: cannot parse {config_file}: {err}") from err
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter {name!r}: {config_file} does not hold a JSON object")
+    _check_config(name, path, config)
+    file, tensors = _read_weights(name, path)
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise AdapterError(
+                f"adapter {name!r}: {file} holds {key!r}, which is not a LoRA A/B weight (embedding "
+                "LoRA, DoRA magnitudes and extra trained modules are not supported)"
+            )
+        halves.setdefault(match["module"], {})[match["ab"]] = tensor
+    if not halves:
+        raise AdapterError(f"adapter {name!r}: {file} holds no LoRA weights")
+    weights, scaling = {}, {}
+    for module, pair in halves.items():
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"adapter {name!r}: {file} has lora_{'A' if 'A' in pair else 'B'} but not "
+                               f"its partner for module {module!r}")
+        if module not in linears:
+            raise AdapterError(
+                f"adapter {name!r} targets {module!r}, which is not a linear layer of the base model; "
+                "was it trained for another base model?"
+            )
+        a, b = pair["A"], pair["B"]
+        linear = linears[module]
+        r = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != linear.in_features or b.shape != (linear.out_features, r):
+            raise AdapterError(
+                f"adapter {name!r}, module {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not "
+                f"fit the base layer ({linear.in_features} -> {linear.out_features}); expected A [r, "
+                f"{linear.in_features}] and B [{linear.out_features}, r]: the adapter belongs to another model"
+            )
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterError(f"adapter {name!r}, module {module!r}: {file} holds NaN or Inf weights")
+        weights[module] = (a, b)
+        scaling[module] = _scaling(config, module, r)
+    return AdapterInfo(name, path, config, weights, scaling)
+
+
+def stack_adapters(
+    infos: list[AdapterInfo], linears: dict[str, nn.Linear], device: torch.device, dtype: torch.dtype
+) -> dict[str, ModuleStack]:
+    """Stack per module, zero-padding ranks and absent modules. Module order follows the model."""
+    used = {m for info in infos for m in info.weights}
+    stacks = {}
+    n = len(infos)
+    for module in (m for m in linears if m in used):
+        linear = linears[module]
+        r_max = max(info.weights[module][0].shape[0] for info in infos if module in info.weights)
+        a = torch.zeros(n, r_max, linear.in_features, dtype=dtype)
+        b = torch.zeros(n, linear.out_features, r_max, dtype=dtype)
+        s = torch.zeros(n, dtype=torch.float32)
+        for i, info in enumerate(infos):
+            if module in info.weights:
+                ai, bi = info.weights[module]
+                r = ai.shape[0]
+                a[i, :r] = ai
+                b[i, :, :r] = bi
+                s[i] = info.scaling[module]
+        stacks[module] = ModuleStack(a.to(device), b.to(device), s.to(device))
+    return stacks

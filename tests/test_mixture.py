@@ -1,0 +1,159 @@
+"""Mixture inference against independent references: PEFT with the same adapters, and batch invariance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftMixedModel, PeftModel
+from peft.tuners.lora.layer import LoraLayer
+
+from logo.engine import LoGoEngine
+from logo.library import AdapterLibrary
+from logo.router import RouterConfig, Selection
+from tests.helpers import MIXED_SPECS, make_tiny_model
+
+PROMPTS = [
+    "Evaluate the result.\n\nQ: not ( True ) and ( True ) is\nA:",
+    "Q: hi\nA:",
+    "Sort the following words alphabetically: pear apple fig\nA:",
+    "Q: What is 12 + 7?\nA:",
+]
+
+
+def official_peft(arch: str, root, names: list[str], weights: list[float]):
+    """The official LoGo generation path: PeftMixedModel, selected adapters active, scaling *= weight."""
+    base = make_tiny_model(arch)
+    model = PeftMixedModel.from_pretrained(base, root / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(root / name, adapter_name=name)
+    model.set_adapter(names)
+    multiplier = dict(zip(names, weights))
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.scaling = {k: v * multiplier.get(k, 1.0) for k, v in module.scaling.items()}
+    return model.eval()
+
+
+@pytest.fixture
+def engine(tiny_library, tokenizer, arch):
+    model, root = tiny_library(arch)
+    library = AdapterLibrary.load(root, model)
+    eng = LoGoEngine(model, tokenizer, library, RouterConfig(k=3))
+    yield eng
+    eng.close()
+
+
+def _logits_under(engine: LoGoEngine, prompts: list[str], selections: list[Selection]) -> torch.Tensor:
+    ids, mask = engine.encode(prompts)
+    engine._set_mixture(selections)
+    try:
+        with torch.no_grad():
+            return engine.model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        engine.mixture.clear()
+
+
+def test_logits_match_official_peft_path(engine, tiny_library, tokenizer, arch):
+    _, root = tiny_library(arch)
+    for prompt in PROMPTS[:2]:
+        route = engine.route([prompt])[0]
+        ours = _logits_under(engine, [prompt], [route])
+        peft_model = official_peft(arch, root, route.names, route.weights)
+        ids = tokenizer([prompt], return_tensors="pt")
+        with torch.no_grad():
+            ref = peft_model(**ids).logits
+        base = engine.model(**ids).logits
+        assert (ref - base).abs().max() > 1e-2, "adapters must visibly change the logits for this test to bite"
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_all_adapters_with_mixed_ranks_and_targets_match_peft(tiny_library, tokenizer, arch):
+    model, root = tiny_library(arch)
+    library = AdapterLibrary.load(root, model)
+    names = [s["name"] for s in MIXED_SPECS]
+    weights = [0.3, 0.1, 0.2, 0.15, 0.15, 0.1]
+    selection = Selection([library.index(n) for n in names], weights)
+    engine = LoGoEngine(model, tokenizer, library, RouterConfig(k=1))
+    try:
+        ours = _logits_under(engine, [PROMPTS[0]], [selection])
+    finally:
+        engine.close()
+    ref_model = official_peft(arch, root, names, weights)
+    with torch.no_grad():
+        ref = ref_model(**tokenizer([PROMPTS[0]], return_tensors="pt")).logits
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_k1_equals_peft_single_adapter(engine, tiny_library, tokenizer, arch):
+    model, root = tiny_library(arch)
+    engine.router = RouterConfig(k=1)
+    prompt = PROMPTS[2]
+    route = engine.route([prompt])[0]
+    assert route.weights == [1.0]
+    ours = _logits_under(engine, [prompt], [route])
+    ref_model = PeftModel.from_pretrained(make_tiny_model(arch), root / route.names[0]).eval()
+    with torch.no_grad():
+        ref = ref_model(**tokenizer([prompt], return_tensors="pt")).logits
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_greedy_generation_matches_official_peft(engine, tiny_library, tokenizer, arch):
+    _, root = tiny_library(arch)
+    prompt = PROMPTS[3]
+    ours = engine.generate([prompt], max_new_tokens=12)[0]
+    ref_model = official_peft(arch, root, ours.route.names, ours.route.weights)
+    ids = tokenizer([prompt], return_tensors="pt")
+    with torch.no_grad():
+        out = ref_model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert ours.text == tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_batch_invariance_heterogeneous_mixtures(engine):
+    alone = [engine.generate([p], max_new_tokens=10)[0] for p in PROMPTS]
+    together = engine.generate(PROMPTS, max_new_tokens=10, batch_size=4)
+    assert len({tuple(g.route.indices) for g in together}) > 1, "rows must carry different mixtures"
+    for a, b in zip(alone, together):
+        assert a.text == b.text
+        assert a.route.indices == b.route.indices
+        assert a.route.all_scores == pytest.approx(b.route.all_scores, rel=1e-4, abs=1e-5)
+
+
+def test_batch_logits_match_rows_alone_including_base_row(engine):
+    routes = engine.route(PROMPTS)
+    selections = [routes[0], Selection([], []), routes[2], Selection([1], [0.5])]
+    together = _logits_under(engine, PROMPTS, selections)
+    ids, mask = engine.encode(PROMPTS)
+    for row, (prompt, sel) in enumerate(zip(PROMPTS, selections)):
+        alone = _logits_under(engine, [prompt], [sel])[0]
+        n = alone.shape[0]
+        torch.testing.assert_close(together[row, -n:], alone, atol=1e-4, rtol=1e-4)
+    base = engine.model(input_ids=ids[1:2], attention_mask=mask[1:2]).logits
+    torch.testing.assert_close(together[1], base[0], atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_is_seeded_and_uses_the_mixture(engine):
+    a = engine.generate(PROMPTS[:2], max_new_tokens=8, do_sample=True, seed=3, batch_size=2)
+    b = engine.generate(PROMPTS[:2], max_new_tokens=8, do_sample=True, seed=3, batch_size=2)
+    assert [g.text for g in a] == [g.text for g in b]
+
+
+def test_early_stop_at_newline(engine, tokenizer):
+    newline = tokenizer.encode("\n", add_special_tokens=False)[0]
+    out = engine.generate(PROMPTS, max_new_tokens=40, early_stop=True, batch_size=4)
+    full = engine.generate(PROMPTS, max_new_tokens=40, batch_size=4)
+    for stopped, whole in zip(out, full):
+        assert whole.text.startswith(stopped.text)
+        if "\n" in whole.text:
+            assert stopped.text == whole.text[: whole.text.index("\n") + 1]
+    assert newline is not None
+
+
+def test_bf16_library_runs(tiny_library, tokenizer):
+    model, root = tiny_library("llama")
+    model_bf16 = make_tiny_model("llama").to(torch.bfloat16)
+    library = AdapterLibrary.load(root, model_bf16)
+    assert library.stacks["model.layers.0.self_attn.q_proj"].A.dtype == torch.bfloat16
+    engine = LoGoEngine(model_bf16, tokenizer, library, RouterConfig(k=2))
+    out = engine.generate(PROMPTS[:2], max_new_tokens=4, batch_size=2)
+    engine.close()
+    assert all(len(g.route.indices) == 2 for g in out)
