@@ -78,6 +78,30 @@ class LoGoEngine:
         self.device = next(model.parameters()).device
         self.timings = Timings()
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: str,
+        adapters: str | list[str] | None = None,
+        router: RouterConfig | None = None,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        progress: bool = False,
+    ) -> LoGoEngine:
+        """Load a base model (path, hub id or preset) and an adapter library (default: the preset's)."""
+        from logo.models import load_base_model
+        from logo.presets import get_preset
+
+        device = device or default_device()
+        if adapters is None or adapters == []:
+            preset = get_preset(base_model)
+            if preset is None or preset.default_adapters is None:
+                raise LogoError(f"--adapters is required for {base_model!r} (it has no default adapter library)")
+            adapters = preset.default_adapters
+        model, tokenizer = load_base_model(base_model, device=device, dtype=dtype)
+        library = AdapterLibrary.load(adapters, model, progress=progress)
+        return cls(model, tokenizer, library, router)
+
     # ----------------------------------------------------------------- inputs
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize with left padding (as generation needs); truncated to 2048 tokens like the official code."""
@@ -238,6 +262,10 @@ class LoGoEngine:
     def close(self) -> None:
         """Remove the mixture hooks; the model is the plain base model again."""
         self.mixture.remove()
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _progress(batches: list[list[int]], enabled: bool, desc: str, total: int):
