@@ -1,7 +1,230 @@
-"""Placeholder: commands are added here."""
+"""`logo route`, `logo generate` and `logo calibrate`: LoGo on prompts given on the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from logo.errors import LogoError
+from logo.router import RouterConfig
+
+BaseModel = Annotated[
+    str,
+    typer.Option(
+        "--base-model", "--base_model", "-m",
+        help="Local path, hub id, or preset: smollm2-135m (embedded), Llama-3.1-8B, Qwen2.5-7B, deepseek-llm-7b-base.",
+    ),
+]
+Adapters = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--adapters", "-a",
+        help="A directory of PEFT adapters, repeated adapter paths, hub:REPO/SUBFOLDER_PREFIX, or embedded:demo. "
+        "Default: the preset's library.",
+    ),
+]
+Prompts = Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeat for several).")]
+PromptsFile = Annotated[
+    Path | None, typer.Option("--prompts-file", help="A file with one prompt per line (\\n escapes allowed); - for stdin.")
+]
+Strategy = Annotated[str, typer.Option("--selection-strategy", "--selection_strategy", help="norm | entropy")]
+K = Annotated[
+    int | None,
+    typer.Option("--n-selected-modules", "--n_selected_modules", "-k",
+                 help="Adapters per prompt (official default 20; the library size if it holds fewer)."),
+]
+Layer = Annotated[int, typer.Option("--signal-layer", help="Signal layer; negative counts from the end.")]
+Module = Annotated[str, typer.Option("--signal-module", help="Signal module name within the layer.")]
+PostNorm = Annotated[bool, typer.Option("--post-norm", help="Probe the module's real input (after the norm).")]
+Position = Annotated[str, typer.Option("--position", help="last | mean (over prompt tokens)")]
+Weighting = Annotated[str, typer.Option("--weighting", help="normalize (official) | softmax")]
+WeightTemp = Annotated[float, typer.Option("--weight-temperature", help="Temperature for --weighting softmax.")]
+Calibration = Annotated[str, typer.Option("--calibration", help="none (official) | mean | weight-norm")]
+Device = Annotated[str | None, typer.Option("--device", help="cpu | cuda (default: cuda if available)")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Prompts per batch.")]
+Json = Annotated[bool, typer.Option("--json", help="One JSON object per prompt per line.")]
+
+
+def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:
+    out = [p.replace("\\n", "\n") for p in prompts or []]
+    if prompts_file is not None:
+        if str(prompts_file) == "-":
+            text = sys.stdin.read()
+        elif not prompts_file.is_file():
+            raise LogoError(f"prompts file {prompts_file} does not exist")
+        else:
+            text = prompts_file.read_text()
+        out += [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
+    if not out:
+        raise LogoError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    return out
+
+
+def build_engine(base_model, adapters, strategy, k, layer, module, post_norm, position, weighting, temperature,
+                 calibration, device, dtype):
+    from logo.adapter_source import resolve_adapters
+    from logo.engine import LoGoEngine, default_device
+    from logo.library import AdapterLibrary
+    from logo.models import load_base_model
+    from logo.presets import get_preset
+
+    preset = get_preset(base_model)
+    spec = adapters or (preset.default_adapters if preset else None)
+    if not spec:
+        raise LogoError(f"--adapters is required for {base_model!r} (it has no default adapter library)")
+    entries = resolve_adapters(spec)  # before the (slow) model load, so a bad spec fails fast
+    if k is None:
+        k = min(20, len(entries))
+        if k < 20:
+            print(f"note: the library holds {len(entries)} adapters; using k={k}", file=sys.stderr)
+    router = RouterConfig(strategy=strategy, k=k, layer=layer, module=module, post_norm=post_norm,
+                          position=position, weighting=weighting, temperature=temperature, calibration=calibration)
+    if k > len(entries):
+        raise LogoError(f"k={k} adapters requested but the library holds {len(entries)}; "
+                        f"choose --n-selected-modules between 1 and {len(entries)}")
+    model, tokenizer = load_base_model(base_model, device=device or default_device(), dtype=dtype)
+    library = AdapterLibrary.from_entries(entries, model, progress=True)
+    return LoGoEngine(model, tokenizer, library, router)
+
+
+def route_record(prompt: str, route, names: list[str]) -> dict:
+    """The JSON record of one routed prompt (``selected`` in descending score order)."""
+    return {
+        "prompt": prompt,
+        "selected": [
+            {"name": n, "index": i, "score": s, "weight": w}
+            for n, i, s, w in zip(route.names, route.indices, route.scores, route.weights)
+        ],
+        "scores": dict(zip(names, route.all_scores)),
+    }
+
+
+def _print_table(records: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for rec in records:
+        table = Table(title=rec["prompt"][:100].replace("\n", "⏎"), title_justify="left")
+        table.add_column("#", justify="right")
+        table.add_column("adapter")
+        table.add_column("score", justify="right")
+        table.add_column("weight", justify="right")
+        for rank, sel in enumerate(rec["selected"], 1):
+            table.add_row(str(rank), sel["name"], f"{sel['score']:.4g}", f"{sel['weight']:.3f}")
+        console.print(table)
+        if "output" in rec:
+            console.print(f"[bold]output:[/bold] {rec['output']}\n")
+
+
+def route(
+    prompt: Prompts = None,
+    prompts_file: PromptsFile = None,
+    base_model: BaseModel = "smollm2-135m",
+    adapters: Adapters = None,
+    selection_strategy: Strategy = "norm",
+    n_selected_modules: K = None,
+    signal_layer: Layer = -1,
+    signal_module: Module = "q_proj",
+    post_norm: PostNorm = False,
+    position: Position = "last",
+    weighting: Weighting = "normalize",
+    weight_temperature: WeightTemp = 1.0,
+    calibration: Calibration = "none",
+    device: Device = None,
+    dtype: Dtype = "auto",
+    batch_size: BatchSize = 8,
+    json_out: Json = False,
+) -> None:
+    """Select adapters for each prompt (LoGo probe, score, top-k) and show the mixture."""
+    prompts = read_prompts(prompt, prompts_file)
+    engine = build_engine(base_model, adapters, selection_strategy, n_selected_modules, signal_layer, signal_module,
+                          post_norm, position, weighting, weight_temperature, calibration, device, dtype)
+    routes = engine.route(prompts, batch_size=batch_size, progress=len(prompts) > batch_size)
+    records = [route_record(p, r, engine.library.names) for p, r in zip(prompts, routes)]
+    _emit(records, json_out)
+
+
+def generate(
+    prompt: Prompts = None,
+    prompts_file: PromptsFile = None,
+    base_model: BaseModel = "smollm2-135m",
+    adapters: Adapters = None,
+    selection_strategy: Strategy = "norm",
+    n_selected_modules: K = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "--max_new_tokens")] = 256,
+    generation_early_stop: Annotated[
+        bool, typer.Option("--generation-early-stop", "--generation_early_stop", help="Stop at the first newline.")
+    ] = False,
+    do_sample: Annotated[bool, typer.Option("--do-sample", help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    signal_layer: Layer = -1,
+    signal_module: Module = "q_proj",
+    post_norm: PostNorm = False,
+    position: Position = "last",
+    weighting: Weighting = "normalize",
+    weight_temperature: WeightTemp = 1.0,
+    calibration: Calibration = "none",
+    device: Device = None,
+    dtype: Dtype = "auto",
+    batch_size: BatchSize = 8,
+    json_out: Json = False,
+) -> None:
+    """Route each prompt and generate with its own weighted mixture of adapters."""
+    prompts = read_prompts(prompt, prompts_file)
+    engine = build_engine(base_model, adapters, selection_strategy, n_selected_modules, signal_layer, signal_module,
+                          post_norm, position, weighting, weight_temperature, calibration, device, dtype)
+    results = engine.generate(
+        prompts, max_new_tokens=max_new_tokens, early_stop=generation_early_stop, batch_size=batch_size,
+        do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, progress=len(prompts) > batch_size,
+    )
+    records = []
+    for res in results:
+        rec = route_record(res.prompt, res.route, engine.library.names)
+        rec["output"] = res.text
+        records.append(rec)
+    _emit(records, json_out)
+
+
+def calibrate(
+    base_model: BaseModel = "smollm2-135m",
+    adapters: Adapters = None,
+    prompts_file: PromptsFile = None,
+    selection_strategy: Strategy = "norm",
+    signal_layer: Layer = -1,
+    signal_module: Module = "q_proj",
+    post_norm: PostNorm = False,
+    position: Position = "last",
+    device: Device = None,
+    dtype: Dtype = "auto",
+    batch_size: BatchSize = 8,
+) -> None:
+    """Compute per-adapter `mean` score statistics (label-free) and store them with the library."""
+    engine = build_engine(base_model, adapters, selection_strategy, 1, signal_layer, signal_module, post_norm,
+                          position, "normalize", 1.0, "none", device, dtype)
+    prompts = read_prompts(None, prompts_file) if prompts_file else None
+    entry = engine.calibrate(prompts, batch_size=batch_size, source=str(prompts_file) if prompts_file else None,
+                             progress=True)
+    print(f"calibrated {len(engine.library)} adapters on {entry['n_prompts']} prompts -> {entry['file']}")
+
+
+def _emit(records: list[dict], json_out: bool) -> None:
+    if json_out:
+        for rec in records:
+            print(json.dumps(rec, ensure_ascii=False))
+    else:
+        _print_table(records)
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add route, generate and calibrate to ``app``."""
+    app.command()(route)
+    app.command()(generate)
+    app.command()(calibrate)

@@ -13,7 +13,16 @@ from logo.calibration import default_prompts, divisors, save_calibration
 from logo.errors import LogoError
 from logo.library import AdapterLibrary
 from logo.mixture import Mixture
-from logo.router import Route, RouterConfig, Selection, decoder_layers, probe, score, select, signal_module_name
+from logo.router import (
+    Route,
+    RouterConfig,
+    Selection,
+    decoder_layers,
+    probe,
+    score,
+    select,
+    signal_module_name,
+)
 
 MAX_PROMPT_TOKENS = 2048  # as the official code
 
