@@ -1,0 +1,184 @@
+"""Adapter library: loading from every source, stacking, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from logo.errors import AdapterError
+from logo.library import AdapterLibrary
+from tests.helpers import MIXED_SPECS, make_adapter, make_tiny_model
+
+
+@pytest.fixture
+def lib_copy(tiny_library, tmp_path):
+    """A writable copy of the llama library (tests corrupt it)."""
+    model, root = tiny_library("llama")
+    dest = tmp_path / "lib"
+    shutil.copytree(root, dest)
+    return model, dest
+
+
+def test_stacks_match_files_with_padding_and_scaling(tiny_library):
+    model, root = tiny_library("llama")
+    lib = AdapterLibrary.load(root, model)
+    assert lib.names == sorted(s["name"] for s in MIXED_SPECS)
+    module = "model.layers.1.self_attn.q_proj"
+    stack = lib.stacks[module]
+    assert stack.A.shape == (6, 8, 64) and stack.B.shape == (6, 64, 8)
+    for i, name in enumerate(lib.names):
+        spec = next(s for s in MIXED_SPECS if s["name"] == name)
+        tensors = load_file(str(root / name / "adapter_model.safetensors"))
+        a = tensors[f"base_model.model.{module}.lora_A.weight"]
+        b = tensors[f"base_model.model.{module}.lora_B.weight"]
+        r = spec["r"]
+        torch.testing.assert_close(stack.A[i, :r], a)
+        torch.testing.assert_close(stack.B[i, :, :r], b)
+        assert stack.A[i, r:].abs().sum() == 0 and stack.B[i, :, r:].abs().sum() == 0
+        expected = spec["alpha"] / (math.sqrt(r) if spec.get("use_rslora") else r)
+        assert stack.scaling[i].item() == pytest.approx(expected)
+    # an adapter without v_proj contributes zero there
+    v = lib.stacks["model.layers.0.self_attn.v_proj"]
+    assert v.scaling[lib.index("d_qonly")] == 0 and v.A[lib.index("d_qonly")].abs().sum() == 0
+    assert "model.layers.0.mlp.up_proj" in lib.stacks and "model.layers.0.mlp.gate_proj" not in lib.stacks
+
+
+def test_explicit_paths_and_bin_weights(tiny_library, tmp_path):
+    model, root = tiny_library("llama")
+    single = tmp_path / "binned"
+    shutil.copytree(root / "a_r4", single)
+    tensors = load_file(str(single / "adapter_model.safetensors"))
+    (single / "adapter_model.safetensors").unlink()
+    torch.save(tensors, single / "adapter_model.bin")
+    lib = AdapterLibrary.load([str(single), str(root / "b_r8")], model)
+    assert lib.names == ["binned", "b_r8"]
+    torch.testing.assert_close(
+        lib.stacks["model.layers.0.self_attn.q_proj"].A[0, :4],
+        tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes(tiny_library, dtype):
+    model, root = tiny_library("llama")
+    lib = AdapterLibrary.load(root, model, dtype=dtype)
+    assert all(s.A.dtype == dtype and s.B.dtype == dtype for s in lib.stacks.values())
+
+
+def test_hub_spec_reads_a_hub_laid_out_cache_offline(tiny_library, tmp_path, monkeypatch):
+    """hub:OWNER/REPO/PREFIX through huggingface_hub, against a local cache laid out like the hub's."""
+    model, root = tiny_library("llama")
+    repo = tmp_path / "hub" / "models--archon159--LoGo-loras-collection"
+    commit = "0" * 40
+    snapshot = repo / "snapshots" / commit
+    for name in ["flanv2.task_a", "flanv2.task_b", "other.task_c"]:
+        shutil.copytree(root / "a_r4", snapshot / "Tiny-loras-flanv2" / name)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    lib = AdapterLibrary.load("hub:archon159/LoGo-loras-collection/Tiny-loras-flanv2/flanv2.", model)
+    assert lib.names == ["flanv2.task_a", "flanv2.task_b"]
+    with pytest.raises(AdapterError, match="hub"):
+        AdapterLibrary.load("hub:archon159/missing-repo/x.", model)
+
+
+def test_embedded_unknown_library(tiny_library):
+    model, _ = tiny_library("llama")
+    with pytest.raises(AdapterError, match="unknown embedded library"):
+        AdapterLibrary.load("embedded:nope", model)
+
+
+def _edit_config(path: Path, **changes) -> None:
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"peft_type": "IA3"}, "peft_type 'IA3'"),
+        ({"use_dora": True}, "use_dora"),
+        ({"lora_bias": True}, "lora_bias"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"bias": "all"}, "bias='all'"),
+    ],
+)
+def test_unsupported_configs_are_refused(lib_copy, change, message):
+    model, root = lib_copy
+    _edit_config(root / "b_r8", **change)
+    with pytest.raises(AdapterError, match=message) as err:
+        AdapterLibrary.load(root, model)
+    assert "b_r8" in str(err.value)
+
+
+def test_missing_and_corrupt_files(lib_copy):
+    model, root = lib_copy
+    (root / "a_r4" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterError, match=r"a_r4.*corrupt"):
+        AdapterLibrary.load(root, model)
+    (root / "a_r4" / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match=r"a_r4.*no adapter_model.safetensors"):
+        AdapterLibrary.load(root, model)
+    (root / "b_r8" / "adapter_config.json").write_text("{broken")
+    with pytest.raises(AdapterError, match="cannot parse"):
+        AdapterLibrary.load([root / "b_r8"], model)
+
+
+def test_shape_mismatch_names_module_and_shapes(tmp_path):
+    small = make_tiny_model("llama")
+    other = make_tiny_model("llama")
+    make_adapter(small, tmp_path / "fits", seed=1)
+    # an adapter trained for a model with another hidden size
+    from transformers import AutoModelForCausalLM
+
+    cfg = small.config.to_dict() | {"hidden_size": 32, "head_dim": 8}
+    wide = AutoModelForCausalLM.from_config(type(small.config).from_dict(cfg))
+    make_adapter(wide, tmp_path / "other_model", seed=2)
+    with pytest.raises(AdapterError, match=r"other_model.*q_proj.*lora_A \(4, 32\).*\(64 -> 64\)"):
+        AdapterLibrary.load(tmp_path, other)
+
+
+def test_nan_weights_refused(lib_copy):
+    model, root = lib_copy
+    file = root / "a_r4" / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    key = next(iter(tensors))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(file))
+    with pytest.raises(AdapterError, match="a_r4.*NaN or Inf"):
+        AdapterLibrary.load(root, model)
+
+
+def test_unknown_module_and_foreign_keys(lib_copy):
+    model, root = lib_copy
+    file = root / "a_r4" / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector.weight"] = torch.ones(64)
+    save_file(tensors, str(file))
+    with pytest.raises(AdapterError, match="not a LoRA A/B weight"):
+        AdapterLibrary.load(root, model)
+
+
+def test_duplicate_names_and_empty(tiny_library, tmp_path):
+    model, root = tiny_library("llama")
+    other = tmp_path / "x" / "a_r4"
+    shutil.copytree(root / "a_r4", other)
+    with pytest.raises(AdapterError, match="duplicate adapter name 'a_r4'"):
+        AdapterLibrary.load([root / "a_r4", other], model)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match="no adapters in"):
+        AdapterLibrary.load(tmp_path / "empty", model)
+    with pytest.raises(AdapterError, match="empty"):
+        AdapterLibrary.from_entries([], model)

@@ -1,0 +1,160 @@
+"""Router: scores against the formula written out independently, clean and early-stopping probes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from logo.calibration import weight_norms
+from logo.engine import LoGoEngine
+from logo.errors import LogoError
+from logo.library import AdapterLibrary
+from logo.router import RouterConfig, Selection, select
+
+PROMPTS = ["Q: What is 3 + 4?\nA:", "Sort: zeta alpha\nA:", "x"]
+
+
+def reference_scores(model, root, names, tokenizer, prompt, strategy, layer=-1, module="q_proj",
+                     post_norm=False, position="last"):
+    """The official computation, spelled out: hidden_states[L-1] of a full forward, adapter by adapter."""
+    ids = tokenizer([prompt], return_tensors="pt")
+    n_layers = model.config.num_hidden_layers
+    layer_idx = layer % n_layers
+    with torch.no_grad():
+        out = model(**ids, output_hidden_states=True)
+        hidden = out.hidden_states[layer_idx][0]  # residual stream entering the layer
+        if post_norm:
+            hidden = model.model.layers[layer_idx].input_layernorm(hidden)
+    h = hidden[-1] if position == "last" else hidden.mean(0)
+    key = f"base_model.model.model.layers.{layer_idx}.self_attn.{module}"
+    scores = []
+    for name in names:
+        cfg = __import__("json").loads((root / name / "adapter_config.json").read_text())
+        tensors = load_file(str(root / name / "adapter_model.safetensors"))
+        if f"{key}.lora_A.weight" not in tensors:
+            d_out = getattr(model.model.layers[layer_idx].self_attn, module).out_features  # zero output: uniform
+            scores.append(0.0 if strategy == "norm" else 1 / (torch.log(torch.tensor(float(d_out))).item() + 1e-6))
+            continue
+        a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+        r = a.shape[0]
+        scaling = cfg["lora_alpha"] / (r**0.5 if cfg.get("use_rslora") else r)
+        o = (h @ a.T) @ b.T * scaling
+        if strategy == "norm":
+            scores.append(torch.sqrt((o**2).sum()).item())
+        else:
+            p = torch.softmax(o, -1)
+            scores.append(1 / (-(p * torch.log(p + 1e-8)).sum().item() + 1e-6))
+    return scores
+
+
+@pytest.fixture
+def setup(tiny_library, tokenizer, arch):
+    model, root = tiny_library(arch)
+    return model, root, AdapterLibrary.load(root, model), tokenizer
+
+
+@pytest.mark.parametrize("strategy", ["norm", "entropy"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"layer": 1}, {"post_norm": True}, {"position": "mean"}, {"layer": -2, "module": "v_proj"}],
+)
+def test_scores_equal_formula(setup, strategy, options):
+    model, root, lib, tokenizer = setup
+    engine = LoGoEngine(model, tokenizer, lib, RouterConfig(strategy=strategy, k=2, **options))
+    try:
+        routes = engine.route(PROMPTS, batch_size=3)  # batched, different lengths, left padding
+    finally:
+        engine.close()
+    for prompt, route in zip(PROMPTS, routes):
+        ref = reference_scores(model, root, lib.names, tokenizer, prompt, strategy, **options)
+        assert route.all_scores == pytest.approx(ref, rel=1e-4, abs=1e-5)
+        order = sorted(range(len(ref)), key=lambda i: -ref[i])[:2]
+        assert route.indices == order
+        top = [ref[i] for i in order]
+        assert route.weights == pytest.approx([s / sum(top) for s in top], rel=1e-4)
+        assert route.names == [lib.names[i] for i in order]
+
+
+def test_probe_is_clean_even_with_a_mixture_active(setup):
+    model, _, lib, tokenizer = setup
+    engine = LoGoEngine(model, tokenizer, lib, RouterConfig(k=2))
+    try:
+        clean = engine.route(PROMPTS[:1])[0]
+        engine._set_mixture([Selection([0, 1], [0.5, 0.5])])  # what the official code leaks into its probe
+        dirty_ids, dirty_mask = engine.encode(PROMPTS[:1])
+        leaked = engine.route_batch(dirty_ids, dirty_mask)[0]
+        assert engine.mixture.active, "the probe must restore the mixture it suspended"
+    finally:
+        engine.close()
+    assert leaked.all_scores == pytest.approx(clean.all_scores, rel=1e-6)
+
+
+def test_probe_stops_at_the_signal_layer(setup):
+    model, _, lib, tokenizer = setup
+    calls = []
+    hooks = [layer.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, layer in enumerate(model.model.layers)]
+    hooks.append(model.lm_head.register_forward_hook(lambda *a: calls.append("lm_head")))
+    engine = LoGoEngine(model, tokenizer, lib, RouterConfig(k=1, layer=1))
+    try:
+        engine.route(PROMPTS[:1])
+    finally:
+        engine.close()
+        for h in hooks:
+            h.remove()
+    assert calls == [0], f"only layers before the signal layer may run, ran {calls}"
+
+
+def test_select_weighting_options():
+    scores = torch.tensor([[1.0, 4.0, 2.0, 3.0]])
+    top, idx, w = select(scores, 2)
+    assert idx.tolist() == [[1, 3]] and w[0].tolist() == pytest.approx([4 / 7, 3 / 7])
+    _, _, w = select(scores, 2, "softmax", temperature=0.5)
+    e = torch.exp(torch.tensor([8.0, 6.0]))
+    assert w[0].tolist() == pytest.approx((e / e.sum()).tolist())
+    with pytest.raises(LogoError, match="1 <= k <= 4"):
+        select(scores, 5)
+
+
+def test_bad_router_options(setup):
+    model, _, lib, tokenizer = setup
+    for kwargs, msg in [({"k": 0}, "at least 1"), ({"strategy": "max"}, "selection strategy"),
+                        ({"position": "first"}, "token position"), ({"calibration": "zz"}, "calibration")]:
+        with pytest.raises(LogoError, match=msg):
+            RouterConfig(**kwargs)
+    with pytest.raises(LogoError, match="library holds 6"):
+        LoGoEngine(model, tokenizer, lib, RouterConfig(k=7))
+    with pytest.raises(LogoError, match="out of range"):
+        LoGoEngine(model, tokenizer, lib, RouterConfig(k=1, layer=5))
+    with pytest.raises(LogoError, match="no adapter targets"):
+        LoGoEngine(model, tokenizer, lib, RouterConfig(k=1, module="gate_proj"))
+
+
+def test_weight_norm_calibration_equals_frobenius(setup):
+    _, _, lib, _ = setup
+    module = "model.layers.2.self_attn.q_proj"
+    stack = lib.stacks[module]
+    expected = torch.stack([torch.linalg.matrix_norm(stack.B[i] @ stack.A[i]) * stack.scaling[i] for i in range(len(lib))])
+    torch.testing.assert_close(weight_norms(lib, module), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_mean_calibration_divides_raw_scores_and_is_stored(tiny_library, tokenizer, tmp_path):
+    import shutil
+
+    model, root = tiny_library("llama")
+    shutil.copytree(root, tmp_path / "lib")
+    lib = AdapterLibrary.load(tmp_path / "lib", model)
+    engine = LoGoEngine(model, tokenizer, lib, RouterConfig(k=2, calibration="mean"))
+    with pytest.raises(LogoError, match="logo calibrate"):
+        engine.route(PROMPTS[:1])
+    entry = engine.calibrate(PROMPTS, batch_size=2)
+    assert entry["file"] == str(tmp_path / "lib" / "logo_calibration.json")
+    raw = engine.router
+    means = torch.tensor(entry["values"])
+    route = engine.route(PROMPTS[:1])[0]
+    calibrated = torch.tensor(route.all_scores) / means
+    assert route.indices == torch.topk(calibrated, 2).indices.tolist()
+    assert route.scores == pytest.approx(torch.topk(calibrated, 2).values.tolist(), rel=1e-5)
+    engine.close()
+    reloaded = AdapterLibrary.load(tmp_path / "lib", model)
+    assert reloaded.calibration[raw.signal_key(3)]["values"] == pytest.approx(entry["values"])
