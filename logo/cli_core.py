@@ -29,7 +29,8 @@ Adapters = Annotated[
 ]
 Prompts = Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeat for several).")]
 PromptsFile = Annotated[
-    Path | None, typer.Option("--prompts-file", help="A file with one prompt per line (\\n escapes allowed); - for stdin.")
+    Path | None,
+    typer.Option("--prompts-file", help="A file with one prompt per line (\\n escapes allowed); - for stdin."),
 ]
 Strategy = Annotated[str, typer.Option("--selection-strategy", "--selection_strategy", help="norm | entropy")]
 K = Annotated[

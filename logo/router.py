@@ -107,7 +107,9 @@ def signal_module_name(model: nn.Module, config: RouterConfig) -> str:
     prefix = next(name for name, m in model.named_modules() if m is layers)
     layer_name = f"{prefix}.{layer_idx}"
     matches = [
-        name for name, _ in layers[layer_idx].named_modules() if name == config.module or name.endswith("." + config.module)
+        name
+        for name, _ in layers[layer_idx].named_modules()
+        if name == config.module or name.endswith("." + config.module)
     ]
     if len(matches) != 1:
         raise LogoError(

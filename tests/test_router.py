@@ -134,7 +134,9 @@ def test_weight_norm_calibration_equals_frobenius(setup):
     _, _, lib, _ = setup
     module = "model.layers.2.self_attn.q_proj"
     stack = lib.stacks[module]
-    expected = torch.stack([torch.linalg.matrix_norm(stack.B[i] @ stack.A[i]) * stack.scaling[i] for i in range(len(lib))])
+    expected = torch.stack(
+        [torch.linalg.matrix_norm(stack.B[i] @ stack.A[i]) * stack.scaling[i] for i in range(len(lib))]
+    )
     torch.testing.assert_close(weight_norms(lib, module), expected, rtol=1e-4, atol=1e-6)
 
 

@@ -1,0 +1,110 @@
+"""`logo route` / `logo generate` / `logo calibrate` end to end on a tiny model saved like a hub repo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def run_logo(*args: str, input_text: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "logo.cli", *args], capture_output=True, text=True, input=input_text, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def model_and_lib(tiny_model_dir, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import MIXED_SPECS, make_library
+
+    model_dir = tiny_model_dir("llama")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    lib = tmp_path_factory.mktemp("cli_lib")
+    make_library(model, lib, MIXED_SPECS[:4])
+    return model_dir, lib
+
+
+def test_route_json_contract(model_and_lib):
+    model_dir, lib = model_and_lib
+    res = run_logo("route", "--base-model", str(model_dir), "--adapters", str(lib), "--prompt", "Q: 1+1\\nA:",
+                   "--prompt", "hello", "--n-selected-modules", "2", "--selection-strategy", "entropy", "--json")
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [rec["prompt"] for rec in lines] == ["Q: 1+1\nA:", "hello"]
+    for rec in lines:
+        assert len(rec["selected"]) == 2 and set(rec["scores"]) == {"a_r4", "b_r8", "c_r2_rslora", "d_qonly"}
+        scores = [s["score"] for s in rec["selected"]]
+        assert scores == sorted(scores, reverse=True)
+        assert sum(s["weight"] for s in rec["selected"]) == pytest.approx(1.0, abs=1e-5)
+        for sel in rec["selected"]:
+            assert rec["scores"][sel["name"]] == pytest.approx(sel["score"])
+            assert set(sel) == {"name", "index", "score", "weight"}
+
+
+def test_generate_json_and_table(model_and_lib):
+    model_dir, lib = model_and_lib
+    res = run_logo("generate", "-m", str(model_dir), "-a", str(lib), "-p", "Q: hi\\nA:", "-k", "1",
+                   "--max-new-tokens", "4", "--json")
+    assert res.returncode == 0, res.stderr
+    rec = json.loads(res.stdout)
+    assert "output" in rec and len(rec["selected"]) == 1
+    table = run_logo("generate", "-m", str(model_dir), "-a", str(lib), "-p", "x", "-k", "2", "--max-new-tokens", "2")
+    assert table.returncode == 0 and "output:" in table.stdout and "weight" in table.stdout
+
+
+def test_repeated_adapter_paths_and_prompts_file(model_and_lib, tmp_path):
+    model_dir, lib = model_and_lib
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("first\\nline\nsecond\n\n")
+    res = run_logo("route", "-m", str(model_dir), "-a", str(lib / "a_r4"), "-a", str(lib / "b_r8"),
+                   "--prompts-file", str(prompts), "-k", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    recs = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["prompt"] for r in recs] == ["first\nline", "second"]
+    assert set(recs[0]["scores"]) == {"a_r4", "b_r8"}
+
+
+def test_calibrate_then_route_calibrated(model_and_lib, tmp_path):
+    model_dir, lib = model_and_lib
+    shutil.copytree(lib, tmp_path / "lib")
+    res = run_logo("route", "-m", str(model_dir), "-a", str(tmp_path / "lib"), "-p", "x", "-k", "1",
+                   "--calibration", "mean")
+    assert res.returncode == 2 and "logo calibrate" in res.stderr and "Traceback" not in res.stderr
+    res = run_logo("calibrate", "-m", str(model_dir), "-a", str(tmp_path / "lib"))
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "lib" / "logo_calibration.json").exists()
+    res = run_logo("route", "-m", str(model_dir), "-a", str(tmp_path / "lib"), "-p", "x", "-k", "1",
+                   "--calibration", "mean", "--json")
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-a", "/nonexistent/adapters", "-p", "x"], "does not exist"),
+        (["-p", "x", "-k", "0"], "at least 1"),
+        (["-p", "x", "-k", "99"], "library holds 4"),
+        (["-p", "x", "--selection-strategy", "max"], "selection strategy"),
+        ([], "no prompts"),
+    ],
+)
+def test_user_mistakes_are_one_clear_line(model_and_lib, args, message):
+    model_dir, lib = model_and_lib
+    base = ["route", "-m", str(model_dir)]
+    if "-a" not in args:
+        base += ["-a", str(lib)]
+    res = run_logo(*base, *args)
+    assert res.returncode == 2
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_bad_model_path_is_a_clear_error(tmp_path, model_and_lib):
+    _, lib = model_and_lib
+    res = run_logo("route", "-m", str(tmp_path / "no_model"), "-a", str(lib), "-p", "x", "-k", "1")
+    assert res.returncode == 2 and "cannot load" in res.stderr and "Traceback" not in res.stderr
