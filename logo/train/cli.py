@@ -1,7 +1,85 @@
-"""Placeholder: commands are added here."""
+"""`logo train` (one adapter) and `logo build-demo-library` (the committed demo library)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from logo.errors import LogoError
+
+
+def train(
+    task: Annotated[str, typer.Option("--task", help="Task name (see `logo tasks`).")],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the PEFT adapter and train_record.json.")],
+    base_model: Annotated[str, typer.Option("--base-model", "--base_model", "-m")] = "smollm2-135m",
+    rank: Annotated[int, typer.Option("--rank")] = 8,
+    alpha: Annotated[float, typer.Option("--alpha")] = 16.0,
+    targets: Annotated[str, typer.Option("--targets", help="Comma-separated module names.")] = "q_proj,v_proj",
+    steps: Annotated[int, typer.Option("--steps")] = 80,
+    lr: Annotated[float, typer.Option("--lr")] = 3e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[str, typer.Option("--device")] = "cpu",
+) -> None:
+    """Train one LoRA adapter with PEFT on a task (loss on answer tokens only)."""
+    from logo.models import load_base_model
+    from logo.train.tasks import get_task
+    from logo.train.trainer import TrainConfig, train_lora
+
+    spec = get_task(task)
+    if out.exists() and any(out.iterdir()):
+        raise LogoError(f"{out} exists and is not empty; choose a new --out directory (nothing was overwritten)")
+    config = TrainConfig(rank=rank, alpha=alpha, targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+                         steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    model, tokenizer = load_base_model(base_model, device=device, dtype="float32")
+    record = train_lora(model, tokenizer, spec, out, config, base_model)
+    print(f"wrote {out} (final loss {record.loss_curve[-1]:.3f}, {record.wall_time_s:.0f} s)")
+
+
+def build_demo_library(
+    out: Annotated[Path | None, typer.Option("--out", help="Default: the package's embedded demo library.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Retrain adapters that are already up to date.")] = False,
+    n_eval: Annotated[int, typer.Option("--n-eval")] = 50,
+) -> None:
+    """Rebuild the demo library reproducibly: train each seen task, measure, write manifest + calibration."""
+    from logo.train.library_builder import build_library
+
+    manifest = build_library(out_dir=out, n_eval=n_eval, force=force)
+    print(json.dumps([{k: a[k] for k in ("name", "base_accuracy", "own_accuracy")} for a in manifest["adapters"]]))
+
+
+def tasks() -> None:
+    """List the demo tasks (seen ones have an adapter in the demo library)."""
+    from logo.train.tasks import TASKS
+
+    for task in TASKS.values():
+        print(f"{task.name:24s} {'seen  ' if task.seen else 'unseen'} {task.source}:{task.generator} {task.args or ''}")
+
+
+def demo(
+    output: Annotated[Path, typer.Option("--output", help="Directory for summary.json, results.md, heatmap.")] = Path(
+        "demo_results"),
+    quick: Annotated[bool, typer.Option("--quick", help="A CI-sized run of the whole path.")] = False,
+    n_per_task: Annotated[int, typer.Option("--n-per-task")] = 12,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    no_arrow: Annotated[bool, typer.Option("--no-arrow", help="Skip the PEFT Arrow baseline.")] = False,
+) -> None:
+    """The main job: LoGo on the embedded SmolLM2 with the demo library, against baselines."""
+    import torch
+
+    from logo.demo import run_demo
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    run_demo(output, n_per_task=n_per_task, batch_size=batch_size, seed=seed, quick=quick, with_arrow=not no_arrow)
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add train, build-demo-library, tasks and demo to ``app``."""
+    app.command()(demo)
+    app.command()(train)
+    app.command(name="build-demo-library")(build_demo_library)
+    app.command()(tasks)

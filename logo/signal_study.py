@@ -1,0 +1,80 @@
+"""Which routing signal works on this model? Precision@1 of every signal option on labelled validation prompts.
+
+One full forward per prompt (``output_hidden_states``) gives the residual stream entering every layer,
+so all layers x {residual, post-norm} x {last token, mean} x {norm, entropy} x calibrations are scored
+from one pass. Use validation instances (never the test set) to choose settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from logo.calibration import weight_norms
+from logo.engine import LoGoEngine
+from logo.router import RouterConfig, decoder_layers, score, signal_module_name
+
+
+@dataclass
+class StudyRow:
+    layer: int
+    post_norm: bool
+    position: str
+    strategy: str
+    calibration: str
+    precision_at_1: float
+
+
+@torch.no_grad()
+def all_layer_signals(engine: LoGoEngine, prompts: list[str], layers: list[int], batch_size: int = 16):
+    """``{(layer, post_norm, position): [n, d] fp32}`` for the given (non-negative) layer indices."""
+    model = engine.model
+    blocks = decoder_layers(model)
+    engine.mixture.clear()
+    out: dict[tuple, list[torch.Tensor]] = {}
+    order = []
+    for batch in engine._batches(prompts, batch_size):
+        order += batch
+        ids, mask = engine.encode([prompts[i] for i in batch])
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
+        m = mask.float()[..., None]
+        for layer in layers:
+            for post_norm in (False, True):
+                h = hidden[layer]
+                if post_norm:
+                    h = blocks[layer].input_layernorm(h)
+                h = h.float()
+                out.setdefault((layer, post_norm, "last"), []).append(h[:, -1])  # left padding: last is last
+                out.setdefault((layer, post_norm, "mean"), []).append((h * m).sum(1) / m.sum(1))
+    inverse = torch.argsort(torch.tensor(order))
+    return {key: torch.cat(chunks)[inverse] for key, chunks in out.items()}
+
+
+def run_study(engine: LoGoEngine, prompts: list[str], targets: list[int], calibration_prompts: list[str],
+              layers: list[int], batch_size: int = 16) -> list[StudyRow]:
+    """Precision@1 (top-1 adapter == target) for every signal option; ``layers`` may be negative."""
+    n_layers = len(decoder_layers(engine.model))
+    layers = sorted({layer % n_layers for layer in layers})
+    signals = all_layer_signals(engine, prompts, layers, batch_size)
+    calib = all_layer_signals(engine, calibration_prompts, layers, batch_size)
+    target = torch.tensor(targets)
+    rows = []
+    module_of = {
+        layer: signal_module_name(engine.model, RouterConfig(layer=layer, module=engine.router.module))
+        for layer in layers
+    }
+    for (layer, post_norm, position), h in signals.items():
+        module = module_of[layer]
+        for strategy in ("norm", "entropy"):
+            raw = score(h, engine.library, module, strategy)
+            divs = {
+                "none": None,
+                "mean": score(calib[(layer, post_norm, position)], engine.library, module, strategy).mean(0),
+                "weight-norm": weight_norms(engine.library, module),
+            }
+            for calibration, div in divs.items():
+                scores = raw if div is None else raw / div.clamp(min=1e-12)
+                precision = (scores.argmax(1) == target).float().mean().item()
+                rows.append(StudyRow(layer, post_norm, position, strategy, calibration, precision))
+    return rows

@@ -1,0 +1,138 @@
+"""Train one LoRA adapter with PEFT on a task (loss on answer tokens only) and record how it was made."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from logo.errors import LogoError
+from logo.train.tasks import Task
+
+RECORD_FILE = "train_record.json"
+
+
+@dataclass
+class TrainConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    steps: int = 200
+    lr: float = 2e-3
+    batch_size: int = 16
+    seed: int = 0
+    warmup: int = 10
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise LogoError(f"invalid training settings: {self}")
+
+
+@dataclass
+class TrainRecord:
+    task: str
+    data_source: dict
+    prompt_template: str
+    base_model: str
+    config: dict
+    loss_curve: list[float] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+
+def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + answer, and labels with the prompt masked (-100): loss on the answer only."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    answer_ids = tokenizer(" " + answer + "\n", add_special_tokens=False)["input_ids"]
+    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch for training; padded positions are masked out of attention and loss."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (x, y) in enumerate(examples):
+        ids[row, : len(x)] = torch.tensor(x)
+        labels[row, : len(y)] = torch.tensor(y)
+        mask[row, : len(x)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def train_lora(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    out_dir: Path,
+    config: TrainConfig,
+    base_model_name: str,
+    progress: bool = True,
+) -> TrainRecord:
+    """Train a LoRA on ``task`` and save it (bf16 safetensors, PEFT layout) with a ``train_record.json``."""
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    pairs = task.make(config.seed, config.steps * config.batch_size, split="train")
+    examples = [encode_example(tokenizer, task.prompt(q), a) for q, a in pairs]
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.targets),
+                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - config.warmup) / max(1, config.steps - config.warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    record = TrainRecord(task.name, task.describe(), task.prompt_template, base_model_name, asdict(config))
+    start = time.perf_counter()
+    steps = range(config.steps)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc=f"training {task.name}", unit="step")
+    for step in steps:
+        batch = collate(examples[step * config.batch_size : (step + 1) * config.batch_size], tokenizer.pad_token_id)
+        loss = answer_loss(peft_model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        record.loss_curve.append(round(loss.item(), 4))
+        if progress:
+            steps.set_postfix(loss=f"{loss.item():.3f}")
+    record.wall_time_s = round(time.perf_counter() - start, 1)
+    peft_model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(out_dir)
+    peft_model.unload()  # give the caller its plain base model back
+    to_bf16(out_dir / "adapter_model.safetensors")
+    (out_dir / RECORD_FILE).write_text(json.dumps(asdict(record), indent=1))
+    return record
+
+
+def answer_loss(peft_model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy on answer tokens only; the LM head runs only where there is a label."""
+    causal_lm = peft_model.get_base_model()
+    hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    logits = causal_lm.lm_head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+
+
+def to_bf16(file: Path) -> None:
+    """Rewrite a safetensors file with every tensor in bfloat16 (halves the size of the committed library)."""
+    tensors = load_file(str(file))
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
