@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from tests.helpers import MIXED_SPECS, make_library, make_tiny_model, make_tokenizer, save_tiny_model
+# The tests never reach a hub: fail fast instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.helpers import MIXED_SPECS, make_library, make_tiny_model, make_tokenizer, save_tiny_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,97 @@
+"""The lm-eval backend: offline local tasks through simple_evaluate, log-likelihoods checked against PEFT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from logo.engine import LoGoEngine  # noqa: E402
+from logo.eval.lm_eval_backend import LoGoLM  # noqa: E402
+from logo.library import AdapterLibrary  # noqa: E402
+from logo.router import RouterConfig  # noqa: E402
+from tests.test_mixture import official_peft  # noqa: E402
+
+TASK_MC = """
+task: logo_toy_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_target: "{{{{label}}}}"
+doc_to_choice: [" yes", " no"]
+metric_list:
+  - metric: acc
+"""
+TASK_GEN = """
+task: logo_toy_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 5
+metric_list:
+  - metric: exact_match
+"""
+
+
+class _Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+@pytest.fixture
+def engine(tiny_library, tokenizer):
+    model, root = tiny_library("llama")
+    eng = LoGoEngine(model, tokenizer, AdapterLibrary.load(root, model), RouterConfig(k=2))
+    yield eng
+    eng.close()
+
+
+def test_loglikelihood_equals_official_peft_with_context_routing(engine, tiny_library, tokenizer):
+    _, root = tiny_library("llama")
+    lm = LoGoLM(engine=engine, batch_size=3)
+    requests = [_Req("Q: is it?\nA:", " yes"), _Req("Q: a much longer question here\nA:", " no way"),
+                _Req("Hi", " there")]
+    got = lm.loglikelihood(requests)
+    for req, (logprob, _) in zip(requests, got):
+        context, continuation = req.args
+        route = engine.route([context])[0]
+        ref_model = official_peft("llama", root, route.names, route.weights)
+        ctx = tokenizer(context)["input_ids"]
+        whole = tokenizer(context + continuation)["input_ids"]
+        with torch.no_grad():
+            logits = ref_model(input_ids=torch.tensor([whole])).logits[0].float()
+        lp = torch.log_softmax(logits, -1)
+        expected = sum(lp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
+        assert logprob == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+def test_simple_evaluate_on_local_tasks(engine, tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    data = tmp_path / "toy.jsonl"
+    rows = [{"question": f"is {i} small", "label": i % 2, "answer": "yes"} for i in range(6)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "mc.yaml").write_text(TASK_MC.format(data=data))
+    (tmp_path / "gen.yaml").write_text(TASK_GEN.format(data=data))
+    manager = TaskManager(include_path=str(tmp_path))
+    results = lm_eval.simple_evaluate(model=LoGoLM(engine=engine, batch_size=4),
+                                      tasks=["logo_toy_mc", "logo_toy_gen"], task_manager=manager)
+    mc = results["results"]["logo_toy_mc"]
+    assert 0.0 <= mc["acc,none"] <= 1.0
+    assert "exact_match,none" in results["results"]["logo_toy_gen"]
+    samples = results["samples"]["logo_toy_gen"]
+    assert len(samples) == 6 and all("\n" not in s["resps"][0][0] for s in samples)
