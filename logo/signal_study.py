@@ -78,3 +78,26 @@ def run_study(engine: LoGoEngine, prompts: list[str], targets: list[int], calibr
                 precision = (scores.argmax(1) == target).float().mean().item()
                 rows.append(StudyRow(layer, post_norm, position, strategy, calibration, precision))
     return rows
+
+
+def study_demo(n_per_task: int = 10, layers: list[int] | None = None, batch_size: int = 32) -> list[StudyRow]:
+    """The study on the demo library: validation instances (split ``valid``) of its seen tasks."""
+    from logo.calibration import default_prompts
+    from logo.demo import build_instances
+
+    engine = LoGoEngine.from_pretrained("smollm2-135m", "embedded:demo", RouterConfig(k=1), device="cpu")
+    names = engine.library.names
+    instances = [x for x in build_instances(names, n_per_task, split="valid") if x.seen]
+    layers = layers or [-1, -2, -3, -5, -8, -11, -15, -20, -25, -30]
+    rows = run_study(engine, [x.prompt for x in instances], [names.index(x.task) for x in instances],
+                     default_prompts(), layers, batch_size)
+    engine.close()
+    return rows
+
+
+def study_table(rows: list[StudyRow], num_layers: int) -> str:
+    lines = ["| layer | input | position | strategy | calibration | precision@1 |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (-r.precision_at_1, -r.layer)):
+        lines.append(f"| {r.layer} ({r.layer - num_layers}) | {'post-norm' if r.post_norm else 'residual'} | "
+                     f"{r.position} | {r.strategy} | {r.calibration} | {r.precision_at_1:.3f} |")
+    return "\n".join(lines)

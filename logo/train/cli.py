@@ -77,9 +77,24 @@ def demo(
     run_demo(output, n_per_task=n_per_task, batch_size=batch_size, seed=seed, quick=quick, with_arrow=not no_arrow)
 
 
+def signal_study(
+    n_per_task: Annotated[int, typer.Option("--n-per-task")] = 10,
+    output: Annotated[Path | None, typer.Option("--output", help="Write the table (markdown) here.")] = None,
+) -> None:
+    """Precision@1 of every routing-signal option on validation instances of the demo tasks (not the test set)."""
+    from logo.signal_study import study_demo, study_table
+
+    rows = study_demo(n_per_task)
+    table = study_table(rows, 30)
+    print(table)
+    if output is not None:
+        output.write_text(table + "\n")
+
+
 def register(app: typer.Typer) -> None:
-    """Add train, build-demo-library, tasks and demo to ``app``."""
+    """Add train, build-demo-library, tasks, demo and signal-study to ``app``."""
     app.command()(demo)
+    app.command(name="signal-study")(signal_study)
     app.command()(train)
     app.command(name="build-demo-library")(build_demo_library)
     app.command()(tasks)
