@@ -15,16 +15,16 @@ def train(
     task: Annotated[str, typer.Option("--task", help="Task name (see `logo tasks`).")],
     out: Annotated[Path, typer.Option("--out", help="Directory to write the PEFT adapter and train_record.json.")],
     base_model: Annotated[str, typer.Option("--base-model", "--base_model", "-m")] = "smollm2-135m",
-    rank: Annotated[int, typer.Option("--rank")] = 8,
-    alpha: Annotated[float, typer.Option("--alpha")] = 16.0,
+    rank: Annotated[int, typer.Option("--rank")] = 4,
+    alpha: Annotated[float, typer.Option("--alpha")] = 8.0,
     targets: Annotated[str, typer.Option("--targets", help="Comma-separated module names.")] = "q_proj,v_proj",
-    steps: Annotated[int, typer.Option("--steps")] = 80,
+    steps: Annotated[int, typer.Option("--steps")] = 100,
     lr: Annotated[float, typer.Option("--lr")] = 3e-3,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device")] = "cpu",
 ) -> None:
-    """Train one LoRA adapter with PEFT on a task (loss on answer tokens only)."""
+    """Train one LoRA adapter with PEFT on a task (loss on answer tokens only); defaults = the demo library's."""
     from logo.models import load_base_model
     from logo.train.tasks import get_task
     from logo.train.trainer import TrainConfig, train_lora

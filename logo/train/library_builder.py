@@ -20,19 +20,22 @@ from logo.train.tasks import Task, seen_tasks, unseen_tasks
 from logo.train.trainer import RECORD_FILE, TrainConfig, train_lora
 
 DEMO_MODEL = "smollm2-135m"
-DEMO_CONFIG = TrainConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"), steps=80, lr=3e-3, batch_size=8, seed=0)
+DEMO_CONFIG = TrainConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj"), steps=100, lr=3e-3, batch_size=8, seed=0)
 
 
 def sha256(file: Path) -> str:
     return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
-def _up_to_date(adapter_dir: Path, config: TrainConfig) -> bool:
+def _up_to_date(adapter_dir: Path, task: Task, config: TrainConfig) -> bool:
+    """True if the adapter was trained on this task's data and template with this config."""
     record = adapter_dir / RECORD_FILE
     if not record.is_file() or not (adapter_dir / "adapter_model.safetensors").is_file():
         return False
-    saved = json.loads(record.read_text()).get("config", {})
-    return saved == json.loads(json.dumps(asdict(config)))
+    saved = json.loads(record.read_text())
+    wanted = json.loads(json.dumps({"config": asdict(config), "data_source": task.describe(),
+                                    "prompt_template": task.prompt_template}))
+    return all(saved.get(k) == v for k, v in wanted.items())
 
 
 def build_library(
@@ -56,11 +59,14 @@ def build_library(
     if not tasks:
         raise LogoError("no tasks to build a library from")
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in sorted(out_dir.iterdir()):  # adapters this builder made for tasks no longer in the library
+        if stale.is_dir() and (stale / RECORD_FILE).is_file() and stale.name not in {t.name for t in tasks}:
+            shutil.rmtree(stale)
     model, tokenizer = load_base_model(base_model)
     records = {}
     for task in tasks:
         adapter_dir = out_dir / task.name
-        if force or not _up_to_date(adapter_dir, config):
+        if force or not _up_to_date(adapter_dir, task, config):
             if adapter_dir.exists():
                 shutil.rmtree(adapter_dir)
             train_lora(model, tokenizer, task, adapter_dir, config, base_model, progress=progress)

@@ -22,8 +22,8 @@ RECORD_FILE = "train_record.json"
 
 @dataclass
 class TrainConfig:
-    rank: int = 8
-    alpha: float = 16.0
+    rank: int = 4
+    alpha: float = 8.0
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     steps: int = 200
     lr: float = 2e-3
@@ -34,6 +34,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.rank < 1 or self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise LogoError(f"invalid training settings: {self}")
+        if not self.targets:
+            raise LogoError("no target modules: give e.g. --targets q_proj,v_proj")
 
 
 @dataclass
@@ -43,8 +45,10 @@ class TrainRecord:
     prompt_template: str
     base_model: str
     config: dict
+    n_train_examples: int = 0
     loss_curve: list[float] = field(default_factory=list)
     wall_time_s: float = 0.0
+    versions: dict = field(default_factory=dict)
 
 
 def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> tuple[list[int], list[int]]:
@@ -76,7 +80,16 @@ def train_lora(
     base_model_name: str,
     progress: bool = True,
 ) -> TrainRecord:
-    """Train a LoRA on ``task`` and save it (bf16 safetensors, PEFT layout) with a ``train_record.json``."""
+    """Train a LoRA on ``task`` and save it (bf16 safetensors, PEFT layout) with a ``train_record.json``.
+
+    The data is ``config.steps * config.batch_size`` fresh instances of the task's train split (seed
+    ``config.seed``), one pass. ``model`` is handed back unchanged (the LoRA layers are unloaded).
+    """
+    linear_names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    missing = [t for t in config.targets if t not in linear_names]
+    if missing:
+        raise LogoError(f"target modules {missing} are not linear layers of the base model "
+                        f"(it has {', '.join(sorted(linear_names))})")
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     pairs = task.make(config.seed, config.steps * config.batch_size, split="train")
@@ -94,7 +107,12 @@ def train_lora(
         return 0.5 * (1 + math.cos(math.pi * (step - config.warmup) / max(1, config.steps - config.warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    record = TrainRecord(task.name, task.describe(), task.prompt_template, base_model_name, asdict(config))
+    import peft
+    import transformers
+
+    record = TrainRecord(task.name, task.describe(), task.prompt_template, base_model_name, asdict(config),
+                         n_train_examples=len(pairs), versions={"torch": torch.__version__, "peft": peft.__version__,
+                                                                "transformers": transformers.__version__})
     start = time.perf_counter()
     steps = range(config.steps)
     if progress:
@@ -118,6 +136,7 @@ def train_lora(
     peft_model.save_pretrained(out_dir)
     peft_model.unload()  # give the caller its plain base model back
     to_bf16(out_dir / "adapter_model.safetensors")
+    tidy_adapter_dir(out_dir, base_model_name)
     (out_dir / RECORD_FILE).write_text(json.dumps(asdict(record), indent=1))
     return record
 
@@ -130,6 +149,15 @@ def answer_loss(peft_model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     keep = labels != -100
     logits = causal_lm.lm_head(hidden[:, :-1][keep])
     return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+
+
+def tidy_adapter_dir(out_dir: Path, base_model_name: str) -> None:
+    """Drop PEFT's empty model card and record the base model by name, not by a path on this machine."""
+    (out_dir / "README.md").unlink(missing_ok=True)
+    config_file = out_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = base_model_name
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def to_bf16(file: Path) -> None:

@@ -1,0 +1,94 @@
+"""The PEFT trainer on a tiny random model: answer-only loss mask, a loadable bf16 adapter and its record."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from logo.errors import LogoError
+from logo.library import AdapterLibrary
+from logo.train.tasks import get_task
+from logo.train.trainer import TrainConfig, answer_loss, collate, encode_example, train_lora
+from tests.helpers import make_tiny_model, make_tokenizer
+
+
+def test_answer_only_loss_mask():
+    tok = make_tokenizer()
+    prompt = get_task("parity").prompt("Is the number 7 even or odd?")
+    ids, labels = encode_example(tok, prompt, "odd")
+    prompt_len = len(tok(prompt)["input_ids"])
+    assert labels[:prompt_len] == [-100] * prompt_len
+    assert labels[prompt_len:] == ids[prompt_len:] == tok(" odd\n", add_special_tokens=False)["input_ids"]
+    batch = collate([(ids, labels), ([5, 6], [-100, 6])], pad_id=0)
+    assert batch["input_ids"].shape == (2, len(ids))
+    assert batch["attention_mask"][1].tolist() == [1, 1] + [0] * (len(ids) - 2)
+    assert batch["labels"][1].tolist() == [-100, 6] + [-100] * (len(ids) - 2)
+
+
+def test_answer_loss_counts_only_answer_tokens():
+    """Changing a prompt token's label target can't matter; the loss equals CE over answer positions."""
+    model, tok = make_tiny_model("llama"), make_tokenizer()
+    examples = [encode_example(tok, "Q: ab\nAnswer:", "yes"), encode_example(tok, "Q: c\nAnswer:", "no")]
+    batch = collate(examples, tok.pad_token_id)
+
+    class Wrapped:  # what answer_loss needs of a PeftModel
+        def get_base_model(self):
+            return model
+
+    with torch.no_grad():
+        loss = answer_loss(Wrapped(), batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    assert keep.sum() == sum(len(tok(f" {a}\n", add_special_tokens=False)["input_ids"]) for a in ("yes", "no"))
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1][keep], labels[keep])
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_training_writes_a_loadable_bf16_adapter_and_record(tmp_path):
+    from peft import PeftModel
+
+    model = make_tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tok = make_tokenizer()
+    config = TrainConfig(rank=2, alpha=4, steps=3, batch_size=2, lr=1e-2)
+    out = tmp_path / "parity"
+    record = train_lora(model, tok, get_task("parity"), out, config, "tiny", progress=False)
+    assert len(record.loss_curve) == 3 and record.wall_time_s >= 0 and record.n_train_examples == 6
+    saved = json.loads((out / "train_record.json").read_text())
+    assert saved["task"] == "parity" and saved["config"]["steps"] == 3 and saved["config"]["seed"] == 0
+    assert saved["data_source"] == {"source": "logo", "generator": "parity", "args": {}, "held_out": "questions"}
+    assert saved["prompt_template"] == get_task("parity").prompt_template and len(saved["loss_curve"]) == 3
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                     "train_record.json"]
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert tensors and all(t.dtype == torch.bfloat16 for t in tensors.values())
+    assert all(".q_proj." in k or ".v_proj." in k for k in tensors)
+    for k, v in model.state_dict().items():  # the base model is handed back unchanged
+        torch.testing.assert_close(v, before[k])
+    lib = AdapterLibrary.load([out], model)
+    assert lib.names == ["parity"] and lib.stacks["model.layers.0.self_attn.q_proj"].A.shape[1] == 2
+    peft_model = PeftModel.from_pretrained(make_tiny_model("llama"), out)
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in peft_model.named_parameters())
+
+
+def test_training_is_reproducible(tmp_path):
+    tok = make_tokenizer()
+    config = TrainConfig(rank=2, alpha=4, steps=2, batch_size=2, lr=1e-2, seed=5)
+    curves = [train_lora(make_tiny_model("llama"), tok, get_task("uppercase"), tmp_path / str(i), config, "tiny",
+                         progress=False).loss_curve for i in range(2)]
+    assert curves[0] == curves[1]
+
+
+def test_bad_settings_are_user_errors(tmp_path):
+    with pytest.raises(LogoError, match="invalid training settings"):
+        TrainConfig(steps=0)
+    with pytest.raises(LogoError, match="no target modules"):
+        TrainConfig(targets=())
+    with pytest.raises(LogoError, match="not linear layers"):
+        train_lora(make_tiny_model("llama"), make_tokenizer(), get_task("parity"), tmp_path / "x",
+                   TrainConfig(targets=("qproj",), steps=1), "tiny", progress=False)
