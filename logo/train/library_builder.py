@@ -95,13 +95,14 @@ def build_library(
     manifest = {
         "base_model": base_model,
         "train_config": asdict(config),
-        "eval_split": "eval (seeds 10000+, disjoint word pool)",
+        "eval_split": "eval: seed 10000 + seed; per task held_out: disjoint word pool / hashed question split / seed",
         "adapters": adapters,
         "unseen_tasks": [
             {"name": t.name, "task": t.describe(), "prompt_template": t.prompt_template} for t in unseen_tasks()
         ],
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    (out_dir / "README.md").write_text(library_readme(manifest))
     for signal in calibration_signals():
         engine.router = signal
         engine.calibrate()
@@ -114,3 +115,33 @@ def calibration_signals() -> list:
     from logo.router import RouterConfig
 
     return [RouterConfig(strategy=s, k=1) for s in ("norm", "entropy")]
+
+
+def library_readme(manifest: dict) -> str:
+    """A human-readable summary of the manifest (written next to it by every build)."""
+    cfg = manifest["train_config"]
+    lines = [
+        "# LoGo demo adapter library",
+        "",
+        f"One LoRA per task for `{manifest['base_model']}` (SmolLM2-135M-Instruct), trained by "
+        "`logo build-demo-library` with PEFT on the project's offline task generators (`logo.train.tasks`): "
+        f"rank {cfg['rank']}, alpha {cfg['alpha']:g}, targets {', '.join(cfg['targets'])}, {cfg['steps']} steps of "
+        f"batch {cfg['batch_size']}, lr {cfg['lr']:g}, seed {cfg['seed']}; loss on answer tokens only; stored in bf16. "
+        "`manifest.json` is the machine-readable record (sha256 of every adapter); each adapter directory "
+        "also holds its `train_record.json` (loss curve, versions).",
+        "",
+        "Accuracy: greedy, exact match after normalisation, on held-out instances (the `eval` split: seed "
+        "10000 + seed, and per task disjoint word pools or a hashed question split, so no evaluation "
+        "question was a training question; `products` is the 10 x 10 times table, where only the seeds differ).",
+        "",
+        "| adapter | generator | base | own adapter | n | train wall time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a in manifest["adapters"]:
+        gen = f"{a['task']['source']}:{a['task']['generator']}"
+        lines.append(f"| {a['name']} | {gen} | {a['base_accuracy']:.2f} | {a['own_accuracy']:.2f} | {a['n_eval']} "
+                     f"| {a['wall_time_s']:.0f} |")
+    lines += ["", "Unseen tasks (no adapter; few-shot `Q:`/`A:` prompts, like BBH against a FlanV2 library): "
+              + ", ".join(f"`{u['name']}`" for u in manifest["unseen_tasks"]) + ".", "",
+              "Rebuild: `logo build-demo-library --force` (about 2-4 CPU minutes per adapter).", ""]
+    return "\n".join(lines)
