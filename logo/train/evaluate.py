@@ -1,6 +1,16 @@
-"""Accuracy of a fixed mixture (base model, one adapter, ...) on held-out instances of a task."""
+"""Accuracy on held-out instances of a task: through the LoGo engine (fixed mixture) or plain PEFT.
+
+Both paths generate greedily with left padding, stop at the first newline and score the first line of
+the output with the task's scorer. The builder uses the engine (the same code path as the demo);
+:func:`peft_accuracy` is the independent reference (PEFT's own LoRA layers).
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from logo.engine import LoGoEngine
 from logo.router import Selection
@@ -29,3 +39,50 @@ def task_accuracy(
     outs = engine.generate(prompts, selections=[selection] * n, max_new_tokens=max_new_tokens, early_stop=True,
                            batch_size=batch_size)
     return sum(task.score(first_line(o.text), a) for o, (_, a) in zip(outs, pairs)) / n
+
+
+@torch.no_grad()
+def peft_predictions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    adapter_dir: Path | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 24,
+) -> list[str]:
+    """First lines of greedy continuations with one PEFT adapter (None = the base model); ``model`` is restored."""
+    from peft import PeftModel
+
+    runner = PeftModel.from_pretrained(model, str(adapter_dir)) if adapter_dir is not None else model
+    runner.eval()
+    newline_id = tokenizer.encode("\n", add_special_tokens=False)[0]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokenizer.padding_side = "left"
+    out: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+            generated = runner.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+                                        eos_token_id=[newline_id, tokenizer.eos_token_id], pad_token_id=pad_id)
+            texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            out += [first_line(t) for t in texts]
+    finally:
+        if adapter_dir is not None:
+            runner.unload()
+    return out
+
+
+def peft_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    adapter_dir: Path | None,
+    n: int = 50,
+    split: str = "eval",
+    seed: int = 0,
+    batch_size: int = 16,
+) -> float:
+    """Greedy accuracy of one PEFT adapter (None = the base model) on ``n`` instances of ``task``."""
+    pairs = task.make(seed, n, split=split)
+    preds = peft_predictions(model, tokenizer, [task.prompt(q) for q, _ in pairs], adapter_dir, batch_size)
+    return sum(task.score(p, a) for p, (_, a) in zip(preds, pairs)) / n
