@@ -1,21 +1,29 @@
 """The paper's 26 evaluation datasets: names, metrics, sources and the official prompt format.
 
 A dataset ``main.sub`` is read from the first source that has it:
-1. the official LoGo jsonl layout: ``DATA_DIR/<main>/<sub>/test.jsonl`` with ``context`` / ``completion``;
+
+1. the official LoGo jsonl layout: ``DATA_DIR/<main>/<sub>/test.jsonl`` with ``context`` / ``completion``
+   (the prompt is ``context`` as it is);
 2. for BBH, the original BBH JSON: ``DATA_DIR/<sub>.json`` or ``DATA_DIR/bbh/<sub>.json``
    (``{"examples": [{"input", "target"}]}``);
-3. the hub through ``datasets.load_dataset`` (honours ``HF_HOME`` / ``HF_DATASETS_OFFLINE``).
-Prompts follow the official format: ``<task description>\\n\\nQ: <input>\\nA:``.
+3. its hub repository through ``datasets.load_dataset``, from a local snapshot ``DATA_DIR/<owner>/<name>``
+   if there is one, else from the hub (see :mod:`logo.eval.hub`).
+
+Prompts built from (2) and (3) follow the official format: ``<task description>\\n\\nQ: <input>\\nA:``.
+As in the official code, the metric is the dataset family's (``bbh`` -> ``em``, ``wmt16`` -> ``bleu``, ...), so
+any ``<main>.<sub>`` of a known family can be evaluated from the official jsonl layout.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 from logo.errors import LogoError
+from logo.eval import hub
+from logo.eval.hub import PARQUET_EXPORT, Convert, HubSource
 
 
 @dataclass
@@ -29,10 +37,18 @@ class DatasetSpec:
     name: str
     metric: str
     description: str
-    hub: tuple[str, str | None, str] | None = None  # (path, config, split)
-    convert: Callable[[dict], tuple[str, str | list[str]]] | None = None  # hub row -> (question, label)
+    source: HubSource | None = None
+    convert: Convert | None = None  # hub row -> (question, label)
+
+    def load(self, data_dir: str | Path | None = None, limit: int | None = None) -> list[Instance]:
+        return load_instances(self.name, data_dir, limit)
 
 
+# The official EVAL_METHOD_DICT: the metric of every dataset of a family.
+FAMILY_METRICS = {"bbh": "em", "wmt14": "bleu", "wmt16": "bleu", "gem": "rouge", "ai2_arc": "em", "nq": "em_multi",
+                  "tqa": "em_multi", "anli": "em", "glue": "em", "code_x_glue": "bleu"}
+
+# One line per task, as in BBH's cot-prompts (the BBH JSON has none); other BBH tasks get GENERIC.
 BBH_DESCRIPTIONS = {
     "boolean_expressions": "Evaluate the result of a random Boolean expression.",
     "causal_judgement": "Answer questions about causal attribution.",
@@ -45,87 +61,54 @@ BBH_DESCRIPTIONS = {
     "web_of_lies": "Evaluate a random boolean function expressed as a word problem.",
     "word_sorting": "Sort a list of words.",
 }
+GENERIC = "Answer the following question."
 LANGS = {"en": "English", "fr": "French", "de": "German", "ro": "Romanian"}
+GEM_DESCRIPTIONS = {
+    "common_gen": "Write a sentence that uses all of the following concepts.",
+    "dart": "Write a sentence that describes the following data triples.",
+    "e2e_nlg": "Write a sentence that describes the following restaurant attributes.",
+    "web_nlg": "Write a text that verbalises the following data triples.",
+}
 
 
-def _translation(src: str, tgt: str):
-    def convert(row: dict) -> tuple[str, str]:
-        pair = row["translation"]
-        return pair[src], pair[tgt]
-
-    return convert
-
-
-def _gem(input_fn: Callable[[dict], str]):
-    def convert(row: dict) -> tuple[str, str]:
-        return input_fn(row), row["target"]
-
-    return convert
-
-
-def _triples(triples) -> str:
-    return " | ".join(" : ".join(t) if isinstance(t, (list, tuple)) else str(t) for t in triples)
-
-
-def _arc(row: dict) -> tuple[str, str]:
-    labels, texts = row["choices"]["label"], row["choices"]["text"]
-    options = "\n".join(f"- {t}" for t in texts)
-    return f"{row['question']}\nOptions:\n{options}", texts[labels.index(row["answerKey"])]
-
-
-ANLI_LABELS = ["yes", "it is not possible to tell", "no"]
-
-
-def _anli(row: dict) -> tuple[str, str]:
-    q = (f"Premise: {row['premise']}\nHypothesis: {row['hypothesis']}\nDoes the premise entail the hypothesis? "
-         "Options: yes, it is not possible to tell, no")
-    return q, ANLI_LABELS[row["label"]]
-
-
-def _qnli(row: dict) -> tuple[str, str]:
-    q = f"Does the sentence \"{row['sentence']}\" answer the question \"{row['question']}\"? Options: yes, no"
-    return q, ["yes", "no"][row["label"]]
+def _bbh_source(task: str) -> HubSource:
+    return HubSource("lukaemon/bbh", None, "test", PARQUET_EXPORT, f"{task}/test/*.parquet")
 
 
 def _build_registry() -> dict[str, DatasetSpec]:
     reg: dict[str, DatasetSpec] = {}
-    for sub, desc in BBH_DESCRIPTIONS.items():
-        reg[f"bbh.{sub}"] = DatasetSpec(f"bbh.{sub}", "em", desc, ("lukaemon/bbh", sub, "test"),
-                                        lambda r: (r["input"], r["target"]))
+
+    def add(name: str, description: str, source: HubSource, convert: Convert) -> None:
+        reg[name] = DatasetSpec(name, FAMILY_METRICS[name.split(".")[0]], description, source, convert)
+
+    for task, description in BBH_DESCRIPTIONS.items():
+        add(f"bbh.{task}", description, _bbh_source(task), hub.bbh)
     for year, pairs in (("wmt14", ["fr-en", "en-fr"]), ("wmt16", ["de-en", "en-de", "ro-en", "en-ro"])):
         for pair in pairs:
             src, tgt = pair.split("-")
-            config = "-".join(sorted((src, tgt), key=lambda x: x == "en"))  # hub configs are xx-en
-            reg[f"{year}.{pair}"] = DatasetSpec(
-                f"{year}.{pair}", "bleu", f"Translate the following sentence from {LANGS[src]} to {LANGS[tgt]}.",
-                (year, config, "test"), _translation(src, tgt))
-    gem = {
-        "common_gen": ("Write a sentence that uses all of the following concepts.", "common_gen",
-                       lambda r: ", ".join(r["concepts"])),
-        "dart": ("Write a sentence that describes the following data triples.", "dart",
-                 lambda r: _triples(r["tripleset"])),
-        "e2e_nlg": ("Write a sentence that describes the following restaurant attributes.", "e2e_nlg",
-                    lambda r: r["meaning_representation"]),
-        "web_nlg": ("Write a text that verbalises the following data triples.", "web_nlg",
-                    lambda r: _triples(r["input"])),
-    }
-    for sub, (desc, hub_name, fn) in gem.items():
-        config = "en" if sub == "web_nlg" else None
-        reg[f"gem.{sub}"] = DatasetSpec(f"gem.{sub}", "rouge", desc, (f"GEM/{hub_name}", config, "test"), _gem(fn))
+            config = f"{src}-en" if tgt == "en" else f"{tgt}-en"  # the hub's configs are xx-en, both directions
+            add(f"{year}.{pair}", f"Translate the following sentence from {LANGS[src]} to {LANGS[tgt]}.",
+                HubSource(f"wmt/{year}", config, "test"), hub.translation(src, tgt))
+    for task, description in GEM_DESCRIPTIONS.items():
+        # GEM hides common_gen's test references: its validation split is the evaluation set
+        split = "validation" if task == "common_gen" else "test"
+        config_dir = "en" if task == "web_nlg" else "*"
+        add(f"gem.{task}", description,
+            HubSource(f"GEM/{task}", None, split, PARQUET_EXPORT, f"{config_dir}/{split}/*.parquet"),
+            hub.gem(hub.GEM_INPUTS[task]))
     for sub in ("ARC-Challenge", "ARC-Easy"):
-        reg[f"ai2_arc.{sub}"] = DatasetSpec(f"ai2_arc.{sub}", "em", "Answer the following science question.",
-                                            ("allenai/ai2_arc", sub, "test"), _arc)
-    reg["nq.natural-questions"] = DatasetSpec(
-        "nq.natural-questions", "em_multi", "Answer the following question.",
-        ("google-research-datasets/nq_open", None, "validation"), lambda r: (r["question"], list(r["answer"])))
-    reg["tqa.rc"] = DatasetSpec(
-        "tqa.rc", "em_multi", "Answer the following trivia question.", ("mandarjoshi/trivia_qa", "rc", "validation"),
-        lambda r: (r["question"], list(r["answer"]["aliases"])))
+        add(f"ai2_arc.{sub}", "Answer the following science question.", HubSource("allenai/ai2_arc", sub, "test"),
+            hub.arc)
+    add("nq.natural-questions", "Answer the following question.",
+        HubSource("google-research-datasets/nq_open", "nq_open", "validation"), hub.nq_open)
+    # rc.nocontext: the rc questions and answers without their (gigabytes of) evidence documents
+    add("tqa.rc", "Answer the following trivia question.",
+        HubSource("mandarjoshi/trivia_qa", "rc.nocontext", "validation"), hub.trivia_qa)
     for r in ("r1", "r2", "r3"):
-        reg[f"anli.{r}"] = DatasetSpec(f"anli.{r}", "em", "Determine whether the premise entails the hypothesis.",
-                                       ("facebook/anli", None, f"test_{r}"), _anli)
-    reg["glue.qnli"] = DatasetSpec("glue.qnli", "em", "Determine whether the sentence answers the question.",
-                                   ("nyu-mll/glue", "qnli", "validation"), _qnli)
+        add(f"anli.{r}", "Determine whether the premise entails the hypothesis.",
+            HubSource("facebook/anli", None, f"test_{r}"), hub.anli)
+    add("glue.qnli", "Determine whether the sentence answers the question.",
+        HubSource("nyu-mll/glue", "qnli", "validation"), hub.qnli)
     return reg
 
 
@@ -134,17 +117,22 @@ PAPER_DATASETS = list(REGISTRY)
 
 
 def list_datasets() -> list[str]:
+    """The paper's 26 datasets, in the official order."""
     return list(REGISTRY)
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:
+    """The dataset's metric, prompt description and hub source. Unregistered ``<family>.<sub>`` names of a
+    known family get the family's metric (and, for BBH, the hub's BBH task of that name)."""
     if name in REGISTRY:
         return REGISTRY[name]
-    main = name.split(".")[0]
-    if main == "bbh":  # any other BBH task, from its JSON, with a generic description
-        hub = ("lukaemon/bbh", name.split(".", 1)[1], "test")
-        return DatasetSpec(name, "em", "Answer the following question.", hub, lambda r: (r["input"], r["target"]))
-    raise LogoError(f"unknown dataset {name!r}; known: {', '.join(REGISTRY)} (and any bbh.<task> given as BBH JSON)")
+    family, _, sub = name.partition(".")
+    if family in FAMILY_METRICS and sub:
+        if family == "bbh":
+            return DatasetSpec(name, "em", GENERIC, _bbh_source(sub), hub.bbh)
+        return DatasetSpec(name, FAMILY_METRICS[family], GENERIC)
+    raise LogoError(f"unknown dataset {name!r}: give one of {', '.join(REGISTRY)}, or <family>.<name> with a family "
+                    f"among {', '.join(FAMILY_METRICS)} and its test.jsonl under --data-dir")
 
 
 def format_prompt(description: str, question: str) -> str:
@@ -154,7 +142,7 @@ def format_prompt(description: str, question: str) -> str:
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -167,7 +155,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 def _from_official(path: Path) -> list[Instance]:
     out = []
     for i, row in enumerate(_read_jsonl(path)):
-        if "context" not in row or "completion" not in row:
+        if not isinstance(row, dict) or "context" not in row or "completion" not in row:
             raise LogoError(f"{path}: line {i + 1} lacks 'context'/'completion' (the official LoGo jsonl layout)")
         out.append(Instance(row["context"], row["completion"]))
     return out
@@ -175,60 +163,56 @@ def _from_official(path: Path) -> list[Instance]:
 
 def _from_bbh_json(path: Path, spec: DatasetSpec) -> list[Instance]:
     try:
-        data = json.loads(path.read_text())
-        examples = data["examples"]
+        examples = json.loads(path.read_text(encoding="utf-8"))["examples"]
+        return [Instance(format_prompt(spec.description, ex["input"]), ex["target"]) for ex in examples]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise LogoError(f"{path} is not BBH JSON ({{'examples': [{{'input', 'target'}}]}}): {err}") from err
-    return [Instance(format_prompt(spec.description, ex["input"]), ex["target"]) for ex in examples]
-
-
-def _from_hub(spec: DatasetSpec) -> list[Instance]:
-    if spec.hub is None or spec.convert is None:
-        raise LogoError(f"dataset {spec.name} has no hub source; give --data-dir")
-    path, config, split = spec.hub
-    import datasets
-
-    try:
-        data = datasets.load_dataset(path, config, split=split)
-    except (OSError, ValueError, ConnectionError) as err:
-        raise LogoError(
-            f"cannot load {spec.name} from the hub ({path}, {config}, {split}): {err}. Give --data-dir with "
-            f"{spec.name.replace('.', '/')}/test.jsonl in the official layout, or run where the hub is reachable."
-        ) from err
-    return convert_rows(spec, data)
+        raise LogoError(f"{path} is not BBH JSON ({{'examples': [{{'input', 'target'}}]}}): {err!r}") from err
 
 
 def convert_rows(spec: DatasetSpec, rows) -> list[Instance]:
     """Hub rows (any iterable of dicts) to instances with the official prompt format."""
+    if spec.convert is None:
+        raise LogoError(f"dataset {spec.name} has no hub source: put its test.jsonl (official layout) under --data-dir")
     out = []
     for i, row in enumerate(rows):
         try:
-            question, label = spec.convert(row)  # type: ignore[misc]
+            question, label = spec.convert(row)
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise LogoError(f"{spec.name}: row {i} does not have the expected fields ({err!r}): {row}") from err
         out.append(Instance(format_prompt(spec.description, question), label))
     return out
 
 
+def _local_file(spec: DatasetSpec, root: Path) -> list[Instance] | None:
+    family, _, sub = spec.name.partition(".")
+    official = root / family / sub / "test.jsonl"
+    if official.is_file():
+        return _from_official(official)
+    if family == "bbh":
+        for candidate in (root / f"{sub}.json", root / "bbh" / f"{sub}.json"):
+            if candidate.is_file():
+                return _from_bbh_json(candidate, spec)
+    return None
+
+
 def load_instances(name: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Instance]:
-    """Test instances of ``name`` from the first source that has them (see module docstring)."""
+    """Test instances of ``name`` (the first ``limit``) from the first source that has them (module docstring)."""
     spec = get_dataset_spec(name)
-    main, _, sub = name.partition(".")
+    if limit is not None and limit < 1:
+        raise LogoError(f"--limit must be at least 1, got {limit}")
     instances = None
     if data_dir is not None:
         root = Path(data_dir)
         if not root.is_dir():
             raise LogoError(f"data directory {root} does not exist")
-        official = root / main / sub / "test.jsonl"
-        if official.is_file():
-            instances = _from_official(official)
-        elif main == "bbh":
-            for candidate in (root / f"{sub}.json", root / "bbh" / f"{sub}.json"):
-                if candidate.is_file():
-                    instances = _from_bbh_json(candidate, spec)
-                    break
+        instances = _local_file(spec, root)
     if instances is None:
-        instances = _from_hub(spec)
+        if spec.source is None:
+            family, _, sub = name.partition(".")
+            expected = Path(data_dir or "DATA_DIR") / family / sub / "test.jsonl"
+            raise LogoError(f"no data for {name}: expected {expected} (the official jsonl layout)")
+        rows = hub.load_rows(spec.source, data_dir, name)
+        instances = convert_rows(spec, islice(rows, limit) if limit is not None else rows)
     if not instances:
         raise LogoError(f"dataset {name} has no test instances")
     return instances[:limit] if limit is not None else instances
