@@ -1,4 +1,4 @@
-"""`logo run` on a tiny model: official files, batch-size invariance, resumability, baselines, compare."""
+"""`logo run` on a tiny model: official files, batch-size invariance, resumability, baselines, Arrow, compare."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from logo.errors import LogoError
 from logo.eval import runner as runner_mod
 from logo.eval.compare import compare
-from logo.eval.runner import OFFICIAL_FILES, RunConfig, run
+from logo.eval.records import META, OFFICIAL_FILES, RECORDS
+from logo.eval.runner import RunConfig, run, run_methods
 
 
 @pytest.fixture(scope="module")
@@ -44,59 +45,99 @@ def read(tmp_path, cfg: RunConfig, name: str):
     return json.loads((tmp_path / cfg.run_name() / "bbh.toy" / name).read_text())
 
 
-def test_official_files_and_batch_invariance(setup, tmp_path):
+def test_official_files_and_batch_invariance(setup, tmp_path, capsys):
     one = config(setup, tmp_path / "b1", batch_size=1)
     many = config(setup, tmp_path / "b4", batch_size=4)
-    run(one, progress=False)
-    run(many, progress=False)
+    assert run(one, progress=False) == run(many, progress=False)
+    out = capsys.readouterr().out
+    assert "Dataset bbh.toy: 9 sample" in out and "Accuracy: " in out
     target = tmp_path / "b1" / one.run_name() / "bbh.toy"
-    assert sorted(p.name for p in target.iterdir()) == sorted(OFFICIAL_FILES)
-    assert one.run_name() == f"{target.parent.name}" and one.run_name().endswith("_selection_norm_n_2_seed_0")
+    assert sorted(p.name for p in target.iterdir() if not p.name.startswith(".")) == sorted(OFFICIAL_FILES)
+    assert one.run_name() == f"{setup[0].name}_selection_norm_n_2_seed_0"
     for name in ("predictions.json", "selected_loras.json", "eval_results.json"):
         assert read(tmp_path / "b1", one, name) == read(tmp_path / "b4", many, name)
+    for w1, w4 in zip(read(tmp_path / "b1", one, "weights.json"), read(tmp_path / "b4", many, "weights.json")):
+        assert w1 == pytest.approx(w4, abs=1e-5)  # padded batches round differently in the last digits
     metric = read(tmp_path / "b1", one, "metric_dict.json")
-    assert len(metric["norm"]) == 9 and len(metric["norm"][0]) == 4
+    assert list(metric) == ["norm"] and len(metric["norm"]) == 9 and len(metric["norm"][0]) == 4
+    selected = read(tmp_path / "b1", one, "selected_loras.json")
     weights = read(tmp_path / "b1", one, "weights.json")
-    assert all(abs(sum(w) - 1) < 1e-5 and len(w) == 2 for w in weights)
+    for names, w, scores in zip(selected, weights, metric["norm"]):
+        top = sorted(range(4), key=lambda j: -scores[j])[:2]  # the official top-k and normalised weights
+        assert names == [f"task_{j}" for j in top]
+        assert w == pytest.approx([scores[j] / (scores[top[0]] + scores[top[1]]) for j in top], rel=1e-5)
     assert set(read(tmp_path / "b1", one, "time_dict.json")) == {"loading", "inference"}
-    assert all("\n" not in p for p in read(tmp_path / "b1", one, "predictions.json"))
+    predictions = read(tmp_path / "b1", one, "predictions.json")
+    assert all("\n" not in p and p == p.strip() for p in predictions)
+    assert read(tmp_path / "b1", one, "eval_results.json") == [int(p.lower() == "true") for p in predictions]
 
 
-def test_resume_after_interruption(setup, tmp_path, monkeypatch):
-    cfg = config(setup, tmp_path, batch_size=2)
+def test_resume_after_interruption_and_a_torn_line(setup, tmp_path, monkeypatch):
+    cfg = config(setup, tmp_path, batch_size=1)  # checkpoints every 4 instances
     calls = []
     failing = [True]
     original = runner_mod.Runner._predict
 
-    def flaky(self, chunk, instances, metric):
+    def flaky(self, chunk, *args):
         calls.append(list(chunk))
-        if failing[0] and len(calls) == 3:
+        if failing[0] and len(calls) == 2:
             raise Interrupted  # the run dies half-way
-        return original(self, chunk, instances, metric)
+        return original(self, chunk, *args)
 
     monkeypatch.setattr(runner_mod.Runner, "_predict", flaky)
     with pytest.raises(Interrupted):
         run(cfg, progress=False)
-    partial = tmp_path / cfg.run_name() / "bbh.toy" / "partial.jsonl"
-    assert [json.loads(x)["index"] for x in partial.read_text().splitlines()] == [0, 1, 2, 3]
+    records = tmp_path / cfg.run_name() / "bbh.toy" / RECORDS
+    lines = records.read_text().splitlines()
+    assert [json.loads(x)["index"] for x in lines] == [0, 1, 2, 3]
+    records.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])  # the last write was cut short
     calls.clear()
     failing[0] = False
     run(cfg, progress=False)
-    assert calls == [[4, 5], [6, 7], [8]]  # only what was not done
-    assert not partial.exists()
-    reference = config(setup, tmp_path / "ref", batch_size=2)
+    assert calls == [[3, 4, 5, 6], [7, 8]]  # only what was not (completely) done
     monkeypatch.setattr(runner_mod.Runner, "_predict", original)
+    reference = config(setup, tmp_path / "ref", batch_size=3)
     run(reference, progress=False)
-    assert read(tmp_path, cfg, "predictions.json") == read(tmp_path / "ref", reference, "predictions.json")
+    for name in ("predictions.json", "selected_loras.json"):
+        assert read(tmp_path, cfg, name) == read(tmp_path / "ref", reference, name)
 
 
-def test_baselines(setup, tmp_path):
-    for method in ("base", "uniform", "random", "fixed:task_2"):
+def test_finished_runs_are_not_redone_and_settings_are_not_mixed(setup, tmp_path, monkeypatch):
+    cfg = config(setup, tmp_path, method="base", limit=4)
+    run(cfg, progress=False)
+    before = read(tmp_path, cfg, "predictions.json")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded although nothing was left to generate")
+
+    monkeypatch.setattr(runner_mod, "load_engine", no_model)
+    run(cfg, progress=False)
+    assert read(tmp_path, cfg, "predictions.json") == before
+    with pytest.raises(AssertionError, match="the model was loaded"):  # a larger --limit has work left
+        run(config(setup, tmp_path, method="base", limit=5), progress=False)
+    with pytest.raises(LogoError, match=r"other settings \(max_new_tokens differ\).*--overwrite"):
+        run(config(setup, tmp_path, method="base", limit=4, max_new_tokens=3), progress=False)
+    monkeypatch.undo()
+    run(config(setup, tmp_path, method="base", limit=4, max_new_tokens=3, overwrite=True), progress=False)
+    meta = json.loads((tmp_path / cfg.run_name() / "bbh.toy" / META).read_text())
+    assert meta["settings"]["max_new_tokens"] == 3
+
+
+def test_baselines_share_one_model_load_and_compare(setup, tmp_path, monkeypatch):
+    loads = []
+    original = runner_mod.load_engine
+    monkeypatch.setattr(runner_mod, "load_engine", lambda *a, **k: loads.append(a[1]) or original(*a, **k))
+    methods = ["base", "uniform", "random", "fixed:task_2", "logo"]
+    scores = run_methods(config(setup, tmp_path, limit=3), methods, progress=False)
+    assert loads == [methods] and set(scores) == set(methods)
+    for method in methods:
         cfg = config(setup, tmp_path, method=method, limit=3)
-        run(cfg, progress=False)
+        selected, weights = read(tmp_path, cfg, "selected_loras.json"), read(tmp_path, cfg, "weights.json")
+        if method == "logo":
+            assert cfg.run_name().endswith("_seed_0")
+            continue
         assert cfg.run_name().endswith("_method_" + method.replace(":", "-"))
-        selected = read(tmp_path, cfg, "selected_loras.json")
-        weights = read(tmp_path, cfg, "weights.json")
+        assert read(tmp_path, cfg, "metric_dict.json") == {}
         if method == "base":
             assert selected == [[], [], []]
         elif method == "uniform":
@@ -104,12 +145,45 @@ def test_baselines(setup, tmp_path):
         elif method == "random":
             assert all(len(s) == 2 for s in selected) and weights[0] == [0.5, 0.5]
         else:
-            assert selected == [["task_2"]] * 3
-    md = compare([tmp_path], tmp_path / "cmp")
-    assert "method_uniform" in md and "bbh.toy" in md and "average" in md
-    assert (tmp_path / "cmp" / "compare.csv").read_text().startswith("method,bbh.toy,average")
-    assert (tmp_path / "cmp" / "selection.png").stat().st_size > 0
+            assert selected == [["task_2"]] * 3 and weights == [[1.0]] * 3
+    base = read(tmp_path, config(setup, tmp_path, method="base"), "predictions.json")
+    run(config(setup, tmp_path / "more", method="base", limit=5), progress=False)
+    report = compare([tmp_path, tmp_path / "more"], tmp_path / "cmp")
+    assert "method_uniform" in report.markdown and "| bbh.toy | average |" in report.markdown
+    assert report.warnings == ["bbh.toy was evaluated on different numbers of instances "
+                               f"({', '.join(f'{r[0]}: 3' for r in report.rows[1:-1])}, "
+                               f"{report.rows[-1][0]}: 5); not comparable"]
+    csv_rows = (tmp_path / "cmp" / "compare.csv").read_text().splitlines()
+    assert csv_rows[0] == "method,bbh.toy,average" and len(csv_rows) == 7
+    base_row = next(r for r in report.rows if r[0].endswith("_method_base"))
+    assert base_row[1] == f"{100 * sum(p.lower() == 'true' for p in base) / 3:.2f}"
+    assert (tmp_path / "cmp" / "selection.png").stat().st_size > 1000
     with pytest.raises(LogoError, match="unknown method"):
         run(config(setup, tmp_path, method="best"), progress=False)
     with pytest.raises(LogoError, match="no adapter of that name"):
         run(config(setup, tmp_path, method="fixed:nope"), progress=False)
+
+
+def test_arrow_matches_peft_arrow_directly(setup, tmp_path):
+    import torch
+    from peft import ArrowConfig, create_arrow_model
+
+    from logo.models import load_base_model
+
+    cfg = config(setup, tmp_path, method="arrow", limit=4, batch_size=2)
+    run(cfg, progress=False)
+    predictions = read(tmp_path, cfg, "predictions.json")
+    assert read(tmp_path, cfg, "selected_loras.json") == [[]] * 4
+    model_dir, lib, data = setup
+    model, tok = load_base_model(str(model_dir), device="cpu")
+    arrow = create_arrow_model(model, [str(lib / f"task_{i}") for i in range(4)],
+                               ArrowConfig(top_k=2, rng_seed=0)).eval()
+    prompts = [json.loads(x)["context"] for x in (data / "bbh/toy/test.jsonl").read_text().splitlines()[:4]]
+    expected = []
+    for prompt in prompts:  # one at a time, no padding
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = arrow.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        expected.append((text.splitlines() or [text])[0])
+    assert predictions == expected

@@ -37,7 +37,7 @@ class ArrowGenerator:
                  batch_size: int = 16) -> list[str]:
         from transformers import StoppingCriteriaList
 
-        from logo.engine import NewlineStop
+        from logo.engine import MAX_PROMPT_TOKENS, NewlineStop
 
         stopping = None
         if early_stop:
@@ -46,7 +46,8 @@ class ArrowGenerator:
         device = next(self.model.parameters()).device
         texts = []
         for start in range(0, len(prompts), batch_size):
-            batch = self.tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+            batch = self.tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
+                                   truncation=True, max_length=MAX_PROMPT_TOKENS).to(device)
             out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, top_p=None,
                                       top_k=None, temperature=None, stopping_criteria=stopping,
                                       pad_token_id=self.tokenizer.pad_token_id)

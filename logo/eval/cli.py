@@ -7,51 +7,85 @@ from typing import Annotated
 
 import typer
 
+from logo.errors import LogoError
+
+OFFICIAL_DATA_DIR = Path("data")  # the official --data_dir default, used when it exists
+
 
 def run(
-    dataset: Annotated[str, typer.Option("--dataset", help="e.g. bbh.boolean_expressions; empty = all 26.")] = "",
-    base_model: Annotated[str, typer.Option("--base-model", "--base_model")] = "Llama-3.1-8B",
-    selection_strategy: Annotated[str, typer.Option("--selection-strategy", "--selection_strategy")] = "norm",
-    n_selected_modules: Annotated[int, typer.Option("--n-selected-modules", "--n_selected_modules")] = 20,
+    dataset: Annotated[str, typer.Option(
+        "--dataset", help="e.g. bbh.boolean_expressions, or a comma-separated list; empty = the paper's 26.")] = "",
+    base_model: Annotated[str, typer.Option(
+        "--base-model", "--base_model", help="Preset (Llama-3.1-8B, Qwen2.5-7B, deepseek-llm-7b-base, smollm2-135m), "
+        "local dir or hub id.")] = "Llama-3.1-8B",
+    selection_strategy: Annotated[str, typer.Option("--selection-strategy", "--selection_strategy",
+                                                    help="norm | entropy")] = "norm",
+    n_selected_modules: Annotated[int, typer.Option("--n-selected-modules", "--n_selected_modules",
+                                                    help="k: adapters merged per prompt.")] = 20,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    generation_early_stop: Annotated[bool, typer.Option("--generation-early-stop", "--generation_early_stop")] = False,
-    data_dir: Annotated[str | None, typer.Option("--data-dir", "--data_dir")] = None,
-    adapters: Annotated[list[str] | None, typer.Option("--adapters")] = None,
+    generation_early_stop: Annotated[bool, typer.Option(
+        "--generation-early-stop", "--generation_early_stop", help="Stop each prompt at its first newline.")] = False,
+    data_dir: Annotated[str | None, typer.Option(
+        "--data-dir", "--data_dir", help="Official jsonl layout, BBH JSON and/or hub snapshots (default: ./data if "
+        "it exists, else the hub).")] = None,
+    adapters: Annotated[list[str] | None, typer.Option(
+        "--adapters", help="Adapter library (default: the preset's, e.g. the 260 FlanV2 LoRAs).")] = None,
     output_dir: Annotated[str, typer.Option("--output-dir", "--output_dir", "--result_dir")] = "results",
     batch_size: Annotated[int, typer.Option("--batch-size", "--batch_size")] = 1,
-    limit: Annotated[int | None, typer.Option("--limit")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N instances of each dataset.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "--max_new_tokens")] = 256,
-    method: Annotated[
-        str, typer.Option("--method", help="logo | base | uniform | random | fixed:NAME | arrow")
-    ] = "logo",
-    device: Annotated[str | None, typer.Option("--device")] = None,
+    method: Annotated[str, typer.Option(
+        "--method", help="logo | base | uniform | random | fixed:NAME | arrow, or a comma-separated list (one model "
+        "load for all).")] = "logo",
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if any)")] = None,
+    gpu: Annotated[int | None, typer.Option("--gpu", help="Official: CUDA device index (= --device cuda:N)")] = None,
+    model_dir: Annotated[str | None, typer.Option(
+        "--model-dir", "--model_dir", help="Official: a directory holding the base model as <model_dir>/<base_model>.")
+    ] = None,
+    save_dir: Annotated[str | None, typer.Option("--save-dir", "--save_dir", hidden=True)] = None,  # unused officially
     dtype: Annotated[str, typer.Option("--dtype")] = "auto",
     calibration: Annotated[str, typer.Option("--calibration", help="none (official) | mean | weight-norm")] = "none",
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Start afresh instead of continuing the results already in the output directory.")] = False,
 ) -> None:
-    """Evaluate on the paper's datasets with the official arguments and output files."""
-    from logo.eval.runner import RunConfig
-    from logo.eval.runner import run as run_eval
+    """Evaluate on the paper's datasets with the official arguments and output files (resumable)."""
+    from logo.eval.runner import RunConfig, run_methods
 
+    if gpu is not None:
+        if device is not None:
+            raise LogoError("give --gpu or --device, not both")
+        device = f"cuda:{gpu}"
+    if model_dir is not None and (Path(model_dir) / base_model).is_dir():
+        base_model = str(Path(model_dir) / base_model)
+    if data_dir is None and OFFICIAL_DATA_DIR.is_dir():
+        data_dir = str(OFFICIAL_DATA_DIR)
+        print(f"--data-dir {OFFICIAL_DATA_DIR} (the official default; datasets not found there come from the hub)")
+    methods = [m.strip() for m in method.split(",") if m.strip()]
+    if not methods:
+        raise LogoError("--method is empty; give logo, base, uniform, random, fixed:NAME or arrow")
     config = RunConfig(
         base_model=base_model, dataset=dataset, selection_strategy=selection_strategy,
         n_selected_modules=n_selected_modules, seed=seed, generation_early_stop=generation_early_stop,
         data_dir=data_dir, adapters=adapters or None, output_dir=output_dir, batch_size=batch_size, limit=limit,
-        max_new_tokens=max_new_tokens, method=method, device=device, dtype=dtype,
-        router_options={"calibration": calibration},
+        max_new_tokens=max_new_tokens, method=methods[0], device=device, dtype=dtype,
+        router_options={"calibration": calibration}, overwrite=overwrite,
     )
-    run_eval(config)
+    run_methods(config, methods)
 
 
 def compare(
     results: Annotated[list[Path], typer.Argument(help="Run directories, or directories holding them.")],
-    output: Annotated[Path, typer.Option("--output", help="Where compare.md / .csv / selection.png go.")] = Path(
-        "comparison"),
+    output: Annotated[Path, typer.Option(
+        "--output", help="Where compare.md, compare.csv and selection.png go.")] = Path("comparison"),
 ) -> None:
     """Table of methods x datasets (plus averages) from `logo run` results; markdown, CSV and a PNG."""
     from logo.eval.compare import compare as do_compare
 
-    print(do_compare(results, output))
-    print(f"wrote {output}/compare.md, compare.csv, selection.png")
+    report = do_compare(results, output)
+    print(report.markdown)
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    print(f"wrote {', '.join(str(p) for p in report.files)}")
 
 
 def register(app: typer.Typer) -> None:

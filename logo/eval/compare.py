@@ -1,35 +1,57 @@
-"""`logo compare`: one table of methods x datasets (plus average) from `logo run` result directories."""
+"""`logo compare`: one table of runs (methods) x datasets, plus each run's average, from `logo run` results.
+
+Each cell is the dataset's headline number: accuracy x100 for ``em`` / ``em_multi``, BLEU x100, ROUGE-L x100
+(read from ``eval_results.json``; per-instance dicts are ROUGE). Runs evaluated on different numbers of
+instances of a dataset are flagged: their numbers are not comparable.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from logo.errors import LogoError
-from logo.eval.datasets import get_dataset_spec
-from logo.eval.metrics import headline
+
+
+@dataclass
+class Report:
+    markdown: str
+    rows: list[list[str]]
+    warnings: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+
+def _is_run(path: Path) -> bool:
+    return any((d / "eval_results.json").is_file() for d in path.iterdir() if d.is_dir())
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
-    """Run directories (holding ``<dataset>/eval_results.json``) under the given paths."""
+    """Run directories (holding ``<dataset>/eval_results.json``) among or right under the given paths."""
     runs = []
     for path in paths:
         if not path.is_dir():
             raise LogoError(f"{path} is not a directory of `logo run` results")
-        if any((d / "eval_results.json").is_file() for d in path.iterdir() if d.is_dir()):
-            runs.append(path)
-        else:
-            runs += sorted(d for d in path.iterdir() if d.is_dir() and any(
-                (x / "eval_results.json").is_file() for x in d.iterdir() if x.is_dir()))
+        runs += [path] if _is_run(path) else sorted(d for d in path.iterdir() if d.is_dir() and _is_run(d))
     if not runs:
         raise LogoError(f"no `logo run` results (*/<dataset>/eval_results.json) under {', '.join(map(str, paths))}")
     return runs
 
 
-def collect(runs: list[Path]) -> tuple[list[str], dict[str, dict[str, float]]]:
-    table: dict[str, dict[str, float]] = {}
+def headline_value(scores: list) -> float:
+    """Mean x100; ROUGE-L F1 for per-instance ROUGE dicts."""
+    if not scores:
+        return float("nan")
+    if isinstance(scores[0], dict):
+        return 100 * sum(s["rouge-L"] for s in scores) / len(scores)
+    return 100 * sum(scores) / len(scores)
+
+
+def collect(runs: list[Path]) -> tuple[list[str], dict[str, dict[str, tuple[float, int]]]]:
+    """Datasets (first-seen order) and ``{run: {dataset: (value, n_instances)}}``."""
+    table: dict[str, dict[str, tuple[float, int]]] = {}
     datasets: list[str] = []
     for run in runs:
         row = {}
@@ -37,19 +59,23 @@ def collect(runs: list[Path]) -> tuple[list[str], dict[str, dict[str, float]]]:
             file = d / "eval_results.json"
             if not file.is_file():
                 continue
-            _, value = headline(get_dataset_spec(d.name).metric, json.loads(file.read_text()))
-            row[d.name] = value
+            try:
+                scores = json.loads(file.read_text())
+            except json.JSONDecodeError as err:
+                raise LogoError(f"{file} is not valid JSON ({err}); rerun `logo run` for it") from err
+            row[d.name] = (headline_value(scores), len(scores))
             if d.name not in datasets:
                 datasets.append(d.name)
-        table[run.name] = row
+        label = run.name if run.name not in table else f"{run.parent.name}/{run.name}"
+        table[label] = row
     return datasets, table
 
 
-def render(datasets: list[str], table: dict[str, dict[str, float]]) -> tuple[str, list[list[str]]]:
+def render(datasets: list[str], table: dict[str, dict[str, tuple[float, int]]]) -> tuple[str, list[list[str]]]:
     header = ["method", *datasets, "average"]
     rows = []
     for method, row in table.items():
-        values = [row.get(d) for d in datasets]
+        values = [row[d][0] if d in row else None for d in datasets]
         present = [v for v in values if v is not None]
         avg = sum(present) / len(present) if present else None
         rows.append([method, *["" if v is None else f"{v:.2f}" for v in values], "" if avg is None else f"{avg:.2f}"])
@@ -58,8 +84,18 @@ def render(datasets: list[str], table: dict[str, dict[str, float]]) -> tuple[str
     return "\n".join(md), [header, *rows]
 
 
+def check_same_data(datasets: list[str], table: dict[str, dict[str, tuple[float, int]]]) -> list[str]:
+    warnings = []
+    for d in datasets:
+        sizes = {method: row[d][1] for method, row in table.items() if d in row}
+        if len(set(sizes.values())) > 1:
+            detail = ", ".join(f"{m}: {n}" for m, n in sizes.items())
+            warnings.append(f"{d} was evaluated on different numbers of instances ({detail}); not comparable")
+    return warnings
+
+
 def selection_png(runs: list[Path], path: Path, top: int = 25) -> bool:
-    """Heatmap: share of selections per adapter (top adapters overall) for each run's datasets."""
+    """Heatmap: each (run, dataset)'s share of selections per adapter, for the most selected adapters overall."""
     counts: dict[str, Counter] = {}
     for run in runs:
         for d in sorted(run.iterdir()):
@@ -76,7 +112,7 @@ def selection_png(runs: list[Path], path: Path, top: int = 25) -> bool:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    overall = Counter()
+    overall: Counter = Counter()
     for c in counts.values():
         overall.update(c)
     adapters = [a for a, _ in overall.most_common(top)]
@@ -85,6 +121,7 @@ def selection_png(runs: list[Path], path: Path, top: int = 25) -> bool:
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(adapters)), adapters, rotation=70, ha="right", fontsize=7)
     ax.set_yticks(range(len(counts)), list(counts), fontsize=7)
+    ax.set_title("Which adapters were selected, per dataset (share of all selections)", fontsize=9)
     fig.colorbar(im, ax=ax, label="share of selections")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -92,13 +129,17 @@ def selection_png(runs: list[Path], path: Path, top: int = 25) -> bool:
     return True
 
 
-def compare(paths: list[Path], out_dir: Path) -> str:
+def compare(paths: list[Path], out_dir: Path) -> Report:
+    """Write ``compare.md``, ``compare.csv`` and (if any run selected adapters) ``selection.png`` to ``out_dir``."""
     runs = find_runs(paths)
     datasets, table = collect(runs)
     md, rows = render(datasets, table)
+    report = Report(md, rows, check_same_data(datasets, table))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compare.md").write_text(md + "\n")
+    (out_dir / "compare.md").write_text(md + "\n" + "".join(f"\n> warning: {w}\n" for w in report.warnings))
     with (out_dir / "compare.csv").open("w", newline="") as f:
         csv.writer(f).writerows(rows)
-    selection_png(runs, out_dir / "selection.png")
-    return md
+    report.files = [out_dir / "compare.md", out_dir / "compare.csv"]
+    if selection_png(runs, out_dir / "selection.png"):
+        report.files.append(out_dir / "selection.png")
+    return report

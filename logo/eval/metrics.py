@@ -79,3 +79,12 @@ def headline(metric: str, scores: list) -> tuple[str, float]:
     if metric == "bleu":
         return "BLEU", 100 * agg.get("score", 0.0)
     return "Accuracy", 100 * agg.get("score", 0.0)
+
+
+def summary_line(metric: str, scores: list) -> str:
+    """What `logo run` prints, like the official code: ``Accuracy: 71.33`` (``BLEU: ..``; all three ROUGE F1s)."""
+    if metric == "rouge":
+        agg = aggregate(scores)
+        return ", ".join(f"{key.upper()}: {100 * value:.2f}" for key, value in agg.items())
+    label, value = headline(metric, scores)
+    return f"{label}: {value:.2f}"

@@ -2,34 +2,32 @@
 
 Per dataset it writes the official six files to
 ``OUTPUT/{base_model}_selection_{strategy}_n_{k}_seed_{seed}[_method_X]/{dataset}/``:
-``eval_results.json`` (per-instance scores), ``predictions.json``, ``selected_loras.json`` (names),
-``weights.json``, ``metric_dict.json`` (raw selection scores, ``{strategy: [[N scores], ...]}``) and
-``time_dict.json`` (``loading`` and ``inference`` seconds). Finished instances are appended to
-``partial.jsonl`` as they complete, so an interrupted run continues where it stopped.
+``eval_results.json`` (per-instance scores), ``predictions.json`` (the generation stripped and cut at its
+first line), ``selected_loras.json`` (names), ``weights.json``, ``metric_dict.json`` (raw selection scores of
+all N adapters, ``{strategy: [[N scores], ...]}``; empty for the baselines) and ``time_dict.json``
+(``loading`` and ``inference`` seconds). Progress is kept as it is made (:mod:`logo.eval.records`).
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from logo.errors import LogoError
 from logo.eval.datasets import PAPER_DATASETS, get_dataset_spec, load_instances
 from logo.eval.methods import check_method, fixed_selection, method_suffix
-from logo.eval.metrics import headline, score_instance
-from logo.train.evaluate import first_line
+from logo.eval.metrics import headline, score_instance, summary_line
+from logo.eval.records import RecordStore, instance_key
 
-PARTIAL = "partial.jsonl"
-OFFICIAL_FILES = ("eval_results.json", "predictions.json", "selected_loras.json", "weights.json", "metric_dict.json",
-                  "time_dict.json")
+CHUNK_BATCHES = 4  # batches per checkpoint: the engine sorts a chunk by length, so less padding
 
 
 @dataclass
 class RunConfig:
     base_model: str = "Llama-3.1-8B"
-    dataset: str = ""
+    dataset: str = ""  # one name, a comma-separated list, or "" for the paper's 26
     selection_strategy: str = "norm"
     n_selected_modules: int = 20
     seed: int = 0
@@ -44,141 +42,163 @@ class RunConfig:
     device: str | None = None
     dtype: str = "auto"
     router_options: dict = field(default_factory=dict)
+    overwrite: bool = False
 
     def run_name(self) -> str:
         model = Path(self.base_model).name if Path(self.base_model).exists() else self.base_model.replace("/", "--")
         return (f"{model}_selection_{self.selection_strategy}_n_{self.n_selected_modules}_seed_{self.seed}"
                 f"{method_suffix(self.method)}")
 
+    def datasets(self) -> list[str]:
+        return [d.strip() for d in self.dataset.split(",") if d.strip()] or list(PAPER_DATASETS)
 
-def _read_partial(path: Path) -> dict[int, dict]:
-    done = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line cut by the interruption: redo from there
-                done[rec["index"]] = rec
-    return done
+    def settings(self) -> dict:
+        """What decides the predictions (the resumable store refuses to mix results of other settings)."""
+        keep = ("base_model", "adapters", "method", "selection_strategy", "n_selected_modules", "seed",
+                "generation_early_stop", "max_new_tokens", "dtype", "router_options")
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+def load_engine(config: RunConfig, methods: list[str], progress: bool = True):
+    """The engine for ``methods`` (k only matters to LoGo routing) and the seconds it took to load."""
+    from logo.engine import LoGoEngine, default_device
+    from logo.router import RouterConfig
+
+    start = time.perf_counter()
+    k = config.n_selected_modules if "logo" in methods else 1
+    router = RouterConfig(strategy=config.selection_strategy, k=k, **config.router_options)
+    engine = LoGoEngine.from_pretrained(config.base_model, config.adapters, router,
+                                        device=config.device or default_device(), dtype=config.dtype,
+                                        progress=progress)
+    return engine, time.perf_counter() - start
 
 
 class Runner:
-    """Holds the loaded model/library across datasets."""
+    """Runs one method over datasets; loads the model only when something is left to generate."""
 
-    def __init__(self, config: RunConfig, progress: bool = True) -> None:
-        from logo.engine import LoGoEngine, default_device
-        from logo.models import load_base_model
-        from logo.router import RouterConfig
-
+    def __init__(self, config: RunConfig, engine_factory: Callable[[], tuple] | None = None,
+                 progress: bool = True) -> None:
+        check_method(config.method)
+        if config.batch_size < 1:
+            raise LogoError(f"--batch-size must be at least 1, got {config.batch_size}")
         self.config = config
         self.progress = progress
-        check_method(config.method)
-        start = time.perf_counter()
-        # only LoGo routes; the baselines pick their own mixtures (k matters to `random` and `arrow` only)
-        k = config.n_selected_modules if config.method == "logo" else 1
-        router = RouterConfig(strategy=config.selection_strategy, k=k, **config.router_options)
-        self.engine = LoGoEngine.from_pretrained(config.base_model, config.adapters, router,
-                                                 device=config.device or default_device(), dtype=config.dtype,
-                                                 progress=progress)
-        self.arrow = None
-        if config.method == "arrow":
-            from logo.eval.arrow import ArrowGenerator
+        self._factory = engine_factory or (lambda: load_engine(config, [config.method], progress))
+        self._engine = None
+        self.loading_s = 0.0
+        self._arrow = None
 
-            arrow_base, tokenizer = load_base_model(config.base_model, device=config.device or default_device(),
-                                                    dtype=config.dtype)
-            self.arrow = ArrowGenerator(arrow_base, tokenizer, self.engine.library.paths,
-                                        top_k=config.n_selected_modules, seed=config.seed)
-        self.loading_s = time.perf_counter() - start
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine, self.loading_s = self._factory()
+        return self._engine
 
     def run(self) -> dict[str, float]:
-        names = [self.config.dataset] if self.config.dataset else PAPER_DATASETS
-        return {name: self.run_dataset(name) for name in names}
+        return {name: self.run_dataset(name) for name in self.config.datasets()}
 
     def run_dataset(self, name: str) -> float:
         cfg = self.config
-        spec = get_dataset_spec(name)
+        metric = get_dataset_spec(name).metric
         instances = load_instances(name, cfg.data_dir, cfg.limit)
-        target = Path(cfg.output_dir) / cfg.run_name() / name
-        target.mkdir(parents=True, exist_ok=True)
-        partial = target / PARTIAL
-        done = _read_partial(partial)
-        meta_file = target / "partial_meta.json"
-        inference_before = json.loads(meta_file.read_text())["inference"] if meta_file.is_file() and done else 0.0
+        keys = [instance_key(x.prompt, x.label) for x in instances]
+        store = RecordStore(Path(cfg.output_dir) / cfg.run_name() / name, cfg.settings(), cfg.overwrite)
+        done = store.load(keys)
         todo = [i for i in range(len(instances)) if i not in done]
-        print(f"Dataset {name}: {len(instances)} sample ({len(done)} already done)")
-        start = time.perf_counter()
+        print(f"Dataset {name}: {len(instances)} sample" + (f" ({len(done)} already done)" if done else ""))
         bar = None
-        if self.progress:
+        if self.progress and todo:
             from tqdm import tqdm
 
             bar = tqdm(total=len(instances), initial=len(done), desc=name, unit="inst")
-        with partial.open("a") as sink:
-            for chunk_start in range(0, len(todo), cfg.batch_size):
-                chunk = todo[chunk_start : chunk_start + cfg.batch_size]
-                for rec in self._predict(chunk, instances, spec.metric):
-                    sink.write(json.dumps(rec) + "\n")
-                    done[rec["index"]] = rec
-                sink.flush()
-                meta_file.write_text(json.dumps({"inference": inference_before + time.perf_counter() - start}))
-                if bar is not None:
-                    bar.update(len(chunk))
+        step = cfg.batch_size * CHUNK_BATCHES
+        for start in range(0, len(todo), step):
+            chunk = todo[start : start + step]
+            t0 = time.perf_counter()
+            records = self._predict(chunk, instances, keys, metric)
+            if store.meta["loading_s"] is None:
+                store.set_loading(self.loading_s)
+            store.append(records, time.perf_counter() - t0)
+            done.update((r["index"], r) for r in records)
+            if bar is not None:
+                bar.update(len(chunk))
         if bar is not None:
             bar.close()
-        inference_s = inference_before + time.perf_counter() - start
         records = [done[i] for i in range(len(instances))]
+        raw = {cfg.selection_strategy: [r["scores"] for r in records]} if cfg.method == "logo" else {}
+        store.write_official(records, raw, store.meta["loading_s"] or self.loading_s)
         scores = [r["score"] for r in records]
-        metric_dict = {cfg.selection_strategy: [r["scores"] for r in records]} if cfg.method == "logo" else {}
-        outputs = {
-            "eval_results.json": scores,
-            "predictions.json": [r["prediction"] for r in records],
-            "selected_loras.json": [r["selected"] for r in records],
-            "weights.json": [r["weights"] for r in records],
-            "metric_dict.json": metric_dict,
-            "time_dict.json": {"loading": self.loading_s, "inference": inference_s},
-        }
-        for filename, value in outputs.items():
-            (target / filename).write_text(json.dumps(value))
-        partial.unlink()
-        meta_file.unlink(missing_ok=True)
-        label, value = headline(spec.metric, scores)
-        print(f"{label}: {value:.2f}")
-        print(target)
-        return value
+        print(summary_line(metric, scores))
+        print(store.dir)
+        return headline(metric, scores)[1]
 
-    def _predict(self, chunk: list[int], instances, metric: str) -> list[dict]:
+    def _generate(self, prompts: list[str], chunk: list[int]):
+        """Raw continuations, selections (None = base / not recorded) and raw scores, per prompt."""
         cfg = self.config
-        prompts = [instances[i].prompt for i in chunk]
-        names = self.engine.library.names
-        if self.arrow is not None:
-            texts = self.arrow.generate(prompts, cfg.max_new_tokens, cfg.generation_early_stop, cfg.batch_size)
-            selections = [None] * len(chunk)
-            scores = [[] for _ in chunk]
-        else:
-            fixed = None
-            if cfg.method != "logo":
-                fixed = [fixed_selection(cfg.method, names, i, cfg.n_selected_modules, cfg.seed) for i in chunk]
-            gens = self.engine.generate(prompts, selections=fixed, max_new_tokens=cfg.max_new_tokens,
-                                        early_stop=cfg.generation_early_stop, batch_size=cfg.batch_size)
-            texts = [g.text for g in gens]
-            selections = [g.selection for g in gens]
-            scores = [g.route.all_scores if g.route is not None else [] for g in gens]
+        if cfg.method == "arrow":
+            texts = self.arrow().generate(prompts, cfg.max_new_tokens, cfg.generation_early_stop, cfg.batch_size)
+            return texts, [None] * len(prompts), [[] for _ in prompts]
+        fixed = None
+        if cfg.method != "logo":
+            names = self.engine.library.names
+            fixed = [fixed_selection(cfg.method, names, i, cfg.n_selected_modules, cfg.seed) for i in chunk]
+        gens = self.engine.generate(prompts, selections=fixed, max_new_tokens=cfg.max_new_tokens,
+                                    early_stop=cfg.generation_early_stop, batch_size=cfg.batch_size)
+        scores = [list(g.route.all_scores) if g.route is not None else [] for g in gens]
+        return [g.text for g in gens], [g.selection for g in gens], scores
+
+    def _predict(self, chunk: list[int], instances, keys: list[str], metric: str) -> list[dict]:
+        texts, selections, scores = self._generate([instances[i].prompt for i in chunk], chunk)
         out = []
         for i, text, sel, raw in zip(chunk, texts, selections, scores):
             prediction = first_line(text)
+            names = self.engine.library.names if sel is not None else []
             out.append({
                 "index": i,
+                "key": keys[i],
                 "prediction": prediction,
                 "score": score_instance(metric, prediction, instances[i].label),
                 "selected": [names[j] for j in sel.indices] if sel is not None else [],
-                "weights": list(sel.weights) if sel is not None else [],
+                "weights": [float(w) for w in sel.weights] if sel is not None else [],
                 "scores": raw,
             })
         return out
 
+    def arrow(self):
+        """PEFT's Arrow model over the library's adapter directories, built on the engine's base model (the
+        engine's own hooks are removed first, so a run uses the engine for nothing else afterwards)."""
+        if self._arrow is None:
+            from logo.eval.arrow import ArrowGenerator
+
+            engine = self.engine
+            engine.close()
+            self._arrow = ArrowGenerator(engine.model, engine.tokenizer, engine.library.paths,
+                                         top_k=self.config.n_selected_modules, seed=self.config.seed)
+        return self._arrow
+
+
+def first_line(text: str) -> str:
+    """The prediction as the official code takes it: stripped, cut at its first line."""
+    text = text.strip()
+    return (text.splitlines() or [text])[0]
+
 
 def run(config: RunConfig, progress: bool = True) -> dict[str, float]:
-    if config.batch_size < 1:
-        raise LogoError(f"--batch-size must be at least 1, got {config.batch_size}")
-    return Runner(config, progress).run()
+    """One method over the configured datasets: ``{dataset: headline score}``."""
+    return Runner(config, progress=progress).run()
+
+
+def run_methods(config: RunConfig, methods: list[str], progress: bool = True) -> dict[str, dict[str, float]]:
+    """Several methods on the same data, sharing one model load (made only if something is left to generate):
+    ``{method: {dataset: score}}``. Arrow runs last: it takes over the engine's base model."""
+    for method in methods:
+        check_method(method)
+    order = [m for m in methods if m != "arrow"] + [m for m in methods if m == "arrow"]
+    loaded: list[tuple] = []
+
+    def shared() -> tuple:
+        if not loaded:
+            loaded.append(load_engine(config, order, progress))
+        return loaded[0]
+
+    return {m: Runner(replace(config, method=m), shared, progress).run() for m in order}

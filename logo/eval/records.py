@@ -1,0 +1,98 @@
+"""Per-dataset result store of `logo run`: resumable, and the official six files written from it.
+
+Each finished instance is appended, as one JSON line, to ``<dataset>/.logo_records.jsonl`` the moment its
+batch completes; ``<dataset>/.logo_run.json`` holds the run's settings and the seconds spent so far. A run
+that stops (crash, Ctrl-C, lost machine) and is started again keeps every complete line and generates only
+what is missing; a finished dataset is not generated again. The settings guard against mixing: a rerun with
+other generation settings into the same directory is refused; ``overwrite`` starts the dataset afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from logo.errors import LogoError
+
+RECORDS = ".logo_records.jsonl"
+META = ".logo_run.json"
+OFFICIAL_FILES = ("eval_results.json", "predictions.json", "selected_loras.json", "weights.json", "metric_dict.json",
+                  "time_dict.json")
+
+
+def instance_key(prompt: str, label) -> str:
+    """Identifies an instance's content, so that records never attach to other data."""
+    return hashlib.sha1(json.dumps([prompt, label], ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RecordStore:
+    """The records of one (run, dataset) directory."""
+
+    def __init__(self, directory: Path, settings: dict, overwrite: bool = False) -> None:
+        self.dir = directory
+        self.settings = settings
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.records_path = directory / RECORDS
+        self.meta_path = directory / META
+        meta = json.loads(self.meta_path.read_text()) if self.meta_path.is_file() else None
+        if meta is not None and meta.get("settings") != settings and not overwrite:
+            before = meta.get("settings", {})
+            changed = sorted(k for k in set(settings) | set(before) if settings.get(k) != before.get(k))
+            raise LogoError(
+                f"{directory} holds results made with other settings ({', '.join(changed)} differ); "
+                "give --overwrite to replace them, or another --output-dir")
+        if meta is None or overwrite:
+            self.records_path.unlink(missing_ok=True)
+            meta = {"settings": settings, "inference_s": 0.0, "loading_s": None}
+            _write_atomic(self.meta_path, json.dumps(meta))
+        self.meta = meta
+
+    def load(self, keys: list[str]) -> dict[int, dict]:
+        """The records already made for these instances (by index and content); the file keeps only those."""
+        done: dict[int, dict] = {}
+        if self.records_path.is_file():
+            for line in self.records_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by the interruption: that instance is generated again
+                i = rec.get("index")
+                if isinstance(i, int) and 0 <= i < len(keys) and rec.get("key") == keys[i]:
+                    done[i] = rec
+        kept = sorted(done.values(), key=lambda r: r["index"])
+        _write_atomic(self.records_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        return done
+
+    def append(self, records: list[dict], inference_s: float) -> None:
+        with self.records_path.open("a", encoding="utf-8") as sink:
+            for rec in records:
+                sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            sink.flush()
+            os.fsync(sink.fileno())
+        self.meta["inference_s"] += inference_s
+        _write_atomic(self.meta_path, json.dumps(self.meta))
+
+    def set_loading(self, seconds: float) -> None:
+        self.meta["loading_s"] = seconds
+        _write_atomic(self.meta_path, json.dumps(self.meta))
+
+    def write_official(self, records: list[dict], metric_dict: dict, loading_s: float) -> None:
+        """The official six files, in instance order."""
+        outputs = {
+            "eval_results.json": [r["score"] for r in records],
+            "predictions.json": [r["prediction"] for r in records],
+            "selected_loras.json": [r["selected"] for r in records],
+            "weights.json": [r["weights"] for r in records],
+            "metric_dict.json": metric_dict,
+            "time_dict.json": {"loading": loading_s, "inference": self.meta["inference_s"]},
+        }
+        for filename, value in outputs.items():
+            _write_atomic(self.dir / filename, json.dumps(value, ensure_ascii=False))
