@@ -193,6 +193,8 @@ def run_methods(config: RunConfig, methods: list[str], progress: bool = True) ->
     ``{method: {dataset: score}}``. Arrow runs last: it takes over the engine's base model."""
     for method in methods:
         check_method(method)
+    for name in config.datasets():
+        get_dataset_spec(name)  # every name is checked before hours of generation
     order = [m for m in methods if m != "arrow"] + [m for m in methods if m == "arrow"]
     loaded: list[tuple] = []
 
