@@ -95,3 +95,19 @@ def test_simple_evaluate_on_local_tasks(engine, tmp_path):
     assert "exact_match,none" in results["results"]["logo_toy_gen"]
     samples = results["samples"]["logo_toy_gen"]
     assert len(samples) == 6 and all("\n" not in s["resps"][0][0] for s in samples)
+
+
+def test_by_name_with_an_argument_string(tiny_model_dir, tiny_library, tmp_path):
+    from lm_eval.api.registry import get_model
+
+    from tests.helpers import make_library
+
+    model, _ = tiny_library("llama")
+    lib = tmp_path / "lib"
+    make_library(model, lib, [{"name": f"t{i}", "r": 4, "alpha": 8} for i in range(3)])
+    lm = get_model("logo").create_from_arg_string(
+        f"base_model={tiny_model_dir('llama')},adapters={lib},k=2,device=cpu",
+        {"batch_size": "auto", "max_batch_size": None, "device": None})
+    assert isinstance(lm, LoGoLM) and lm.engine.router.k == 2 and lm.batch_size == 8
+    [(logprob, greedy)] = lm.loglikelihood([_Req("Q: is it?\nA:", " yes")])
+    assert logprob < 0 and isinstance(greedy, bool)

@@ -35,7 +35,9 @@ class LoGoLM(LM):
     def __init__(self, engine: LoGoEngine | None = None, base_model: str = "smollm2-135m",
                  adapters: str | None = None, k: int = 20, selection_strategy: str = "norm",
                  calibration: str = "none", batch_size: int | str = 8, device: str | None = None,
-                 dtype: str = "auto", max_length: int = 2048) -> None:
+                 dtype: str = "auto", max_length: int = 2048, max_batch_size: int | None = None) -> None:
+        """``max_batch_size`` is accepted for lm-eval's ``simple_evaluate`` and ignored; ``batch_size="auto"``
+        means 8 (lm-eval's own batch-size search does not apply to a routed model)."""
         super().__init__()
         if engine is None:
             engine = LoGoEngine.from_pretrained(
@@ -43,7 +45,7 @@ class LoGoLM(LM):
                 device=device, dtype=dtype)
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self.batch_size = int(batch_size)
+        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length)
 
     # ---------------------------------------------------------------- helpers
