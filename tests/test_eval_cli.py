@@ -51,6 +51,7 @@ def test_method_lists_and_official_data_dir(captured, tmp_path):
     config, methods = calls[-1]
     assert methods == ["logo", "base", "arrow"] and config.data_dir == "data"
     assert config.base_model.endswith("hf_models/Llama-3.1-8B")
+    assert config.adapters == ["hub:archon159/LoGo-loras-collection/Llama-3.1-8B-loras-flanv2/flanv2."]
 
 
 def test_user_mistakes_are_one_line_errors(monkeypatch, capsys, tmp_path):

@@ -56,6 +56,11 @@ def run(
             raise LogoError("give --gpu or --device, not both")
         device = f"cuda:{gpu}"
     if model_dir is not None and (Path(model_dir) / base_model).is_dir():
+        from logo.presets import get_preset
+
+        preset = get_preset(base_model)
+        if not adapters and preset is not None and preset.default_adapters:
+            adapters = [preset.default_adapters]  # the preset's library, as without --model_dir
         base_model = str(Path(model_dir) / base_model)
     if data_dir is None and OFFICIAL_DATA_DIR.is_dir():
         data_dir = str(OFFICIAL_DATA_DIR)

@@ -106,6 +106,8 @@ class Runner:
         done = store.load(keys)
         todo = [i for i in range(len(instances)) if i not in done]
         print(f"Dataset {name}: {len(instances)} sample" + (f" ({len(done)} already done)" if done else ""))
+        if todo:
+            self.engine  # noqa: B018 - load the model (once) before the progress bar starts
         bar = None
         if self.progress and todo:
             from tqdm import tqdm
