@@ -131,12 +131,8 @@ class LoGoEngine:
     # ---------------------------------------------------------------- routing
     def raw_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw LoGo scores ``[B, N]`` from a clean probe (no adapter active, stops at the signal layer)."""
-        saved = self.mixture.factors
-        self.mixture.clear()
-        try:
+        with self.mixture.suspended():
             h = probe(self.model, input_ids, attention_mask, self.router)
-        finally:
-            self.mixture.factors = saved
         return score(h, self.library, self.signal_module, self.router.strategy)
 
     def route_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Route]:

@@ -4,58 +4,79 @@ Every target linear layer computes ``W x + sum_i w_i * scaling_i * B_i A_i x`` w
 batch has its own selection ``(indices, weights)``. When a batch is set, the selected factors are
 gathered once from the stacked library and folded into one rank-``k*r`` pair per module and row:
 ``A_row = [A_i1; ...; A_ik]`` and ``B_row = [c_1 B_i1, ..., c_k B_ik]`` with ``c = w * scaling``.
-Each forward then adds ``(x A_row^T) B_row^T``: two batched matmuls per module, no Python loop over
-adapters or rows. When every row shares one mixture (batch of one, or a shared baseline) the factors
-are 2-D and plain matmuls are used. No base weight is ever modified.
+Each forward then adds ``(x A_row^T) B_row^T`` in place: two batched matmuls per module (the add is
+fused into the second), no Python loop over adapters or rows. When every row shares one mixture (batch
+of one, or a shared baseline) the factors are 2-D and one matmul plus one in-place ``addmm`` are used.
 
-The mixture is attached with forward hooks, so the model keeps its structure and state dict.
+Hooks are attached only while a mixture is set, and only to modules that a selected adapter targets:
+the base model (and the LoGo probe) run hook-free. No base weight is ever modified.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from logo.library import AdapterLibrary
+from logo.library import AdapterLibrary, ModuleStack
+
+
+@dataclass
+class ModuleMixture:
+    """One module's share of the current mixture: rank-``k*r`` factors, coefficients folded into ``b``."""
+
+    a: torch.Tensor  # [d_in, k*r] when all rows share the mixture, else [B, d_in, k*r]
+    b: torch.Tensor  # [k*r, d_out] or [B, k*r, d_out]
+
+    def add_to(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """``output + mixture(x)``, written into ``output`` when autograd allows it."""
+        inplace = output.is_contiguous() and not output.requires_grad
+        if self.a.dim() == 2:  # one mixture for all rows
+            low = x.reshape(-1, x.shape[-1]) @ self.a
+            if inplace:
+                output.view(-1, output.shape[-1]).addmm_(low, self.b)
+                return output
+            return torch.addmm(output.reshape(-1, output.shape[-1]), low, self.b).view(output.shape)
+        a, b = self.a, self.b
+        if x.shape[0] != a.shape[0]:  # e.g. num_return_sequences: generate repeated the rows
+            repeat = x.shape[0] // a.shape[0]
+            a, b = a.repeat_interleave(repeat, 0), b.repeat_interleave(repeat, 0)
+        if x.dim() == 2:
+            return output + torch.bmm(torch.bmm(x[:, None], a), b)[:, 0]
+        if inplace:
+            return output.baddbmm_(torch.bmm(x, a), b)
+        return torch.baddbmm(output, torch.bmm(x, a), b)
 
 
 class Mixture:
-    """Forward hooks adding the current batch's per-row LoRA mixture to every target module."""
+    """The current batch's per-row LoRA mixture, added by forward hooks to the target modules."""
 
     def __init__(self, model: nn.Module, library: AdapterLibrary) -> None:
         self.library = library
-        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        modules = dict(model.named_modules())
-        self._handles = [
-            modules[name].register_forward_hook(self._hook(name)) for name in library.stacks
-        ]
-
-    def _hook(self, name: str):
-        def add_mixture(_module, args, output):
-            factors = self.factors.get(name)
-            if factors is None:
-                return output
-            a, b = factors
-            x = args[0]
-            if a.dim() == 2:  # one mixture for all rows
-                return output + (x @ a) @ b
-            rows = a.shape[0]
-            if x.shape[0] != rows:  # e.g. num_return_sequences: rows were repeated by generate
-                repeat = x.shape[0] // rows
-                a, b = a.repeat_interleave(repeat, 0), b.repeat_interleave(repeat, 0)
-            if x.dim() == 2:
-                return output + torch.bmm(torch.bmm(x[:, None], a), b)[:, 0]
-            return torch.baddbmm(output, torch.bmm(x, a), b)
-
-        return add_mixture
+        self.factors: dict[str, ModuleMixture] = {}
+        self._modules = {name: m for name, m in model.named_modules() if name in library.stacks}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     @property
     def active(self) -> bool:
         return bool(self.factors)
 
     def clear(self) -> None:
-        """Back to the base model."""
+        """Back to the base model (hook-free)."""
+        self._detach()
         self.factors = {}
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Run the plain base model inside the block; the mixture comes back afterwards."""
+        self._detach()
+        try:
+            yield
+        finally:
+            self._attach()
 
     @torch.no_grad()
     def set(self, indices: torch.Tensor, weights: torch.Tensor) -> None:
@@ -65,7 +86,7 @@ class Mixture:
         """
         if indices.dim() != 2 or indices.shape != weights.shape:
             raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must both be [B, k]")
-        self.factors = {}
+        self.clear()
         if indices.numel() == 0 or not bool((weights != 0).any()):
             return
         shared = indices.shape[0] == 1 or (
@@ -74,23 +95,44 @@ class Mixture:
         if shared:
             indices, weights = indices[:1], weights[:1]
         for name, stack in self.library.stacks.items():
-            idx = indices.to(stack.A.device)
-            coeff = weights.to(stack.A.device, torch.float32) * stack.scaling[idx]  # [B, k]
-            if not bool((coeff != 0).any()):
-                continue  # no selected adapter touches this module
-            rows, k = idx.shape
-            r = stack.A.shape[1]
-            a = stack.A[idx].reshape(rows, k * r, -1).transpose(1, 2)  # [B, d_in, k*r]
-            b = (stack.B[idx].float() * coeff[:, :, None, None]).to(stack.B.dtype)  # [B, k, d_out, r]
-            b = b.permute(0, 1, 3, 2).reshape(rows, k * r, -1)  # [B, k*r, d_out]
-            if shared:
-                self.factors[name] = (a[0].contiguous(), b[0].contiguous())
-            else:
-                self.factors[name] = (a.contiguous(), b.contiguous())
+            factors = _module_mixture(stack, indices.to(stack.A.device), weights.to(stack.A.device), shared)
+            if factors is not None:
+                self.factors[name] = factors
+        self._attach()
 
     def remove(self) -> None:
         """Detach from the model."""
+        self.clear()
+
+    def _attach(self) -> None:
+        self._detach()
+        for name, factors in self.factors.items():
+            self._handles.append(self._modules[name].register_forward_hook(_hook(factors)))
+
+    def _detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.factors = {}
+
+
+def _hook(factors: ModuleMixture):
+    def add_mixture(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return factors.add_to(args[0], output)
+
+    return add_mixture
+
+
+def _module_mixture(stack: ModuleStack, indices: torch.Tensor, weights: torch.Tensor,
+                    shared: bool) -> ModuleMixture | None:
+    """Gather one module's per-row factors once; None if no selected adapter touches the module."""
+    coeff = weights.float() * stack.scaling[indices]  # [B, k]
+    if not bool((coeff != 0).any()):
+        return None
+    rows, k = indices.shape
+    r = stack.A.shape[1]
+    a = stack.A[indices].reshape(rows, k * r, -1).transpose(1, 2)  # [B, d_in, k*r]
+    b = (stack.B[indices].float() * coeff[:, :, None, None]).to(stack.B.dtype)  # [B, k, d_out, r]
+    b = b.permute(0, 1, 3, 2).reshape(rows, k * r, -1)  # [B, k*r, d_out]
+    if shared:
+        return ModuleMixture(a[0].contiguous(), b[0].contiguous())
+    return ModuleMixture(a.contiguous(), b.contiguous())
