@@ -1,14 +1,18 @@
-"""`logo bench`: load time, probe latency and decode throughput of LoGo against the base model and PEFT.
+"""`logo bench`: library load time, probe latency and decode throughput of LoGo against the base and PEFT.
 
 Everything is measured in one process on a random-weight model of a real shape with a random adapter
-library written to disk in PEFT format; ratios (LoGo / base) are computed within the run. Decode
-tokens/s = ``B * (T - 1) / (t(T tokens) - t(1 token))`` with generation forced to exactly T tokens,
-so prefill is excluded; each figure is the median of ``--repeats`` interleaved runs.
+library written to disk in PEFT format. Variants (base, one adapter, LoGo with a different mixture per
+row, the official PEFT path at batch 1) are interleaved within each repeat and each figure is the median
+over repeats; ratios (variant / base) are computed within the run, since shared machines are noisy.
+Decode tokens/s is the batch over the median decode step of one ``generate`` forced to exactly T
+tokens (see ``logo.perf.timing``; the all-steps mean is reported too), so prefill and routing are
+excluded: they are in the time to first token.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import random
 import resource
 import statistics
@@ -21,204 +25,204 @@ import torch
 import typer
 
 from logo.errors import LogoError
+from logo.perf.official import OfficialPeft
+from logo.perf.report import print_table, ratios
+from logo.perf.timing import GenerationTiming, time_generate, timed
+from logo.router import RouterConfig, Selection, probe
+
+VARIANTS = ("base", "one_adapter", "logo", "official")
+OFFICIAL_BATCHES = (1,)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
+def distinct_picks(n: int, k: int, rows: int, seed: int) -> list[list[int]]:
+    """``rows`` selections of k adapters out of n, pairwise different where n choose k allows it."""
+    rng = random.Random(seed)
+    picks: list[list[int]] = []
+    seen: set[frozenset[int]] = set()
+    for _ in range(rows):
+        for _ in range(100):
+            pick = rng.sample(range(n), k)
+            if frozenset(pick) not in seen:
+                break
+        seen.add(frozenset(pick))
+        picks.append(pick)
+    return picks
 
 
 class Bench:
+    """A random model, its random adapter library on disk, the LoGo engine and the official PEFT path."""
+
     def __init__(self, shape: str, device: str, n_adapters: int, rank: int, k: int, targets: list[str],
-                 prompt_len: int, new_tokens: int, repeats: int, library_dir: Path, seed: int = 0) -> None:
+                 prompt_len: int, new_tokens: int, max_batch: int, library_dir: Path, seed: int = 0) -> None:
         from logo.engine import LoGoEngine
         from logo.library import AdapterLibrary
-        from logo.router import RouterConfig
         from logo.synthetic import random_model, write_random_library
 
-        if new_tokens < 2:
-            raise LogoError("--new-tokens must be at least 2 (decode speed needs more than the first token)")
-        if not 1 <= k <= n_adapters:
-            raise LogoError(f"--k must be between 1 and --n-adapters ({n_adapters})")
         self.device = torch.device(device)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = random_model(shape, self.device, dtype, seed)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = random_model(shape, self.device, self.dtype, seed)
+        start = time.perf_counter()
         self.paths = write_random_library(self.model, library_dir, n_adapters, rank, targets, seed)
-        self.load_s = _timed(lambda: setattr(self, "library", AdapterLibrary.load(library_dir, self.model)),
-                             self.device)
+        self.write_s = time.perf_counter() - start
+        holder: dict[str, AdapterLibrary] = {}
+        self.load_s = timed(lambda: holder.setdefault("lib", AdapterLibrary.load(library_dir, self.model)),
+                            self.device)
+        self.library = holder["lib"]
         self.engine = LoGoEngine(self.model, None, self.library, RouterConfig(k=k))  # type: ignore[arg-type]
-        self.k, self.prompt_len, self.new_tokens, self.repeats = k, prompt_len, new_tokens, repeats
-        self.vocab = self.model.config.vocab_size
-        self.gen = torch.Generator().manual_seed(seed)
+        self.k, self.prompt_len, self.new_tokens = k, prompt_len, new_tokens
+        gen = torch.Generator().manual_seed(seed)
+        vocab = self.model.config.vocab_size
+        self.ids = torch.randint(3, vocab, (max_batch, prompt_len), generator=gen).to(self.device)
+        self.picks = distinct_picks(n_adapters, k, max_batch, seed)
+        first = self.engine.route_batch(*self.inputs(1))[0]
+        self.official = OfficialPeft(self.model, [self.paths[i] for i in self.picks[0]], first.weights)
 
-    def prompts(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.randint(3, self.vocab, (batch, self.prompt_len), generator=self.gen).to(self.device)
+    def inputs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.ids[:batch]
         return ids, torch.ones_like(ids)
 
-    def _generate(self, ids, mask, tokens: int, model=None) -> None:
-        (model or self.model).generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens,
-                                       min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    def _set_logo(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Route every row (probe, score, select), then give each row its own mixture of k adapters.
 
-    @torch.no_grad()
-    def decode(self, batch: int, variant: str, model=None) -> tuple[float, float]:
-        """(decode tokens/s, time to first token in ms) for one variant at one batch size."""
-        from logo.router import Selection
+        A random model routes similar prompts alike, so each row takes a distinct pick of adapters with
+        the weights LoGo computed for it: the measured work is LoGo's, the mixtures are all different.
+        """
+        routes = self.engine.route_batch(ids, mask)
+        self.engine._set_mixture([Selection(self.picks[row], r.weights) for row, r in enumerate(routes)])
 
-        ids, mask = self.prompts(batch)
-        n = len(self.library)
-
-        def setup() -> None:
-            if variant == "base" or variant == "official":
-                self.engine.mixture.clear()
-            elif variant == "one_adapter":
-                self.engine._set_mixture([Selection([0], [1.0])] * batch)
-            elif variant == "logo":
-                routes = self.engine.route_batch(ids, mask)  # probe + score + select, per row
-                picks = [Selection(random.Random(row).sample(range(n), self.k), r.weights) for row, r in
-                         enumerate(routes)]  # distinct mixtures per row, whatever the random model routes
-                self.engine._set_mixture(picks)
-
-        firsts, fulls, ttfts = [], [], []
-        for _ in range(self.repeats):
-            ttfts.append(_timed(lambda: (setup(), self._generate(ids, mask, 1, model)), self.device))
-            firsts.append(_timed(lambda: self._generate(ids, mask, 1, model), self.device))
-            fulls.append(_timed(lambda: self._generate(ids, mask, self.new_tokens, model), self.device))
+    def run(self, variant: str, batch: int, new_tokens: int) -> GenerationTiming:
+        ids, mask = self.inputs(batch)
+        setups = {
+            "base": None,
+            "one_adapter": lambda: self.engine._set_mixture([Selection([0], [1.0])] * batch),
+            "logo": lambda: self._set_logo(ids, mask),
+            "official": None,
+        }
+        model = self.official.model if variant == "official" else self.model
+        if variant == "official":
+            self.official.activate()
+        try:
+            return time_generate(model, ids, mask, new_tokens, setups[variant])
+        finally:
             self.engine.mixture.clear()
-        decode_s = statistics.median(fulls) - statistics.median(firsts)
-        return batch * (self.new_tokens - 1) / max(decode_s, 1e-9), 1000 * statistics.median(ttfts)
+            self.official.deactivate()
 
     @torch.no_grad()
-    def probe_vs_prefill(self) -> dict[str, float]:
-        from logo.router import RouterConfig, probe
-
-        ids, mask = self.prompts(1)
-        self.engine.mixture.clear()
+    def probe_vs_prefill(self, repeats: int) -> dict[str, float]:
+        """Batch-1 plain prefill (what generate's prefill computes: logits of the last token only) against
+        the LoGo probe with routing (official signal: last layer) and a probe at the middle layer."""
+        ids, mask = self.inputs(1)
         mid = RouterConfig(k=self.k, layer=self.model.config.num_hidden_layers // 2)
-        prefill, route, mid_probe = [], [], []
-        for _ in range(max(3, self.repeats)):
-            prefill.append(_timed(lambda: self.model(input_ids=ids, attention_mask=mask, use_cache=False), self.device))
-            route.append(_timed(lambda: self.engine.route_batch(ids, mask), self.device))
-            mid_probe.append(_timed(lambda: probe(self.model, ids, mask, mid), self.device))
-        return {"prefill_ms": 1000 * statistics.median(prefill), "probe_ms": 1000 * statistics.median(route),
-                "probe_mid_layer_ms": 1000 * statistics.median(mid_probe)}
+        runs: dict[str, list[float]] = {"prefill_ms": [], "probe_ms": [], "probe_mid_layer_ms": []}
+        jobs = {
+            "prefill_ms": lambda: self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1),
+            "probe_ms": lambda: self.engine.route_batch(ids, mask),
+            "probe_mid_layer_ms": lambda: probe(self.model, ids, mask, mid),
+        }
+        for fn in jobs.values():  # warm-up
+            fn()
+        for _ in range(max(3, repeats)):
+            for key, fn in jobs.items():
+                runs[key].append(1000 * timed(fn, self.device))
+        result = {key: round(statistics.median(v), 2) for key, v in runs.items()}
+        return {**result, "probe_mid_layer": mid.layer}
 
-    def official_model(self):
-        """The official path: PEFT with the k selected adapters attached, each one's scaling times its weight."""
-        from peft import PeftMixedModel
-        from peft.tuners.lora.layer import LoraLayer
-
-        self.engine.close()  # our hooks off: the official path runs on the plain model
-        names = [p.name for p in self.paths[: self.k]]
-        start = time.perf_counter()
-        model = PeftMixedModel.from_pretrained(self.model, self.paths[0], adapter_name=names[0])
-        for name, path in zip(names[1:], self.paths[1 : self.k]):
-            model.load_adapter(path, adapter_name=name)
-        model.set_adapter(names)
-        for module in model.modules():
-            if isinstance(module, LoraLayer):
-                module.scaling = {a: s / self.k for a, s in module.scaling.items()}
-        attach_s = time.perf_counter() - start
-        return model.eval(), attach_s
+    def decode(self, batch_sizes: list[int], repeats: int) -> dict[str, dict]:
+        """Median decode tokens/s (median step; all-steps mean) and TTFT (ms) per variant and batch size."""
+        jobs = [(v, b) for b in batch_sizes for v in VARIANTS if v != "official" or b in OFFICIAL_BATCHES]
+        for variant, batch in jobs:  # warm-up: first calls allocate and fill caches
+            self.run(variant, batch, 2)
+        samples: dict[tuple[str, int], list[GenerationTiming]] = {job: [] for job in jobs}
+        for rep in range(repeats):
+            shift = rep % len(jobs)
+            for job in jobs[shift:] + jobs[:shift]:  # rotate so no variant always runs first
+                samples[job].append(self.run(*job, self.new_tokens))
+        out: dict[str, dict] = {key: {v: {} for v in VARIANTS} for key in
+                                ("decode_tok_s", "decode_tok_s_mean", "ttft_ms")}
+        for (variant, batch), runs in samples.items():
+            b = str(batch)
+            out["decode_tok_s"][variant][b] = round(statistics.median(t.decode_tok_s for t in runs), 2)
+            out["decode_tok_s_mean"][variant][b] = round(statistics.median(t.mean_decode_tok_s for t in runs), 2)
+            out["ttft_ms"][variant][b] = round(1000 * statistics.median(t.ttft_s for t in runs), 2)
+        return out
 
 
 def run_bench(shape: str, device: str, n_adapters: int, rank: int, k: int, targets: list[str], prompt_len: int,
               new_tokens: int, batch_sizes: list[int], repeats: int, library_dir: Path | None = None) -> dict:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LogoError("--device cuda asked for, but no CUDA device is available here")
+    """Build, measure and return the JSON-ready result (see the module docstring)."""
+    _check_args(device, n_adapters, rank, k, targets, prompt_len, new_tokens, batch_sizes, repeats)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(prefix="logo-bench-") as tmp:
-        bench = Bench(shape, device, n_adapters, rank, k, targets, prompt_len, new_tokens, repeats,
+        bench = Bench(shape, device, n_adapters, rank, k, targets, prompt_len, new_tokens, max(batch_sizes),
                       library_dir or Path(tmp) / "library")
-        result = {"device": device, "device_name": _device_name(device), "torch": torch.__version__, "shape": shape,
-                  "n_adapters": n_adapters, "rank": rank, "targets": targets, "k": k, "prompt_len": prompt_len,
-                  "new_tokens": new_tokens, "repeats": repeats, "load_s": round(bench.load_s, 3)}
-        result.update({key: round(v, 2) for key, v in bench.probe_vs_prefill().items()})
-        decode: dict[str, dict[str, float]] = {"base": {}, "one_adapter": {}, "logo": {}}
-        ttft: dict[str, dict[str, float]] = {"base": {}, "one_adapter": {}, "logo": {}}
-        for batch in batch_sizes:
-            for variant in decode:
-                tok_s, first_ms = bench.decode(batch, variant)
-                decode[variant][str(batch)] = round(tok_s, 2)
-                ttft[variant][str(batch)] = round(first_ms, 2)
-        official, attach_s = bench.official_model()
-        tok_s, first_ms = bench.decode(1, "official", model=official)
-        decode["official"] = {"1": round(tok_s, 2)}
-        ttft["official"] = {"1": round(first_ms, 2)}
-        result.update({"decode_tok_s": decode, "ttft_ms": ttft, "official_attach_s_for_k": round(attach_s, 3)})
-    result["ratios"] = {
-        "logo_over_base": {b: round(decode["logo"][b] / decode["base"][b], 3) for b in decode["base"]},
-        "one_adapter_over_base": {b: round(decode["one_adapter"][b] / decode["base"][b], 3) for b in decode["base"]},
-        "official_over_base_b1": round(decode["official"]["1"] / decode["base"]["1"], 3) if "1" in decode["base"]
-        else None,
-        "probe_over_prefill": round(result["probe_ms"] / result["prefill_ms"], 3),
-    }
+        result: dict = {
+            "device": device, "device_name": device_name(device), "torch": torch.__version__, "shape": shape,
+            "dtype": str(bench.dtype).removeprefix("torch."), "n_adapters": n_adapters, "rank": rank,
+            "targets": targets, "k": k, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+            "load_s": round(bench.load_s, 3), "library_write_s": round(bench.write_s, 3),
+        }
+        result.update(bench.probe_vs_prefill(repeats))
+        result.update(bench.decode(batch_sizes, repeats))
+        result.update({"official_attach_s": round(bench.official.attach_s, 3),
+                       "distinct_mixtures": len({frozenset(p) for p in bench.picks})})
     if device == "cuda":
         result["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        result["peak_mem_label"] = "peak GPU memory allocated"
     else:
-        result["peak_mem_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # max RSS
+        result["peak_mem_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # KiB on Linux
+        result["peak_mem_label"] = "peak process RSS"
+    result["ratios"] = ratios(result)
     return result
 
 
-def _device_name(device: str) -> str:
+def _check_args(device: str, n_adapters: int, rank: int, k: int, targets: list[str], prompt_len: int,
+                new_tokens: int, batch_sizes: list[int], repeats: int) -> None:
+    if device not in ("cpu", "cuda"):
+        raise LogoError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LogoError("--device cuda asked for, but no CUDA device is available here")
+    if n_adapters < 1 or rank < 1 or prompt_len < 1 or repeats < 1:
+        raise LogoError("--n-adapters, --rank, --prompt-len and --repeats must be at least 1")
+    if not 1 <= k <= n_adapters:
+        raise LogoError(f"--k must be between 1 and --n-adapters ({n_adapters}), got {k}")
+    if "q_proj" not in targets:
+        raise LogoError(f"--targets must include q_proj (LoGo's signal module), got {','.join(targets)}")
+    if new_tokens < 2:
+        raise LogoError("--new-tokens must be at least 2 (decode speed needs more than the first token)")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise LogoError("--batch-sizes must list positive integers, e.g. 1,16")
+
+
+def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    import platform
-
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def print_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    console.print(f"[bold]logo bench[/bold] {result['shape']} on {result['device_name']}: N={result['n_adapters']} "
-                  f"rank {result['rank']} {','.join(result['targets'])}, k={result['k']}, prompt {result['prompt_len']}"
-                  f" tokens, {result['new_tokens']} new tokens, median of {result['repeats']}")
-    console.print(f"library load {result['load_s']:.2f} s; prefill {result['prefill_ms']:.1f} ms, probe "
-                  f"{result['probe_ms']:.1f} ms ({result['ratios']['probe_over_prefill']:.2f}x), mid-layer probe "
-                  f"{result['probe_mid_layer_ms']:.1f} ms; peak memory {result['peak_mem_gb']} GB")
-    table = Table(title="decode tokens/s (time to first token, ms)")
-    table.add_column("variant")
-    batches = list(result["decode_tok_s"]["base"])
-    for b in batches:
-        table.add_column(f"batch {b}", justify="right")
-        table.add_column("x base", justify="right")
-    for variant, row in result["decode_tok_s"].items():
-        cells = []
-        for b in batches:
-            if b in row:
-                cells += [f"{row[b]:.1f} ({result['ttft_ms'][variant][b]:.0f})",
-                          f"{row[b] / result['decode_tok_s']['base'][b]:.2f}"]
-            else:
-                cells += ["", ""]
-        table.add_row(variant, *cells)
-    console.print(table)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
 
 
 def bench(
     shape: Annotated[str, typer.Option("--shape", help="llama-3.1-8b | qwen2.5-7b | deepseek-7b | smollm2-135m")] = (
         "smollm2-135m"),
     device: Annotated[str, typer.Option("--device", help="cpu | cuda")] = "cpu",
-    n_adapters: Annotated[int, typer.Option("--n-adapters")] = 260,
+    n_adapters: Annotated[int, typer.Option("--n-adapters", help="Adapters in the random library.")] = 260,
     rank: Annotated[int, typer.Option("--rank")] = 16,
-    targets: Annotated[str, typer.Option("--targets")] = "q_proj,v_proj",
-    k: Annotated[int, typer.Option("--k")] = 20,
+    targets: Annotated[str, typer.Option("--targets", help="Comma-separated target modules.")] = "q_proj,v_proj",
+    k: Annotated[int, typer.Option("--k", help="Adapters per mixture.")] = 20,
     prompt_len: Annotated[int, typer.Option("--prompt-len")] = 256,
     new_tokens: Annotated[int, typer.Option("--new-tokens")] = 64,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes")] = "1,16",
-    repeats: Annotated[int, typer.Option("--repeats")] = 3,
+    repeats: Annotated[int, typer.Option("--repeats", help="Interleaved runs per figure (median).")] = 3,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (default: torch's).")] = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    save: Annotated[Path | None, typer.Option("--save", help="Also write the JSON result to this file.")] = None,
 ) -> None:
     """Measure library load, probe vs prefill, decode tokens/s (base, one adapter, LoGo, official PEFT)."""
     if threads:
@@ -229,6 +233,9 @@ def bench(
         raise LogoError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
     result = run_bench(shape, device, n_adapters, rank, k, [t.strip() for t in targets.split(",") if t.strip()],
                        prompt_len, new_tokens, sizes, repeats)
+    if save is not None:
+        save.parent.mkdir(parents=True, exist_ok=True)
+        save.write_text(json.dumps(result, indent=1) + "\n")
     if json_out:
         print(json.dumps(result))
     else:

@@ -1,0 +1,1 @@
+"""Benchmark building blocks: timing inside generate, the official PEFT path, ratios and the report table."""
