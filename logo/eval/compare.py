@@ -94,16 +94,29 @@ def check_same_data(datasets: list[str], table: dict[str, dict[str, tuple[float,
     return warnings
 
 
+FIXED_MIXTURES = ("_method_base", "_method_uniform", "_method_fixed-")  # same mixture for every instance
+
+
+def method_label(run_name: str) -> str:
+    """``logo`` for an official-named run, else its method suffix (``random``, ``arrow``, ...)."""
+    return run_name.split("_method_", 1)[1] if "_method_" in run_name else "logo"
+
+
 def selection_png(runs: list[Path], path: Path, top: int = 25) -> bool:
-    """Heatmap: each (run, dataset)'s share of selections per adapter, for the most selected adapters overall."""
+    """Heatmap: each (run, dataset)'s share of selections per adapter, for the most selected adapters overall.
+    Runs whose mixture is the same for every instance (base, uniform, fixed) are left out."""
+    runs = [r for r in runs if not any(tag in r.name for tag in FIXED_MIXTURES)]
+    labels = [method_label(r.name) for r in runs]
+    if len(set(labels)) < len(labels):  # e.g. several models: the full run names tell them apart
+        labels = [r.name for r in runs]
     counts: dict[str, Counter] = {}
-    for run in runs:
+    for run, label in zip(runs, labels):
         for d in sorted(run.iterdir()):
             file = d / "selected_loras.json"
             if file.is_file():
                 selected = json.loads(file.read_text())
                 if any(selected):
-                    counts[f"{run.name[:40]}/{d.name}"] = Counter(n for row in selected for n in row)
+                    counts[f"{label} | {d.name}"] = Counter(n for row in selected for n in row)
     if not counts:
         return False
     import matplotlib
@@ -117,12 +130,13 @@ def selection_png(runs: list[Path], path: Path, top: int = 25) -> bool:
         overall.update(c)
     adapters = [a for a, _ in overall.most_common(top)]
     grid = np.array([[c[a] / max(1, sum(c.values())) for a in adapters] for c in counts.values()])
-    fig, ax = plt.subplots(figsize=(2 + 0.35 * len(adapters), 1.5 + 0.35 * len(counts)))
-    im = ax.imshow(grid, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(adapters)), adapters, rotation=70, ha="right", fontsize=7)
+    label_width = max(len(k) for k in counts) * 0.07
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.5 + label_width + 0.3 * len(adapters)), 2.2 + 0.3 * len(counts)))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=0)
+    ax.set_xticks(range(len(adapters)), adapters, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(counts)), list(counts), fontsize=7)
-    ax.set_title("Which adapters were selected, per dataset (share of all selections)", fontsize=9)
-    fig.colorbar(im, ax=ax, label="share of selections")
+    ax.set_title("Adapters selected per dataset (share of all selections)", fontsize=9)
+    fig.colorbar(im, ax=ax, label="share")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
