@@ -6,43 +6,90 @@ import json
 import subprocess
 import sys
 
-from logo.bench import run_bench
+import pytest
+import torch
+
+from logo.bench import distinct_picks, run_bench
+from logo.library import AdapterLibrary
+from logo.mixture import Mixture
+from logo.perf.timing import time_generate
 from logo.synthetic import SHAPES, random_model, write_random_library
+
+CLI = [sys.executable, "-m", "logo.cli", "bench", "--shape", "tiny", "--n-adapters", "3", "--rank", "2", "--k", "2",
+       "--prompt-len", "8", "--new-tokens", "3", "--batch-sizes", "1", "--repeats", "1"]
 
 
 def test_bench_json_contract():
     result = run_bench("tiny", "cpu", n_adapters=4, rank=4, k=2, targets=["q_proj", "v_proj"], prompt_len=8,
                        new_tokens=3, batch_sizes=[1, 2], repeats=1)
     for key in ("device", "shape", "n_adapters", "rank", "k", "load_s", "prefill_ms", "probe_ms", "decode_tok_s",
-                "ttft_ms", "peak_mem_gb"):
+                "ttft_ms", "peak_mem_gb", "ratios"):
         assert key in result
-    decode = result["decode_tok_s"]
-    assert set(decode) == {"base", "one_adapter", "logo", "official"}
-    assert set(decode["logo"]) == {"1", "2"} and set(decode["official"]) == {"1"}
-    assert all(v > 0 for row in decode.values() for v in row.values())
+    assert (result["device"], result["shape"], result["n_adapters"], result["rank"], result["k"]) == (
+        "cpu", "tiny", 4, 4, 2)
+    for table in ("decode_tok_s", "decode_tok_s_mean", "ttft_ms"):
+        rows = result[table]
+        assert set(rows) == {"base", "one_adapter", "logo", "official"}
+        assert set(rows["logo"]) == {"1", "2"} and set(rows["official"]) == {"1"}
+        assert all(v > 0 for row in rows.values() for v in row.values())
+    assert set(result["ratios"]["decode_over_base"]) == {"one_adapter", "logo", "official"}
+    assert result["distinct_mixtures"] == 2
+    json.dumps(result)  # JSON-ready
 
 
-def test_bench_cli_table_and_errors():
-    cmd = [sys.executable, "-m", "logo.cli", "bench", "--shape", "tiny", "--n-adapters", "3", "--rank", "2", "--k",
-           "2", "--prompt-len", "8", "--new-tokens", "3", "--batch-sizes", "1", "--repeats", "1"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+def test_bench_cli_table_json_and_errors(tmp_path):
+    res = subprocess.run(CLI + ["--save", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "decode tokens/s" in res.stdout and "official" in res.stdout
-    res = subprocess.run(cmd[:4] + ["--shape", "gpt-9"], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and "unknown shape" in res.stderr
-    res = subprocess.run(cmd + ["--json", "--device", "cuda"], capture_output=True, text=True, timeout=300)
-    import torch
-
+    assert json.loads((tmp_path / "r.json").read_text())["shape"] == "tiny"
+    res = subprocess.run(CLI + ["--json"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["decode_tok_s"]["official"]["1"] > 0
+    for extra, message in ((["--shape", "gpt-9"], "unknown shape"), (["--k", "9"], "--k must be between"),
+                           (["--targets", "v_proj"], "must include q_proj"), (["--new-tokens", "1"], "at least 2"),
+                           (["--batch-sizes", "1,x"], "comma-separated")):
+        res = subprocess.run(CLI + extra, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and message in res.stderr, (extra, res.stderr)
+        assert "Traceback" not in res.stderr
     if not torch.cuda.is_available():
+        res = subprocess.run(CLI + ["--device", "cuda"], capture_output=True, text=True, timeout=300)
         assert res.returncode == 2 and "no CUDA device" in res.stderr
 
 
 def test_random_library_is_valid_peft_layout(tmp_path):
-    from logo.library import AdapterLibrary
-
-    model = random_model("tiny", "cpu", __import__("torch").float32)
+    model = random_model("tiny", "cpu", torch.float32)
     write_random_library(model, tmp_path, n=3, rank=2, targets=["q_proj"])
     assert json.loads((tmp_path / "adapter_000" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     lib = AdapterLibrary.load(tmp_path, model)
     assert len(lib) == 3 and all(m.endswith("q_proj") for m in lib.modules)
     assert {"llama-3.1-8b", "qwen2.5-7b", "deepseek-7b", "smollm2-135m"} <= set(SHAPES)
+
+
+def test_time_generate_counts_every_token_and_distinct_picks():
+    model = random_model("tiny", "cpu", torch.float32)
+    ids = torch.randint(3, 500, (2, 5))
+    timing = time_generate(model, ids, torch.ones_like(ids), 4)
+    assert len(timing.steps_s) == 3 and timing.ttft_s > 0 and timing.decode_tok_s > 0
+    with pytest.raises(ValueError):
+        time_generate(model, ids, torch.ones_like(ids), 1)
+    picks = distinct_picks(16, 3, 16, seed=0)
+    assert len({frozenset(p) for p in picks}) == 16 and all(len(set(p)) == 3 for p in picks)
+
+
+def test_base_model_runs_hook_free_outside_a_mixture(tmp_path):
+    """The bench's base variant (and the LoGo probe) must not pay for idle mixture hooks."""
+    model = random_model("tiny", "cpu", torch.float32)
+    write_random_library(model, tmp_path, n=3, rank=2, targets=["q_proj", "v_proj"])
+    mixture = Mixture(model, AdapterLibrary.load(tmp_path, model))
+
+    def hooked() -> int:
+        return sum(len(m._forward_hooks) for m in model.modules())
+
+    assert hooked() == 0
+    mixture.set(torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]]))
+    assert hooked() == len(mixture.factors) > 0
+    with mixture.suspended():
+        assert hooked() == 0
+    assert hooked() == len(mixture.factors)
+    mixture.clear()
+    assert hooked() == 0 and not mixture.active
