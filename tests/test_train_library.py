@@ -80,3 +80,13 @@ def test_train_cli_defaults_are_the_demo_config():
     for name in ("rank", "alpha", "steps", "lr", "batch_size", "seed"):
         assert params[name].default == getattr(DEMO_CONFIG, name), name
     assert params["targets"].default == ",".join(DEMO_CONFIG.targets)
+
+
+@needs_demo
+def test_shipped_calibration_matches_the_library_as_loaded():
+    """`embedded:demo` loads adapters in folder-name order; the calibration file must list them so."""
+    from logo.adapter_source import resolve_adapters
+
+    names = [name for name, _ in resolve_adapters("embedded:demo")]
+    calibration = json.loads((demo / "logo_calibration.json").read_text())
+    assert calibration["adapters"] == names and calibration["entries"]

@@ -71,12 +71,13 @@ def build_library(
                 shutil.rmtree(adapter_dir)
             train_lora(model, tokenizer, task, adapter_dir, config, base_model, progress=progress)
         records[task.name] = json.loads((adapter_dir / RECORD_FILE).read_text())
-    library = AdapterLibrary.load([out_dir / t.name for t in tasks], model)
+    # adapters in folder-name order, as `logo ... --adapters DIR` loads them, so the calibration file matches
+    library = AdapterLibrary.load(sorted((out_dir / t.name for t in tasks), key=lambda p: p.name), model)
     engine = LoGoEngine(model, tokenizer, library, RouterConfig(k=1))
     adapters = []
-    for i, task in enumerate(tasks):
+    for task in tasks:
         base = task_accuracy(engine, task, None, n=n_eval, split="eval")
-        own = task_accuracy(engine, task, Selection([i], [1.0]), n=n_eval, split="eval")
+        own = task_accuracy(engine, task, Selection([library.names.index(task.name)], [1.0]), n=n_eval, split="eval")
         rec = records[task.name]
         adapters.append({
             "name": task.name,
