@@ -222,9 +222,9 @@ def timed(fn, *args, **kwargs):
 
 def run_demo(
     output_dir: Path,
-    n_per_task: int = 12,
+    n_per_task: int = 6,
     batch_size: int = 32,
-    max_new_tokens: int = 24,
+    max_new_tokens: int = 16,
     seed: int = 0,
     quick: bool = False,
     with_arrow: bool = True,

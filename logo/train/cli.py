@@ -63,7 +63,7 @@ def demo(
     output: Annotated[Path, typer.Option("--output", help="Directory for summary.json, results.md, heatmap.")] = Path(
         "demo_results"),
     quick: Annotated[bool, typer.Option("--quick", help="A CI-sized run of the whole path.")] = False,
-    n_per_task: Annotated[int, typer.Option("--n-per-task")] = 12,
+    n_per_task: Annotated[int, typer.Option("--n-per-task")] = 6,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     no_arrow: Annotated[bool, typer.Option("--no-arrow", help="Skip the PEFT Arrow baseline.")] = False,
