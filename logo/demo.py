@@ -40,6 +40,12 @@ class Method:
     k: int = 0
     strategy: str = "norm"
     calibration: str = "none"
+    layer: int = -1
+    post_norm: bool = False
+
+
+# Chosen by `logo signal-study` on the validation split (never the test instances): see BENCHMARKS.md.
+TUNED_SIGNAL = {"layer": -8, "post_norm": True, "strategy": "norm", "calibration": "mean"}
 
 
 def default_methods(n_adapters: int) -> list[Method]:
@@ -51,6 +57,9 @@ def default_methods(n_adapters: int) -> list[Method]:
                 if k <= n_adapters:
                     suffix = "" if calibration == "none" else "+cal"
                     methods.append(Method(f"logo-{strategy}-k{k}{suffix}", "logo", k, strategy, calibration))
+    for k in (1, 3):
+        if k <= n_adapters:
+            methods.append(Method(f"logo-tuned-k{k}", "logo", k, **TUNED_SIGNAL))
     methods.append(Method("arrow", "arrow", min(3, n_adapters)))
     return methods
 
@@ -80,19 +89,41 @@ def signal_vectors(engine: LoGoEngine, prompts: list[str], config: RouterConfig,
     return torch.stack([rows[i] for i in range(len(prompts))])
 
 
-def logo_selections(engine: LoGoEngine, h: torch.Tensor, method: Method) -> tuple[list[Selection], torch.Tensor]:
-    """Selections for a LoGo method from precomputed signal vectors; also returns the scores used."""
-    from logo.calibration import divisors
+class Signals:
+    """Signal vectors of the instances (and of the calibration prompts) per signal option, probed once each."""
 
-    config = RouterConfig(strategy=method.strategy, k=method.k, calibration=method.calibration)
-    raw = score(h, engine.library, engine.signal_module, method.strategy)
-    div = divisors(engine.library, config, engine.signal_module, engine.num_layers)
+    def __init__(self, engine: LoGoEngine, prompts: list[str], batch_size: int) -> None:
+        self.engine, self.prompts, self.batch_size = engine, prompts, batch_size
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def get(self, config: RouterConfig, prompts: list[str] | None = None) -> torch.Tensor:
+        key = (config.layer, config.post_norm, config.position, prompts is None)
+        if key not in self._cache:
+            self._cache[key] = signal_vectors(self.engine, prompts or self.prompts, config, self.batch_size)
+        return self._cache[key]
+
+
+def logo_selections(engine: LoGoEngine, signals: Signals, method: Method) -> tuple[list[Selection], torch.Tensor]:
+    """Selections for a LoGo method from the instances' signal vectors; also returns the scores used."""
+    from logo.calibration import default_prompts, divisors
+    from logo.router import signal_module_name
+
+    config = RouterConfig(strategy=method.strategy, k=method.k, calibration=method.calibration, layer=method.layer,
+                          post_norm=method.post_norm)
+    module = signal_module_name(engine.model, config)
+    raw = score(signals.get(config), engine.library, module, method.strategy)
+    if method.calibration == "mean" and config.signal_key(engine.num_layers) not in engine.library.calibration:
+        # statistics for a signal the library does not ship: computed here, label-free, on the default prompts
+        calib = score(signals.get(config, default_prompts()), engine.library, module, method.strategy)
+        div = calib.mean(0).clamp(min=1e-12)
+    else:
+        div = divisors(engine.library, config, module, engine.num_layers)
     scores = raw if div is None else raw / div
     _, idx, weights = select(scores, method.k)
     return [Selection(i.tolist(), w.tolist()) for i, w in zip(idx, weights)], scores
 
 
-def selections_for(method: Method, instances: list[Instance], engine: LoGoEngine, h: torch.Tensor,
+def selections_for(method: Method, instances: list[Instance], engine: LoGoEngine, h: Signals,
                    seed: int) -> list[Selection | None]:
     names = engine.library.names
     n = len(names)
@@ -110,7 +141,7 @@ def selections_for(method: Method, instances: list[Instance], engine: LoGoEngine
     raise LogoError(f"unknown method kind {method.kind}")
 
 
-def run_method(engine: LoGoEngine, method: Method, instances: list[Instance], h: torch.Tensor, seed: int,
+def run_method(engine: LoGoEngine, method: Method, instances: list[Instance], h: Signals, seed: int,
                batch_size: int, max_new_tokens: int, cache: dict) -> tuple[list[str], list[Selection | None]]:
     """Predictions (first line of the greedy generation) for one method; reuses identical (prompt, mixture) runs."""
     selections = selections_for(method, instances, engine, h, seed)
@@ -245,15 +276,15 @@ def run_demo(
     instances = build_instances(names, 2 if quick else n_per_task, seed=seed)
     methods = default_methods(len(names))
     if quick:
-        methods = [m for m in methods if m.name in ("base", "oracle", "uniform", "logo-norm-k1", "logo-norm-k1+cal",
-                                                    "arrow")]
+        quick_methods = ("base", "oracle", "uniform", "logo-norm-k1", "logo-norm-k1+cal", "logo-tuned-k1", "arrow")
+        methods = [m for m in methods if m.name in quick_methods]
         max_new_tokens = min(max_new_tokens, 8)
     if not with_arrow:
         methods = [m for m in methods if m.kind != "arrow"]
     console.print(f"[bold]LoGo demo[/bold]: SmolLM2-135M-Instruct, {len(names)} adapters, "
                   f"{len(instances)} held-out instances from {len({x.task for x in instances})} tasks "
                   f"({sum(not x.seen for x in instances)} instances of unseen tasks)")
-    h = signal_vectors(engine, [x.prompt for x in instances], engine.router, batch_size)
+    h = Signals(engine, [x.prompt for x in instances], batch_size)
     cache: dict = {}
     results: dict[str, list[int]] = {}
     selections: dict[str, list[Selection]] = {}
@@ -322,16 +353,14 @@ def _show_examples(console, instances, selections, predictions, names, method, n
 
 
 def _show_table(console, summary: dict, methods: list[str]) -> None:
+    """One row per method (the per-task table is in results.md): fits an 80-column terminal."""
     from rich.table import Table
 
-    table = Table(title="accuracy on held-out instances", title_justify="left")
-    table.add_column("task")
+    table = Table(title="held-out accuracy by method (per task: results.md)", title_justify="left")
+    for column in ("method", "seen", "unseen", "oracle gain", "precision@1"):
+        table.add_column(column, justify="left" if column == "method" else "right")
     for m in methods:
-        table.add_column(m.replace("logo-", ""), justify="right")
-    for task, entry in summary["tasks"].items():
-        table.add_row(task if entry["seen"] else f"{task} (unseen)",
-                      *[f"{entry['accuracy'][m]:.2f}" for m in methods])
-    for key, label in (("seen_accuracy", "mean seen"), ("unseen_accuracy", "mean unseen"),
-                       ("oracle_gain_recovered", "oracle gain recov."), ("precision_at_1", "precision@1")):
-        table.add_row(label, *[_fmt(summary["methods"][m].get(key)) for m in methods], style="bold")
+        entry = summary["methods"][m]
+        table.add_row(m, _fmt(entry.get("seen_accuracy")), _fmt(entry.get("unseen_accuracy")),
+                      _fmt(entry.get("oracle_gain_recovered")), _fmt(entry.get("precision_at_1")))
     console.print(table)
