@@ -54,15 +54,15 @@ def load_calibration(library) -> dict:
 
 
 def save_calibration(library, path: Path | None = None) -> Path:
-    """Write ``library.calibration``; next to the library if writable, else in the logo cache."""
+    """Write ``library.calibration``: to ``path``, else next to the library if writable, else the logo cache."""
     payload = {"version": 1, "adapters": library.names, "entries": library.calibration}
-    targets = [path] if path is not None else _candidates(library)
-    for target in targets:
-        if target.parent.exists() and os.access(target.parent, os.W_OK) or target == targets[-1]:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(json.dumps(payload, indent=1))
-            return target
-    raise AssertionError("unreachable")
+    if path is None:
+        beside = library.root / FILE_NAME if library.root is not None else None
+        writable = beside is not None and os.access(beside.parent, os.W_OK)
+        path = beside if writable else _cache_file(library.names)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1))
+    return path
 
 
 def default_prompts() -> list[str]:

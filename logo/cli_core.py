@@ -68,29 +68,27 @@ def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[s
 
 def build_engine(base_model, adapters, strategy, k, layer, module, post_norm, position, weighting, temperature,
                  calibration, device, dtype):
+    """Resolve the adapters first (a bad spec fails before the slow model load), then load the engine."""
     from logo.adapter_source import resolve_adapters
-    from logo.engine import LoGoEngine, default_device
-    from logo.library import AdapterLibrary
-    from logo.models import load_base_model
+    from logo.engine import LoGoEngine
     from logo.presets import get_preset
 
     preset = get_preset(base_model)
     spec = adapters or (preset.default_adapters if preset else None)
     if not spec:
         raise LogoError(f"--adapters is required for {base_model!r} (it has no default adapter library)")
-    entries = resolve_adapters(spec)  # before the (slow) model load, so a bad spec fails fast
+    paths = [path for _, path in resolve_adapters(spec)]
     if k is None:
-        k = min(20, len(entries))
+        k = min(20, len(paths))
         if k < 20:
-            print(f"note: the library holds {len(entries)} adapters; using k={k}", file=sys.stderr)
+            print(f"note: the library holds {len(paths)} adapters; using k={k}", file=sys.stderr)
     router = RouterConfig(strategy=strategy, k=k, layer=layer, module=module, post_norm=post_norm,
                           position=position, weighting=weighting, temperature=temperature, calibration=calibration)
-    if k > len(entries):
-        raise LogoError(f"k={k} adapters requested but the library holds {len(entries)}; "
-                        f"choose --n-selected-modules between 1 and {len(entries)}")
-    model, tokenizer = load_base_model(base_model, device=device or default_device(), dtype=dtype)
-    library = AdapterLibrary.from_entries(entries, model, progress=True)
-    return LoGoEngine(model, tokenizer, library, router)
+    if k > len(paths):
+        raise LogoError(f"k={k} adapters requested but the library holds {len(paths)}; "
+                        f"choose --n-selected-modules between 1 and {len(paths)}")
+    return LoGoEngine.from_pretrained(base_model, [str(p) for p in paths], router, device=device, dtype=dtype,
+                                      progress=True)
 
 
 def route_record(prompt: str, route, names: list[str]) -> dict:

@@ -245,12 +245,6 @@ def write_outputs(out_dir: Path, summary: dict, table: str, meta: dict) -> None:
     (out_dir / "results.md").write_text(table + "\n")
 
 
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    value = fn(*args, **kwargs)
-    return value, time.perf_counter() - start
-
-
 def run_demo(
     output_dir: Path,
     n_per_task: int = 6,
@@ -265,6 +259,7 @@ def run_demo(
     """The whole demo: load, route, generate for every method, score, report. Returns the summary."""
     from rich.console import Console
 
+    from logo.eval.arrow import ArrowGenerator
     from logo.models import load_base_model
     from logo.train.tasks import get_task
 
@@ -296,7 +291,7 @@ def run_demo(
         t0 = time.perf_counter()
         if method.kind == "arrow":
             base_copy, tokenizer = load_base_model("smollm2-135m")
-            arrow = ArrowGeneratorLazy(base_copy, tokenizer, engine.library.paths, method.k)
+            arrow = ArrowGenerator(base_copy, tokenizer, engine.library.paths, method.k)
             texts = arrow.generate([x.prompt for x in instances], max_new_tokens, True, batch_size)
             preds, sels = [first_line(t) for t in texts], None
         else:
@@ -328,12 +323,6 @@ def run_demo(
                   "{summary.json, results.md, selection_heatmap.png}")
     engine.close()
     return summary
-
-
-def ArrowGeneratorLazy(*args, **kwargs):  # noqa: N802 - a factory named like the class it builds
-    from logo.eval.arrow import ArrowGenerator
-
-    return ArrowGenerator(*args, **kwargs)
 
 
 def _fmt(value) -> str:

@@ -261,8 +261,7 @@ class LoGoEngine:
         values = torch.cat(rows).mean(0)
         entry = {"method": "mean", "values": values.tolist(), "n_prompts": len(prompts), "source": source or "user"}
         self.library.calibration[self.router.signal_key(self.num_layers)] = entry
-        entry["file"] = str(save_calibration(self.library))
-        return entry
+        return {**entry, "file": str(save_calibration(self.library))}
 
     def close(self) -> None:
         """Remove the mixture hooks; the model is the plain base model again."""
