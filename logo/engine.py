@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 from logo.calibration import default_prompts, divisors, save_calibration
 from logo.errors import LogoError
 from logo.library import AdapterLibrary
-from logo.mixture import Mixture
+from logo.mixture import Mixture, StaticMixture
 from logo.router import (
     Route,
     RouterConfig,
@@ -23,8 +23,12 @@ from logo.router import (
     select,
     signal_module_name,
 )
+from logo.static_decode import StaticDecoder
 
 MAX_PROMPT_TOKENS = 2048  # as the official code
+DECODE_PATHS = ("eager", "static", "compiled")
+"""``eager``: transformers' ``generate``; ``static``: static KV cache; ``compiled``: static cache and a
+compiled decode step (CUDA graphs on GPU). All three give the same greedy tokens (see logo.static_decode)."""
 
 
 @dataclass
@@ -66,7 +70,10 @@ class LoGoEngine:
         tokenizer: PreTrainedTokenizerBase,
         library: AdapterLibrary,
         router: RouterConfig | None = None,
+        decode: str = "eager",
     ) -> None:
+        if decode not in DECODE_PATHS:
+            raise LogoError(f"unknown decode path {decode!r}; choose one of {', '.join(DECODE_PATHS)}")
         self.model = model
         self.tokenizer = tokenizer
         self.library = library
@@ -83,7 +90,13 @@ class LoGoEngine:
                 f"no adapter targets the signal module {self.signal_module}; pick --signal-module/--signal-layer "
                 f"among the adapters' modules (e.g. {library.modules[:2]})"
             )
-        self.mixture = Mixture(model, library)
+        self.decode = decode
+        self.decoder: StaticDecoder | None = None
+        if decode == "eager":
+            self.mixture: Mixture | StaticMixture = Mixture(model, library)
+        else:
+            self.mixture = StaticMixture(model, library)
+            self.decoder = StaticDecoder(model, compile=decode == "compiled")
         self.device = next(model.parameters()).device
         self.timings = Timings()
 
@@ -96,6 +109,7 @@ class LoGoEngine:
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
         progress: bool = False,
+        decode: str = "eager",
     ) -> LoGoEngine:
         """Load a base model (path, hub id or preset) and an adapter library (default: the preset's)."""
         from logo.models import load_base_model
@@ -109,7 +123,7 @@ class LoGoEngine:
             adapters = preset.default_adapters
         model, tokenizer = load_base_model(base_model, device=device, dtype=dtype)
         library = AdapterLibrary.load(adapters, model, progress=progress)
-        return cls(model, tokenizer, library, router)
+        return cls(model, tokenizer, library, router, decode=decode)
 
     # ----------------------------------------------------------------- inputs
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,17 +221,30 @@ class LoGoEngine:
             start = time.perf_counter()
             self._set_mixture(chosen)
             try:
-                out = self.model.generate(
-                    input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=stopping
-                )
+                new_tokens = self._decode(ids, mask, config, stopping, early_stop)
             finally:
                 self.mixture.clear()
             self.timings.generate_s += time.perf_counter() - start
             self.timings.batches += 1
-            texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+            texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for row, i in enumerate(batch):
                 results[i] = Generation(prompts[i], texts[row], routes[row], chosen[row])
         return results  # type: ignore[return-value]
+
+    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, config, stopping, early_stop: bool) -> torch.Tensor:
+        """New tokens ``[B, T]`` under the current mixture, by the engine's decode path."""
+        if self.decoder is None:
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                      stopping_criteria=stopping)
+            return out[:, ids.shape[1] :]
+        eos = config.eos_token_id
+        stops = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if early_stop:
+            stops.append(self.tokenizer.encode("\n", add_special_tokens=False)[0])
+        pad = config.pad_token_id if config.pad_token_id is not None else (stops[0] if stops else 0)
+        return self.decoder.generate(ids, mask, config.max_new_tokens, stop_ids=stops, pad_id=pad,
+                                     do_sample=bool(config.do_sample), temperature=config.temperature or 1.0,
+                                     top_p=config.top_p or 1.0)
 
     def _set_mixture(self, selections: list[Selection]) -> None:
         n = len(self.library)

@@ -136,3 +136,106 @@ def _module_mixture(stack: ModuleStack, indices: torch.Tensor, weights: torch.Te
     if shared:
         return ModuleMixture(a[0].contiguous(), b[0].contiguous())
     return ModuleMixture(a.contiguous(), b.contiguous())
+
+
+class _Switch:
+    """Shared on/off state of a :class:`StaticMixture`'s hooks (a plain bool, so compiled graphs guard on it)."""
+
+    def __init__(self) -> None:
+        self.on = False
+
+
+class _StaticSlot:
+    """One module's persistent hook: adds ``(x A_row^T) B_row^T`` from fixed buffers while the switch is on."""
+
+    def __init__(self, switch: _Switch) -> None:
+        self.switch = switch
+        self.buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.a: torch.Tensor | None = None  # [B, d_in, width]
+        self.b: torch.Tensor | None = None  # [B, width, d_out]
+
+    def __call__(self, _module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not self.switch.on:
+            return output
+        x = args[0]
+        return torch.baddbmm(output, torch.bmm(x, self.a), self.b)
+
+
+class StaticMixture:
+    """Per-row mixtures for the static-cache / compiled decoder (``logo.static_decode``).
+
+    Same arithmetic as :class:`Mixture`, but shaped for ``torch.compile`` and CUDA graphs: every target
+    module keeps one hook for its whole life, and the gathered factors are copied into fixed buffers
+    (one pair per batch size and width, marked as static addresses) instead of new tensors. A mixture
+    change is then a copy, never a new graph. Each row always carries ``width = k_cap * r_max``
+    columns: unused slots and base rows hold zeros. The hooks are switched off (not removed) for the
+    base model and the probe, so the eager base model stays exact.
+    """
+
+    def __init__(self, model: nn.Module, library: AdapterLibrary) -> None:
+        self.library = library
+        self.switch = _Switch()
+        self.k_cap = 1
+        self.slots: dict[str, _StaticSlot] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        for name, module in model.named_modules():
+            if name in library.stacks:
+                slot = _StaticSlot(self.switch)
+                self.slots[name] = slot
+                self._handles.append(module.register_forward_hook(slot))
+
+    @property
+    def active(self) -> bool:
+        return self.switch.on
+
+    def clear(self) -> None:
+        """Back to the base model (the hooks stay, switched off)."""
+        self.switch.on = False
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Run the plain base model inside the block; the mixture comes back afterwards."""
+        was_on = self.switch.on
+        self.switch.on = False
+        try:
+            yield
+        finally:
+            self.switch.on = was_on
+
+    @torch.no_grad()
+    def set(self, indices: torch.Tensor, weights: torch.Tensor) -> None:
+        """Set per-row mixtures: ``indices [B, k]`` (long) and ``weights [B, k]``; weight 0 = unused slot."""
+        if indices.dim() != 2 or indices.shape != weights.shape:
+            raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must both be [B, k]")
+        self.switch.on = False
+        rows, k = indices.shape
+        if k == 0 or not bool((weights != 0).any()):
+            return
+        self.k_cap = max(self.k_cap, k)
+        for name, stack in self.library.stacks.items():
+            slot = self.slots[name]
+            r = stack.A.shape[1]
+            width = self.k_cap * r
+            key = (rows, width)
+            if key not in slot.buffers:
+                a = stack.A.new_zeros(rows, stack.A.shape[2], width)
+                b = stack.B.new_zeros(rows, width, stack.B.shape[1])
+                torch._dynamo.mark_static_address(a)
+                torch._dynamo.mark_static_address(b)
+                slot.buffers[key] = (a, b)
+            a, b = slot.buffers[key]
+            a.zero_()
+            b.zero_()
+            factors = _module_mixture(stack, indices.to(stack.A.device), weights.to(stack.A.device), shared=False)
+            if factors is not None:
+                a[:, :, : k * r].copy_(factors.a)
+                b[:, : k * r].copy_(factors.b)
+            slot.a, slot.b = a, b
+        self.switch.on = True
+
+    def remove(self) -> None:
+        """Detach the hooks from the model for good."""
+        self.switch.on = False
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -1,0 +1,144 @@
+"""The fast generation path: a static KV cache and a one-token decode step that can be compiled.
+
+In the spirit of gpt-fast: every buffer the decode step touches has a fixed shape and address (the
+KV cache, the attention-mask buffer, the mixture factors of :class:`logo.mixture.StaticMixture`), so
+``torch.compile`` traces the step once per batch size and cache length, and on CUDA its
+``reduce-overhead`` mode replays the step as one CUDA graph instead of hundreds of kernel launches.
+
+The prompt is prefilled eagerly (its length varies); then the step runs once per new token. Caches are
+kept per ``(batch, length)`` with lengths rounded up to ``bucket`` tokens and reset between calls, so
+repeated calls neither reallocate nor recompile. Greedy decoding is token-for-token the same as
+``transformers``' ``generate`` (left padding, early stop, finished rows padded); sampling uses
+temperature and nucleus (top-p) filtering on the global torch RNG, so a seed makes it reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from transformers import StaticCache
+
+from logo.errors import LogoError
+
+RECOMPILE_LIMIT = 64  # one graph per (batch, cache length, mixture on/off)
+
+
+class StaticDecoder:
+    """Generate with a static KV cache; ``compile=True`` compiles the decode step (CUDA graphs on GPU)."""
+
+    def __init__(self, model: nn.Module, compile: bool = False, bucket: int = 256) -> None:
+        if bucket < 1:
+            raise LogoError(f"cache bucket must be at least 1 token, got {bucket}")
+        self.model = model
+        self.bucket = bucket
+        self.device = next(model.parameters()).device
+        self.compiled = compile
+        self.cuda_graphs = compile and self.device.type == "cuda"
+        self._caches: dict[tuple[int, int], StaticCache] = {}
+        self._step: Callable[..., torch.Tensor] = self._forward_step
+        if compile:
+            import torch._dynamo.config as dynamo_config
+
+            dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, RECOMPILE_LIMIT)
+            mode = "reduce-overhead" if self.cuda_graphs else None
+            self._step = torch.compile(self._forward_step, mode=mode, fullgraph=True, dynamic=False)
+
+    def _forward_step(self, token: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                      cache_position: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+        out = self.model(input_ids=token, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                         cache_position=cache_position, use_cache=True)
+        return out.logits[:, -1, :]
+
+    def cache_len(self, length: int) -> int:
+        """The cache length used for ``length`` tokens: rounded up to a multiple of the bucket."""
+        return self.bucket * math.ceil(length / self.bucket)
+
+    def cache(self, batch: int, length: int) -> StaticCache:
+        """A reset static cache for ``batch`` rows and ``cache_len(length)`` tokens."""
+        size = self.cache_len(length)
+        key = (batch, size)
+        cache = self._caches.get(key)
+        if cache is None:
+            cache = StaticCache(config=self.model.config, max_cache_len=size)
+            self._caches[key] = cache
+        else:
+            cache.reset()
+        return cache
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        stop_ids: Iterable[int] = (),
+        pad_id: int = 0,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        on_token: Callable[[torch.Tensor], object] | None = None,
+    ) -> torch.Tensor:
+        """New tokens ``[B, T]`` for left-padded prompts; a row stops after a token in ``stop_ids``.
+
+        ``T <= max_new_tokens`` (all rows stopped earlier); tokens after a row's stop are ``pad_id``.
+        ``on_token(tokens)`` is called after each step with that step's ``[B]`` tokens (timing, streaming).
+        """
+        if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+            raise LogoError(f"input_ids {tuple(input_ids.shape)} and attention_mask "
+                            f"{tuple(attention_mask.shape)} must both be [batch, length]")
+        if max_new_tokens < 1:
+            raise LogoError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
+            raise LogoError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        batch, prompt_len = input_ids.shape
+        total = prompt_len + max_new_tokens
+        cache = self.cache(batch, total)
+        size = self.cache_len(total)
+        mask = torch.zeros(batch, size, dtype=torch.long, device=self.device)
+        mask[:, :prompt_len] = attention_mask
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=self.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            cache_position=torch.arange(prompt_len, device=self.device), use_cache=True,
+                            logits_to_keep=1).logits[:, -1, :]
+        position = positions[:, -1:].clone()
+        tokens: list[torch.Tensor] = []
+        for step in range(max_new_tokens):
+            token = _choose(logits, do_sample, temperature, top_p)
+            if stops.numel():
+                token = token.masked_fill(finished, pad_id)
+                finished |= torch.isin(token, stops)
+            tokens.append(token)
+            if on_token is not None:
+                on_token(token)
+            if step == max_new_tokens - 1 or (stops.numel() and bool(finished.all())):
+                break
+            at = prompt_len + step
+            mask[:, at] = 1
+            position += 1
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = self._step(token[:, None], position, mask, torch.tensor([at], device=self.device), cache)
+            if self.cuda_graphs:
+                logits = logits.clone()  # the graph's output buffer is overwritten by the next replay
+        return torch.stack(tokens, 1)
+
+
+def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float) -> torch.Tensor:
+    """Greedy argmax, or a sample after temperature and top-p filtering (as ``transformers`` filters)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    scores = logits.float() / temperature
+    if top_p < 1.0:
+        sorted_scores, order = scores.sort(-1)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative <= 1 - top_p
+        drop_sorted[:, -1] = False  # always keep the most likely token
+        scores = scores.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return torch.multinomial(scores.softmax(-1), 1)[:, 0]
