@@ -48,6 +48,9 @@ Calibration = Annotated[str, typer.Option("--calibration", help="none (official)
 Device = Annotated[str | None, typer.Option("--device", help="cpu | cuda (default: cuda if available)")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Prompts per batch.")]
+Decode = Annotated[str, typer.Option(
+    "--decode", help="eager (transformers generate) | static (static KV cache) | compiled (static cache + "
+    "torch.compile; CUDA graphs on GPU; the first batch of each size compiles)")]
 Json = Annotated[bool, typer.Option("--json", help="One JSON object per prompt per line.")]
 
 
@@ -67,12 +70,14 @@ def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[s
 
 
 def build_engine(base_model, adapters, strategy, k, layer, module, post_norm, position, weighting, temperature,
-                 calibration, device, dtype):
+                 calibration, device, dtype, decode="eager"):
     """Resolve the adapters first (a bad spec fails before the slow model load), then load the engine."""
     from logo.adapter_source import resolve_adapters
-    from logo.engine import LoGoEngine
+    from logo.engine import DECODE_PATHS, LoGoEngine
     from logo.presets import get_preset
 
+    if decode not in DECODE_PATHS:
+        raise LogoError(f"unknown --decode {decode!r}; choose one of {', '.join(DECODE_PATHS)}")
     preset = get_preset(base_model)
     spec = adapters or (preset.default_adapters if preset else None)
     if not spec:
@@ -88,7 +93,7 @@ def build_engine(base_model, adapters, strategy, k, layer, module, post_norm, po
         raise LogoError(f"k={k} adapters requested but the library holds {len(paths)}; "
                         f"choose --n-selected-modules between 1 and {len(paths)}")
     return LoGoEngine.from_pretrained(base_model, [str(p) for p in paths], router, device=device, dtype=dtype,
-                                      progress=True)
+                                      progress=True, decode=decode)
 
 
 def route_record(prompt: str, route, names: list[str]) -> dict:
@@ -174,12 +179,13 @@ def generate(
     device: Device = None,
     dtype: Dtype = "auto",
     batch_size: BatchSize = 8,
+    decode: Decode = "eager",
     json_out: Json = False,
 ) -> None:
     """Route each prompt and generate with its own weighted mixture of adapters."""
     prompts = read_prompts(prompt, prompts_file)
     engine = build_engine(base_model, adapters, selection_strategy, n_selected_modules, signal_layer, signal_module,
-                          post_norm, position, weighting, weight_temperature, calibration, device, dtype)
+                          post_norm, position, weighting, weight_temperature, calibration, device, dtype, decode)
     results = engine.generate(
         prompts, max_new_tokens=max_new_tokens, early_stop=generation_early_stop, batch_size=batch_size,
         do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, progress=len(prompts) > batch_size,

@@ -57,6 +57,16 @@ def test_generate_json_and_table(model_and_lib):
     assert table.returncode == 0 and "output:" in table.stdout and "weight" in table.stdout
 
 
+def test_generate_static_decode_matches_eager(model_and_lib):
+    model_dir, lib = model_and_lib
+    args = ["generate", "-m", str(model_dir), "-a", str(lib), "-p", "Q: hi\\nA:", "-p", "Sort: b a\\nA:", "-k", "2",
+            "--max-new-tokens", "12", "--json"]
+    eager, static = run_logo(*args), run_logo(*args, "--decode", "static")
+    assert eager.returncode == 0 and static.returncode == 0, eager.stderr + static.stderr
+    assert [json.loads(line) for line in static.stdout.splitlines()] == [
+        json.loads(line) for line in eager.stdout.splitlines()]
+
+
 def test_repeated_adapter_paths_and_prompts_file(model_and_lib, tmp_path):
     model_dir, lib = model_and_lib
     prompts = tmp_path / "p.txt"
@@ -91,11 +101,12 @@ def test_calibrate_then_route_calibrated(model_and_lib, tmp_path):
         (["-p", "x", "-k", "99"], "library holds 4"),
         (["-p", "x", "--selection-strategy", "max"], "selection strategy"),
         ([], "no prompts"),
+        (["-p", "x", "--decode", "fast"], "unknown --decode 'fast'"),
     ],
 )
 def test_user_mistakes_are_one_clear_line(model_and_lib, args, message):
     model_dir, lib = model_and_lib
-    base = ["route", "-m", str(model_dir)]
+    base = ["generate" if "--decode" in args else "route", "-m", str(model_dir)]
     if "-a" not in args:
         base += ["-a", str(lib)]
     res = run_logo(*base, *args)

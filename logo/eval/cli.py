@@ -44,6 +44,9 @@ def run(
     ] = None,
     save_dir: Annotated[str | None, typer.Option("--save-dir", "--save_dir", hidden=True)] = None,  # unused officially
     dtype: Annotated[str, typer.Option("--dtype")] = "auto",
+    decode: Annotated[str, typer.Option(
+        "--decode", help="eager (transformers generate) | static (static KV cache) | compiled (+ torch.compile)")
+    ] = "eager",
     calibration: Annotated[str, typer.Option("--calibration", help="none (official) | mean | weight-norm")] = "none",
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Start afresh instead of continuing the results already in the output directory.")] = False,
@@ -72,7 +75,7 @@ def run(
         base_model=base_model, dataset=dataset, selection_strategy=selection_strategy,
         n_selected_modules=n_selected_modules, seed=seed, generation_early_stop=generation_early_stop,
         data_dir=data_dir, adapters=adapters or None, output_dir=output_dir, batch_size=batch_size, limit=limit,
-        max_new_tokens=max_new_tokens, method=methods[0], device=device, dtype=dtype,
+        max_new_tokens=max_new_tokens, method=methods[0], device=device, dtype=dtype, decode=decode,
         router_options={"calibration": calibration}, overwrite=overwrite,
     )
     run_methods(config, methods)

@@ -41,6 +41,7 @@ class RunConfig:
     method: str = "logo"
     device: str | None = None
     dtype: str = "auto"
+    decode: str = "eager"  # eager | static | compiled: same greedy tokens, so not part of settings()
     router_options: dict = field(default_factory=dict)
     overwrite: bool = False
 
@@ -69,7 +70,7 @@ def load_engine(config: RunConfig, methods: list[str], progress: bool = True):
     router = RouterConfig(strategy=config.selection_strategy, k=k, **config.router_options)
     engine = LoGoEngine.from_pretrained(config.base_model, config.adapters, router,
                                         device=config.device or default_device(), dtype=config.dtype,
-                                        progress=progress)
+                                        progress=progress, decode=config.decode)
     return engine, time.perf_counter() - start
 
 
