@@ -7,6 +7,10 @@ over repeats; ratios (variant / base) are computed within the run, since shared 
 Decode tokens/s is the batch over the median decode step of one ``generate`` forced to exactly T
 tokens (see ``logo.perf.timing``; the all-steps mean is reported too), so prefill and routing are
 excluded: they are in the time to first token.
+
+``--fast static|compiled`` adds a second phase on the fast generation path (``logo.static_decode``:
+static KV cache, and a compiled decode step with CUDA graphs on GPU): base, one adapter and LoGo again,
+interleaved among themselves, after a warm-up that compiles each batch size (its time is reported).
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ import typer
 from logo.errors import LogoError
 from logo.perf.official import OfficialPeft
 from logo.perf.report import print_table, ratios
-from logo.perf.timing import GenerationTiming, time_generate, timed
+from logo.perf.timing import GenerationTiming, time_generate, time_static, timed
 from logo.router import RouterConfig, Selection, probe
 
 VARIANTS = ("base", "one_adapter", "logo", "official")
+FAST_VARIANTS = ("base", "one_adapter", "logo")
+FAST_PATHS = ("static", "compiled")
 OFFICIAL_BATCHES = (1,)
 
 
@@ -90,19 +96,22 @@ class Bench:
         routes = self.engine.route_batch(ids, mask)
         self.engine._set_mixture([Selection(self.picks[row], r.weights) for row, r in enumerate(routes)])
 
-    def run(self, variant: str, batch: int, new_tokens: int) -> GenerationTiming:
+    def _setup(self, variant: str, batch: int):
         ids, mask = self.inputs(batch)
-        setups = {
+        return {
             "base": None,
             "one_adapter": lambda: self.engine._set_mixture([Selection([0], [1.0])] * batch),
             "logo": lambda: self._set_logo(ids, mask),
             "official": None,
-        }
+        }[variant]
+
+    def run(self, variant: str, batch: int, new_tokens: int) -> GenerationTiming:
+        ids, mask = self.inputs(batch)
         model = self.official.model if variant == "official" else self.model
         if variant == "official":
             self.official.activate()
         try:
-            return time_generate(model, ids, mask, new_tokens, setups[variant])
+            return time_generate(model, ids, mask, new_tokens, self._setup(variant, batch))
         finally:
             self.engine.mixture.clear()
             self.official.deactivate()
@@ -132,12 +141,51 @@ class Bench:
         jobs = [(v, b) for b in batch_sizes for v in VARIANTS if v != "official" or b in OFFICIAL_BATCHES]
         for variant, batch in jobs:  # warm-up: first calls allocate and fill caches
             self.run(variant, batch, 2)
+        samples = self._interleave(jobs, repeats, lambda v, b: self.run(v, b, self.new_tokens))
+        return self._summary(samples, VARIANTS)
+
+
+    def fast_decode(self, path: str, batch_sizes: list[int], repeats: int) -> dict:
+        """The decode phase again on the fast path (static cache; compiled step), with its own warm-up."""
+        from logo.mixture import StaticMixture
+        from logo.static_decode import StaticDecoder
+
+        eager_mixture = self.engine.mixture
+        self.engine.mixture = StaticMixture(self.model, self.library, k_cap=self.k)
+        decoder = StaticDecoder(self.model, compile=path == "compiled")
+        jobs = [(v, b) for b in batch_sizes for v in FAST_VARIANTS]
+
+        def run(variant: str, batch: int, new_tokens: int) -> GenerationTiming:
+            ids, mask = self.inputs(batch)
+            try:
+                return time_static(decoder, ids, mask, new_tokens, self._setup(variant, batch))
+            finally:
+                self.engine.mixture.clear()
+
+        try:
+            warmup: dict[str, dict[str, float]] = {v: {} for v in FAST_VARIANTS}
+            for variant, batch in jobs:  # first runs compile (one graph per batch size and mixture on/off)
+                start = time.perf_counter()
+                run(variant, batch, self.new_tokens)
+                warmup[variant][str(batch)] = round(time.perf_counter() - start, 2)
+            samples = self._interleave(jobs, repeats, lambda v, b: run(v, b, self.new_tokens))
+        finally:
+            self.engine.mixture.remove()
+            self.engine.mixture = eager_mixture
+        return {"path": path, **self._summary(samples, FAST_VARIANTS), "warmup_s": warmup}
+
+    @staticmethod
+    def _interleave(jobs: list[tuple[str, int]], repeats: int, run) -> dict[tuple[str, int], list[GenerationTiming]]:
         samples: dict[tuple[str, int], list[GenerationTiming]] = {job: [] for job in jobs}
         for rep in range(repeats):
             shift = rep % len(jobs)
             for job in jobs[shift:] + jobs[:shift]:  # rotate so no variant always runs first
-                samples[job].append(self.run(*job, self.new_tokens))
-        out: dict[str, dict] = {key: {v: {} for v in VARIANTS} for key in
+                samples[job].append(run(*job))
+        return samples
+
+    @staticmethod
+    def _summary(samples: dict[tuple[str, int], list[GenerationTiming]], variants) -> dict[str, dict]:
+        out: dict[str, dict] = {key: {v: {} for v in variants} for key in
                                 ("decode_tok_s", "decode_tok_s_mean", "ttft_ms")}
         for (variant, batch), runs in samples.items():
             b = str(batch)
@@ -148,9 +196,12 @@ class Bench:
 
 
 def run_bench(shape: str, device: str, n_adapters: int, rank: int, k: int, targets: list[str], prompt_len: int,
-              new_tokens: int, batch_sizes: list[int], repeats: int, library_dir: Path | None = None) -> dict:
+              new_tokens: int, batch_sizes: list[int], repeats: int, library_dir: Path | None = None,
+              fast: str | None = None) -> dict:
     """Build, measure and return the JSON-ready result (see the module docstring)."""
     _check_args(device, n_adapters, rank, k, targets, prompt_len, new_tokens, batch_sizes, repeats)
+    if fast is not None and fast not in FAST_PATHS:
+        raise LogoError(f"--fast must be one of {', '.join(FAST_PATHS)}, got {fast!r}")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(prefix="logo-bench-") as tmp:
@@ -164,6 +215,8 @@ def run_bench(shape: str, device: str, n_adapters: int, rank: int, k: int, targe
         }
         result.update(bench.probe_vs_prefill(repeats))
         result.update(bench.decode(batch_sizes, repeats))
+        if fast is not None:
+            result["fast"] = bench.fast_decode(fast, batch_sizes, repeats)
         result.update({"official_attach_s": round(bench.official.attach_s, 3),
                        "distinct_mixtures": len({frozenset(p) for p in bench.picks})})
     if device == "cuda":
@@ -223,6 +276,8 @@ def bench(
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (default: torch's).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     save: Annotated[Path | None, typer.Option("--save", help="Also write the JSON result to this file.")] = None,
+    fast: Annotated[str | None, typer.Option("--fast", help="Also measure the fast generation path: static (static "
+                                             "KV cache) | compiled (+ torch.compile; CUDA graphs on GPU).")] = None,
 ) -> None:
     """Measure library load, probe vs prefill, decode tokens/s (base, one adapter, LoGo, official PEFT)."""
     if threads:
@@ -232,7 +287,7 @@ def bench(
     except ValueError:
         raise LogoError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
     result = run_bench(shape, device, n_adapters, rank, k, [t.strip() for t in targets.split(",") if t.strip()],
-                       prompt_len, new_tokens, sizes, repeats)
+                       prompt_len, new_tokens, sizes, repeats, fast=fast)
     if save is not None:
         save.parent.mkdir(parents=True, exist_ok=True)
         save.write_text(json.dumps(result, indent=1) + "\n")

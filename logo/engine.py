@@ -95,7 +95,7 @@ class LoGoEngine:
         if decode == "eager":
             self.mixture: Mixture | StaticMixture = Mixture(model, library)
         else:
-            self.mixture = StaticMixture(model, library)
+            self.mixture = StaticMixture(model, library, k_cap=self.router.k)
             self.decoder = StaticDecoder(model, compile=decode == "compiled")
         self.device = next(model.parameters()).device
         self.timings = Timings()

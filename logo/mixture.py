@@ -172,10 +172,10 @@ class StaticMixture:
     base model and the probe, so the eager base model stays exact.
     """
 
-    def __init__(self, model: nn.Module, library: AdapterLibrary) -> None:
+    def __init__(self, model: nn.Module, library: AdapterLibrary, k_cap: int = 1) -> None:
         self.library = library
         self.switch = _Switch()
-        self.k_cap = 1
+        self.k_cap = k_cap  # grows if a mixture of more adapters is set (then new buffers, a new graph)
         self.slots: dict[str, _StaticSlot] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         for name, module in model.named_modules():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from logo.bench import distinct_picks, run_bench
+from logo.errors import LogoError
 from logo.library import AdapterLibrary
 from logo.mixture import Mixture
 from logo.perf.timing import time_generate
@@ -35,6 +36,21 @@ def test_bench_json_contract():
     assert set(result["ratios"]["decode_over_base"]) == {"one_adapter", "logo", "official"}
     assert result["distinct_mixtures"] == 2
     json.dumps(result)  # JSON-ready
+
+
+def test_bench_fast_path_static():
+    result = run_bench("tiny", "cpu", n_adapters=4, rank=4, k=2, targets=["q_proj", "v_proj"], prompt_len=8,
+                       new_tokens=3, batch_sizes=[1, 2], repeats=1, fast="static")
+    fast = result["fast"]
+    assert fast["path"] == "static"
+    for table in ("decode_tok_s", "ttft_ms", "warmup_s"):
+        assert set(fast[table]) == {"base", "one_adapter", "logo"}
+        assert all(set(row) == {"1", "2"} for row in fast[table].values())
+    assert set(result["ratios"]["fast_decode_over_base"]) == {"one_adapter", "logo"}
+    assert set(result["ratios"]["fast_logo_over_eager_base"]) == {"1", "2"}
+    with pytest.raises(LogoError, match="--fast must be one of"):
+        run_bench("tiny", "cpu", n_adapters=4, rank=4, k=2, targets=["q_proj"], prompt_len=8, new_tokens=3,
+                  batch_sizes=[1], repeats=1, fast="turbo")
 
 
 def test_bench_cli_table_json_and_errors(tmp_path):

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 
-def ratios(result: dict) -> dict:
-    """Every variant's decode tokens/s over the base's at the same batch size; probe over prefill."""
-    decode = result["decode_tok_s"]
+def over_base(decode: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Every variant's decode tokens/s over the base's at the same batch size."""
     base = decode["base"]
-    over_base = {
+    return {
         variant: {b: round(row[b] / base[b], 3) for b in row if b in base and base[b] > 0}
         for variant, row in decode.items() if variant != "base"
     }
-    out: dict = {"decode_over_base": over_base,
+
+
+def ratios(result: dict) -> dict:
+    """Decode tokens/s over the base's (eager, and on the fast path); probe over prefill."""
+    out: dict = {"decode_over_base": over_base(result["decode_tok_s"]),
                  "probe_over_prefill": round(result["probe_ms"] / result["prefill_ms"], 3)}
+    if "fast" in result:
+        fast = result["fast"]["decode_tok_s"]
+        out["fast_decode_over_base"] = over_base(fast)
+        eager_base = result["decode_tok_s"]["base"]
+        out["fast_logo_over_eager_base"] = {b: round(v / eager_base[b], 3) for b, v in fast["logo"].items()
+                                            if eager_base.get(b)}
     if result.get("probe_mid_layer_ms") is not None:
         out["probe_mid_layer_over_prefill"] = round(result["probe_mid_layer_ms"] / result["prefill_ms"], 3)
     return out
@@ -20,7 +29,6 @@ def ratios(result: dict) -> dict:
 
 def print_table(result: dict) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(soft_wrap=True)
     r = result["ratios"]
@@ -33,7 +41,23 @@ def print_table(result: dict) -> None:
                   f"({r['probe_over_prefill']:.2f}x prefill); probe at layer {result['probe_mid_layer']} "
                   f"{result['probe_mid_layer_ms']:.1f} ms ({r['probe_mid_layer_over_prefill']:.2f}x); "
                   f"{result['peak_mem_label']} {result['peak_mem_gb']} GB")
-    table = Table(title="decode tokens/s (x base at the same batch) [time to first token, ms]")
+    console.print(_decode_table("decode tokens/s, transformers generate (x base at the same batch) "
+                                "[time to first token, ms]", result, r["decode_over_base"]))
+    if "fast" in result:
+        fast = result["fast"]
+        console.print(_decode_table(f"decode tokens/s, fast path: {fast['path']} (x fast base) [time to first "
+                                    "token, ms]", fast, r["fast_decode_over_base"]))
+        warm = ", ".join(f"{v} b{b} {s:.1f} s" for v, row in fast["warmup_s"].items() for b, s in row.items())
+        console.print(f"fast path warm-up runs (compile included): {warm}")
+    console.print(f"official path: PEFT with the {result['k']} selected adapters attached in "
+                  f"{result['official_attach_s']:.2f} s; LoGo rows carry {result['distinct_mixtures']} distinct "
+                  "mixtures at the largest batch")
+
+
+def _decode_table(title: str, result: dict, over: dict):
+    from rich.table import Table
+
+    table = Table(title=title)
     table.add_column("variant")
     batches = list(result["decode_tok_s"]["base"])
     for b in batches:
@@ -44,10 +68,7 @@ def print_table(result: dict) -> None:
             if b not in row:
                 cells.append("")
                 continue
-            ratio = "" if variant == "base" else f" ({r['decode_over_base'][variant][b]:.2f}x)"
+            ratio = "" if variant == "base" else f" ({over[variant][b]:.2f}x)"
             cells.append(f"{row[b]:.1f}{ratio} [{result['ttft_ms'][variant][b]:.0f}]")
         table.add_row(variant, *cells)
-    console.print(table)
-    console.print(f"official path: PEFT with the {result['k']} selected adapters attached in "
-                  f"{result['official_attach_s']:.2f} s; LoGo rows carry {result['distinct_mixtures']} distinct "
-                  "mixtures at the largest batch")
+    return table

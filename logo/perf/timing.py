@@ -84,3 +84,25 @@ def time_generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
         raise RuntimeError(f"generate produced {len(clock.times)} tokens instead of {new_tokens}")
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
     return GenerationTiming(input_ids.shape[0], clock.times[0] - start, steps)
+
+
+@torch.no_grad()
+def time_static(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int,
+                setup: Callable[[], object] | None = None) -> GenerationTiming:
+    """As :func:`time_generate`, for a :class:`logo.static_decode.StaticDecoder` (no stop tokens)."""
+    if new_tokens < 2:
+        raise ValueError("decode speed needs at least 2 new tokens")
+    device = input_ids.device
+    times: list[float] = []
+
+    def clock(_tokens: torch.Tensor) -> None:
+        sync(device)
+        times.append(time.perf_counter())
+
+    sync(device)
+    start = time.perf_counter()
+    if setup is not None:
+        setup()
+    decoder.generate(input_ids, attention_mask, new_tokens, on_token=clock)
+    steps = [b - a for a, b in zip(times, times[1:])]
+    return GenerationTiming(input_ids.shape[0], times[0] - start, steps)
