@@ -6,8 +6,10 @@ KV cache, the attention-mask buffer, the mixture factors of :class:`logo.mixture
 ``reduce-overhead`` mode replays the step as one CUDA graph instead of hundreds of kernel launches.
 
 The prompt is prefilled eagerly (its length varies); then the step runs once per new token. Caches are
-kept per ``(batch, length)`` with lengths rounded up to ``bucket`` tokens and reset between calls, so
-repeated calls neither reallocate nor recompile. Greedy decoding is token-for-token the same as
+kept per ``(batch, length)`` and reset between calls, so repeated calls neither reallocate nor recompile;
+lengths are rounded up to a power of two (at least ``min_cache_len``): a few graphs cover every prompt
+length, and attention never spans more than twice the tokens it needs (on CPU the compiled step's cost
+grows with the cache length: ``BENCHMARKS.md``). Greedy decoding is token-for-token the same as
 ``transformers``' ``generate`` (left padding, early stop, finished rows padded); sampling uses
 temperature and nucleus (top-p) filtering on the global torch RNG, so a seed makes it reproducible.
 """
@@ -23,17 +25,17 @@ from transformers import StaticCache
 
 from logo.errors import LogoError
 
-RECOMPILE_LIMIT = 64  # one graph per (batch, cache length, mixture on/off)
+RECOMPILE_LIMIT = 128  # one graph per (batch, cache length, mixture on/off)
 
 
 class StaticDecoder:
     """Generate with a static KV cache; ``compile=True`` compiles the decode step (CUDA graphs on GPU)."""
 
-    def __init__(self, model: nn.Module, compile: bool = False, bucket: int = 256) -> None:
-        if bucket < 1:
-            raise LogoError(f"cache bucket must be at least 1 token, got {bucket}")
+    def __init__(self, model: nn.Module, compile: bool = False, min_cache_len: int = 64) -> None:
+        if min_cache_len < 1:
+            raise LogoError(f"min_cache_len must be at least 1 token, got {min_cache_len}")
         self.model = model
-        self.bucket = bucket
+        self.min_cache_len = min_cache_len
         self.device = next(model.parameters()).device
         self.compiled = compile
         self.cuda_graphs = compile and self.device.type == "cuda"
@@ -53,8 +55,8 @@ class StaticDecoder:
         return out.logits[:, -1, :]
 
     def cache_len(self, length: int) -> int:
-        """The cache length used for ``length`` tokens: rounded up to a multiple of the bucket."""
-        return self.bucket * math.ceil(length / self.bucket)
+        """The cache length used for ``length`` tokens: the next power of two, at least ``min_cache_len``."""
+        return max(self.min_cache_len, 1 << math.ceil(math.log2(max(length, 1))))
 
     def cache(self, batch: int, length: int) -> StaticCache:
         """A reset static cache for ``batch`` rows and ``cache_len(length)`` tokens."""

@@ -29,7 +29,8 @@ def test_static_decoder_matches_generate_on_the_base_model(tokenizer):
     model = make_tiny_model("qwen2", layers=2)
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)  # left padding: rows differ in length
     ref = model.generate(**batch, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
-    decoder = StaticDecoder(model, bucket=32)
+    decoder = StaticDecoder(model, min_cache_len=8)
+    assert [decoder.cache_len(n) for n in (1, 8, 9, 64, 65)] == [8, 8, 16, 64, 128]
     for _ in range(2):  # the second call reuses (resets) the cache
         out = decoder.generate(batch.input_ids, batch.attention_mask, 20)
         assert torch.equal(out, ref[:, batch.input_ids.shape[1]:])
