@@ -144,7 +144,6 @@ class Bench:
         samples = self._interleave(jobs, repeats, lambda v, b: self.run(v, b, self.new_tokens))
         return self._summary(samples, VARIANTS)
 
-
     def fast_decode(self, path: str, batch_sizes: list[int], repeats: int) -> dict:
         """The decode phase again on the fast path (static cache; compiled step), with its own warm-up."""
         from logo.mixture import StaticMixture

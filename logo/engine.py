@@ -90,8 +90,7 @@ class LoGoEngine:
                 f"no adapter targets the signal module {self.signal_module}; pick --signal-module/--signal-layer "
                 f"among the adapters' modules (e.g. {library.modules[:2]})"
             )
-        self.decode = decode
-        self.decoder: StaticDecoder | None = None
+        self.decoder: StaticDecoder | None = None  # None: transformers generate
         if decode == "eager":
             self.mixture: Mixture | StaticMixture = Mixture(model, library)
         else:
@@ -202,10 +201,7 @@ class LoGoEngine:
         if seed is not None:
             torch.manual_seed(seed)
         config = self._generation_config(max_new_tokens, do_sample, temperature, top_p)
-        stopping = None
-        if early_stop:
-            newline_id = self.tokenizer.encode("\n", add_special_tokens=False)[0]
-            stopping = StoppingCriteriaList([NewlineStop(newline_id)])
+        newline_id = self.tokenizer.encode("\n", add_special_tokens=False)[0] if early_stop else None
         self.timings = Timings()
         results: list[Generation | None] = [None] * len(prompts)
         for batch in _progress(self._batches(prompts, batch_size), progress, "generating", len(prompts)):
@@ -221,7 +217,7 @@ class LoGoEngine:
             start = time.perf_counter()
             self._set_mixture(chosen)
             try:
-                new_tokens = self._decode(ids, mask, config, stopping, early_stop)
+                new_tokens = self._decode(ids, mask, config, newline_id)
             finally:
                 self.mixture.clear()
             self.timings.generate_s += time.perf_counter() - start
@@ -231,16 +227,17 @@ class LoGoEngine:
                 results[i] = Generation(prompts[i], texts[row], routes[row], chosen[row])
         return results  # type: ignore[return-value]
 
-    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, config, stopping, early_stop: bool) -> torch.Tensor:
-        """New tokens ``[B, T]`` under the current mixture, by the engine's decode path."""
+    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, config, newline_id: int | None) -> torch.Tensor:
+        """New tokens ``[B, T]`` under the current mixture, by the engine's decode path (stop at ``newline_id``)."""
         if self.decoder is None:
+            stopping = None if newline_id is None else StoppingCriteriaList([NewlineStop(newline_id)])
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                                       stopping_criteria=stopping)
             return out[:, ids.shape[1] :]
         eos = config.eos_token_id
         stops = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        if early_stop:
-            stops.append(self.tokenizer.encode("\n", add_special_tokens=False)[0])
+        if newline_id is not None:
+            stops.append(newline_id)
         pad = config.pad_token_id if config.pad_token_id is not None else (stops[0] if stops else 0)
         return self.decoder.generate(ids, mask, config.max_new_tokens, stop_ids=stops, pad_id=pad,
                                      do_sample=bool(config.do_sample), temperature=config.temperature or 1.0,

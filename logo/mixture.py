@@ -84,8 +84,7 @@ class Mixture:
 
         A row whose weights are all zero runs the base model.
         """
-        if indices.dim() != 2 or indices.shape != weights.shape:
-            raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must both be [B, k]")
+        _check_selection(indices, weights)
         self.clear()
         if indices.numel() == 0 or not bool((weights != 0).any()):
             return
@@ -113,6 +112,11 @@ class Mixture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _check_selection(indices: torch.Tensor, weights: torch.Tensor) -> None:
+    if indices.dim() != 2 or indices.shape != weights.shape:
+        raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must both be [B, k]")
 
 
 def _hook(factors: ModuleMixture):
@@ -205,8 +209,7 @@ class StaticMixture:
     @torch.no_grad()
     def set(self, indices: torch.Tensor, weights: torch.Tensor) -> None:
         """Set per-row mixtures: ``indices [B, k]`` (long) and ``weights [B, k]``; weight 0 = unused slot."""
-        if indices.dim() != 2 or indices.shape != weights.shape:
-            raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must both be [B, k]")
+        _check_selection(indices, weights)
         self.switch.on = False
         rows, k = indices.shape
         if k == 0 or not bool((weights != 0).any()):
@@ -224,12 +227,13 @@ class StaticMixture:
                 torch._dynamo.mark_static_address(b)
                 slot.buffers[key] = (a, b)
             a, b = slot.buffers[key]
-            a.zero_()
-            b.zero_()
             factors = _module_mixture(stack, indices.to(stack.A.device), weights.to(stack.A.device), shared=False)
+            used = 0 if factors is None else k * r
             if factors is not None:
-                a[:, :, : k * r].copy_(factors.a)
-                b[:, : k * r].copy_(factors.b)
+                a[:, :, :used].copy_(factors.a)
+                b[:, :used].copy_(factors.b)
+            a[:, :, used:].zero_()  # unused slots (and modules no selected adapter touches) add nothing
+            b[:, used:].zero_()
             slot.a, slot.b = a, b
         self.switch.on = True
 

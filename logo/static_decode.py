@@ -37,7 +37,6 @@ class StaticDecoder:
         self.model = model
         self.min_cache_len = min_cache_len
         self.device = next(model.parameters()).device
-        self.compiled = compile
         self.cuda_graphs = compile and self.device.type == "cuda"
         self._caches: dict[tuple[int, int], StaticCache] = {}
         self._step: Callable[..., torch.Tensor] = self._forward_step
@@ -58,9 +57,8 @@ class StaticDecoder:
         """The cache length used for ``length`` tokens: the next power of two, at least ``min_cache_len``."""
         return max(self.min_cache_len, 1 << math.ceil(math.log2(max(length, 1))))
 
-    def cache(self, batch: int, length: int) -> StaticCache:
-        """A reset static cache for ``batch`` rows and ``cache_len(length)`` tokens."""
-        size = self.cache_len(length)
+    def cache(self, batch: int, size: int) -> StaticCache:
+        """A reset static cache for ``batch`` rows and ``size`` tokens (made on first use, then reused)."""
         key = (batch, size)
         cache = self._caches.get(key)
         if cache is None:
@@ -97,9 +95,8 @@ class StaticDecoder:
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
             raise LogoError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         batch, prompt_len = input_ids.shape
-        total = prompt_len + max_new_tokens
-        cache = self.cache(batch, total)
-        size = self.cache_len(total)
+        size = self.cache_len(prompt_len + max_new_tokens)
+        cache = self.cache(batch, size)
         mask = torch.zeros(batch, size, dtype=torch.long, device=self.device)
         mask[:, :prompt_len] = attention_mask
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)

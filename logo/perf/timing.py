@@ -40,9 +40,13 @@ class StepClock(StoppingCriteria):
         self.device = device
         self.times: list[float] = []
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+    def tick(self, *_args) -> None:
+        """Timestamp a new token (also usable as a ``StaticDecoder`` ``on_token`` callback)."""
         sync(self.device)
         self.times.append(time.perf_counter())
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.tick()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -65,10 +69,9 @@ class GenerationTiming:
         return self.batch * len(self.steps_s) / max(sum(self.steps_s), 1e-9)
 
 
-@torch.no_grad()
-def time_generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int,
-                  setup: Callable[[], object] | None = None) -> GenerationTiming:
-    """Greedy-generate exactly ``new_tokens`` tokens per row (``setup()`` runs inside the TTFT clock)."""
+def _time_decode(input_ids: torch.Tensor, new_tokens: int, setup: Callable[[], object] | None,
+                 decode: Callable[[StepClock], object], what: str) -> GenerationTiming:
+    """Time ``decode(clock)``, which must make exactly ``new_tokens`` tokens and tick ``clock`` after each."""
     if new_tokens < 2:
         raise ValueError("decode speed needs at least 2 new tokens")
     device = input_ids.device
@@ -77,32 +80,25 @@ def time_generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     start = time.perf_counter()
     if setup is not None:
         setup()
-    model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
-                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                   stopping_criteria=StoppingCriteriaList([clock]))
+    decode(clock)
     if len(clock.times) != new_tokens:
-        raise RuntimeError(f"generate produced {len(clock.times)} tokens instead of {new_tokens}")
+        raise RuntimeError(f"{what} produced {len(clock.times)} tokens instead of {new_tokens}")
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
     return GenerationTiming(input_ids.shape[0], clock.times[0] - start, steps)
+
+
+@torch.no_grad()
+def time_generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int,
+                  setup: Callable[[], object] | None = None) -> GenerationTiming:
+    """Greedy-generate exactly ``new_tokens`` tokens per row (``setup()`` runs inside the TTFT clock)."""
+    return _time_decode(input_ids, new_tokens, setup, lambda clock: model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=0, stopping_criteria=StoppingCriteriaList([clock])), "generate")
 
 
 @torch.no_grad()
 def time_static(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int,
                 setup: Callable[[], object] | None = None) -> GenerationTiming:
     """As :func:`time_generate`, for a :class:`logo.static_decode.StaticDecoder` (no stop tokens)."""
-    if new_tokens < 2:
-        raise ValueError("decode speed needs at least 2 new tokens")
-    device = input_ids.device
-    times: list[float] = []
-
-    def clock(_tokens: torch.Tensor) -> None:
-        sync(device)
-        times.append(time.perf_counter())
-
-    sync(device)
-    start = time.perf_counter()
-    if setup is not None:
-        setup()
-    decoder.generate(input_ids, attention_mask, new_tokens, on_token=clock)
-    steps = [b - a for a, b in zip(times, times[1:])]
-    return GenerationTiming(input_ids.shape[0], times[0] - start, steps)
+    return _time_decode(input_ids, new_tokens, setup, lambda clock: decoder.generate(
+        input_ids, attention_mask, new_tokens, on_token=clock.tick), "the static decoder")
