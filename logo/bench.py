@@ -32,7 +32,7 @@ from logo.errors import LogoError
 from logo.perf.official import OfficialPeft
 from logo.perf.report import print_table, ratios
 from logo.perf.timing import GenerationTiming, time_generate, time_static, timed
-from logo.router import RouterConfig, Selection, probe
+from logo.router import Router, RouterConfig, Selection
 
 VARIANTS = ("base", "one_adapter", "logo", "official")
 FAST_VARIANTS = ("base", "one_adapter", "logo")
@@ -87,21 +87,21 @@ class Bench:
         ids = self.ids[:batch]
         return ids, torch.ones_like(ids)
 
-    def _set_logo(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    def _set_logo(self, engine, ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Route every row (probe, score, select), then give each row its own mixture of k adapters.
 
         A random model routes similar prompts alike, so each row takes a distinct pick of adapters with
         the weights LoGo computed for it: the measured work is LoGo's, the mixtures are all different.
         """
-        routes = self.engine.route_batch(ids, mask)
-        self.engine._set_mixture([Selection(self.picks[row], r.weights) for row, r in enumerate(routes)])
+        routes = engine.route_batch(ids, mask)
+        engine.set_mixture([Selection(self.picks[row], r.weights) for row, r in enumerate(routes)])
 
-    def _setup(self, variant: str, batch: int):
+    def _setup(self, engine, variant: str, batch: int):
         ids, mask = self.inputs(batch)
         return {
             "base": None,
-            "one_adapter": lambda: self.engine._set_mixture([Selection([0], [1.0])] * batch),
-            "logo": lambda: self._set_logo(ids, mask),
+            "one_adapter": lambda: engine.set_mixture([Selection([0], [1.0])] * batch),
+            "logo": lambda: self._set_logo(engine, ids, mask),
             "official": None,
         }[variant]
 
@@ -111,9 +111,9 @@ class Bench:
         if variant == "official":
             self.official.activate()
         try:
-            return time_generate(model, ids, mask, new_tokens, self._setup(variant, batch))
+            return time_generate(model, ids, mask, new_tokens, self._setup(self.engine, variant, batch))
         finally:
-            self.engine.mixture.clear()
+            self.engine.clear_mixture()
             self.official.deactivate()
 
     @torch.no_grad()
@@ -121,12 +121,12 @@ class Bench:
         """Batch-1 plain prefill (what generate's prefill computes: logits of the last token only) against
         the LoGo probe with routing (official signal: last layer) and a probe at the middle layer."""
         ids, mask = self.inputs(1)
-        mid = RouterConfig(k=self.k, layer=self.model.config.num_hidden_layers // 2)
+        mid = Router(self.model, self.library, RouterConfig(k=self.k, layer=self.model.config.num_hidden_layers // 2))
         runs: dict[str, list[float]] = {"prefill_ms": [], "probe_ms": [], "probe_mid_layer_ms": []}
         jobs = {
             "prefill_ms": lambda: self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1),
             "probe_ms": lambda: self.engine.route_batch(ids, mask),
-            "probe_mid_layer_ms": lambda: probe(self.model, ids, mask, mid),
+            "probe_mid_layer_ms": lambda: mid.probe(ids, mask),
         }
         for fn in jobs.values():  # warm-up
             fn()
@@ -134,7 +134,7 @@ class Bench:
             for key, fn in jobs.items():
                 runs[key].append(1000 * timed(fn, self.device))
         result = {key: round(statistics.median(v), 2) for key, v in runs.items()}
-        return {**result, "probe_mid_layer": mid.layer}
+        return {**result, "probe_mid_layer": mid.config.layer}
 
     def decode(self, batch_sizes: list[int], repeats: int) -> dict[str, dict]:
         """Median decode tokens/s (median step; all-steps mean) and TTFT (ms) per variant and batch size."""
@@ -146,20 +146,15 @@ class Bench:
 
     def fast_decode(self, path: str, batch_sizes: list[int], repeats: int) -> dict:
         """The decode phase again on the fast path (static cache; compiled step), with its own warm-up."""
-        from logo.mixture import StaticMixture
-        from logo.static_decode import StaticDecoder
-
-        eager_mixture = self.engine.mixture
-        self.engine.mixture = StaticMixture(self.model, self.library, k_cap=self.k)
-        decoder = StaticDecoder(self.model, compile=path == "compiled")
+        fast = self.engine.with_decode(path)
         jobs = [(v, b) for b in batch_sizes for v in FAST_VARIANTS]
 
         def run(variant: str, batch: int, new_tokens: int) -> GenerationTiming:
             ids, mask = self.inputs(batch)
             try:
-                return time_static(decoder, ids, mask, new_tokens, self._setup(variant, batch))
+                return time_static(fast.decoder, ids, mask, new_tokens, self._setup(fast, variant, batch))
             finally:
-                self.engine.mixture.clear()
+                fast.clear_mixture()
 
         try:
             warmup: dict[str, dict[str, float]] = {v: {} for v in FAST_VARIANTS}
@@ -169,8 +164,7 @@ class Bench:
                 warmup[variant][str(batch)] = round(time.perf_counter() - start, 2)
             samples = self._interleave(jobs, repeats, lambda v, b: run(v, b, self.new_tokens))
         finally:
-            self.engine.mixture.remove()
-            self.engine.mixture = eager_mixture
+            fast.close()
         return {"path": path, **self._summary(samples, FAST_VARIANTS), "warmup_s": warmup}
 
     @staticmethod

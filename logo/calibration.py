@@ -19,14 +19,13 @@ from pathlib import Path
 import torch
 
 from logo.errors import LogoError
+from logo.models import cache_dir
 
 FILE_NAME = "logo_calibration.json"
 DEFAULT_PROMPTS = Path(__file__).parent / "assets" / "calibration_prompts.txt"
 
 
 def _cache_file(names: list[str]) -> Path:
-    from logo.models import cache_dir
-
     digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
     return cache_dir() / "calibration" / f"{digest}.json"
 

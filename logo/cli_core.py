@@ -9,49 +9,29 @@ from typing import Annotated
 
 import typer
 
+from logo.cli_options import (
+    Adapters,
+    BaseModel,
+    BatchSize,
+    Calibration,
+    Decode,
+    Device,
+    Dtype,
+    Json,
+    K,
+    Layer,
+    Module,
+    Position,
+    PostNorm,
+    Prompts,
+    PromptsFile,
+    Strategy,
+    Weighting,
+    WeightTemp,
+    router_from_options,
+)
 from logo.errors import LogoError
-from logo.router import RouterConfig
-
-BaseModel = Annotated[
-    str,
-    typer.Option(
-        "--base-model", "--base_model", "-m",
-        help="Local path, hub id, or preset: smollm2-135m (embedded), Llama-3.1-8B, Qwen2.5-7B, deepseek-llm-7b-base.",
-    ),
-]
-Adapters = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--adapters", "-a",
-        help="A directory of PEFT adapters, repeated adapter paths, hub:REPO/SUBFOLDER_PREFIX, or embedded:demo. "
-        "Default: the preset's library.",
-    ),
-]
-Prompts = Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeat for several).")]
-PromptsFile = Annotated[
-    Path | None,
-    typer.Option("--prompts-file", help="A file with one prompt per line (\\n escapes allowed); - for stdin."),
-]
-Strategy = Annotated[str, typer.Option("--selection-strategy", "--selection_strategy", help="norm | entropy")]
-K = Annotated[
-    int | None,
-    typer.Option("--n-selected-modules", "--n_selected_modules", "-k",
-                 help="Adapters per prompt (official default 20; the library size if it holds fewer)."),
-]
-Layer = Annotated[int, typer.Option("--signal-layer", help="Signal layer; negative counts from the end.")]
-Module = Annotated[str, typer.Option("--signal-module", help="Signal module name within the layer.")]
-PostNorm = Annotated[bool, typer.Option("--post-norm", help="Probe the module's real input (after the norm).")]
-Position = Annotated[str, typer.Option("--position", help="last | mean (over prompt tokens)")]
-Weighting = Annotated[str, typer.Option("--weighting", help="normalize (official) | softmax")]
-WeightTemp = Annotated[float, typer.Option("--weight-temperature", help="Temperature for --weighting softmax.")]
-Calibration = Annotated[str, typer.Option("--calibration", help="none (official) | mean | weight-norm")]
-Device = Annotated[str | None, typer.Option("--device", help="cpu | cuda (default: cuda if available)")]
-Dtype = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Prompts per batch.")]
-Decode = Annotated[str, typer.Option(
-    "--decode", help="eager (transformers generate) | static (static KV cache) | compiled (static cache + "
-    "torch.compile; CUDA graphs on GPU; the first batch of each size compiles)")]
-Json = Annotated[bool, typer.Option("--json", help="One JSON object per prompt per line.")]
+from logo.generation import GenerationSettings, check_prompts
 
 
 def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:
@@ -66,34 +46,19 @@ def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[s
         out += [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
     if not out:
         raise LogoError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    check_prompts(out)
     return out
 
 
 def build_engine(base_model, adapters, strategy, k, layer, module, post_norm, position, weighting, temperature,
                  calibration, device, dtype, decode="eager"):
-    """Resolve the adapters first (a bad spec fails before the slow model load), then load the engine."""
-    from logo.adapter_source import resolve_adapters
-    from logo.engine import DECODE_PATHS, LoGoEngine
-    from logo.presets import get_preset
+    """The engine the flags describe (checked by :class:`EngineSpec` before the slow model load)."""
+    from logo.spec import EngineSpec  # lazy: keeps `logo --help` free of the transformers import
 
-    if decode not in DECODE_PATHS:
-        raise LogoError(f"unknown --decode {decode!r}; choose one of {', '.join(DECODE_PATHS)}")
-    preset = get_preset(base_model)
-    spec = adapters or (preset.default_adapters if preset else None)
-    if not spec:
-        raise LogoError(f"--adapters is required for {base_model!r} (it has no default adapter library)")
-    paths = [path for _, path in resolve_adapters(spec)]
-    if k is None:
-        k = min(20, len(paths))
-        if k < 20:
-            print(f"note: the library holds {len(paths)} adapters; using k={k}", file=sys.stderr)
-    router = RouterConfig(strategy=strategy, k=k, layer=layer, module=module, post_norm=post_norm,
-                          position=position, weighting=weighting, temperature=temperature, calibration=calibration)
-    if k > len(paths):
-        raise LogoError(f"k={k} adapters requested but the library holds {len(paths)}; "
-                        f"choose --n-selected-modules between 1 and {len(paths)}")
-    return LoGoEngine.from_pretrained(base_model, [str(p) for p in paths], router, device=device, dtype=dtype,
-                                      progress=True, decode=decode)
+    router = router_from_options(strategy, k, layer, module, post_norm, position, weighting, temperature,
+                                 calibration)
+    spec = EngineSpec(base_model, adapters, router, device, dtype, decode, fit_k=k is None)
+    return spec.build(progress=True)
 
 
 def route_record(prompt: str, route, names: list[str]) -> dict:
@@ -184,12 +149,11 @@ def generate(
 ) -> None:
     """Route each prompt and generate with its own weighted mixture of adapters."""
     prompts = read_prompts(prompt, prompts_file)
+    settings = GenerationSettings(max_new_tokens, generation_early_stop, do_sample, temperature, top_p, seed)
     engine = build_engine(base_model, adapters, selection_strategy, n_selected_modules, signal_layer, signal_module,
                           post_norm, position, weighting, weight_temperature, calibration, device, dtype, decode)
-    results = engine.generate(
-        prompts, max_new_tokens=max_new_tokens, early_stop=generation_early_stop, batch_size=batch_size,
-        do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, progress=len(prompts) > batch_size,
-    )
+    results = engine.generate(prompts, batch_size=batch_size, progress=len(prompts) > batch_size,
+                              **settings.to_dict())
     records = []
     for res in results:
         rec = route_record(res.prompt, res.route, engine.library.names)

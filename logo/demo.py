@@ -18,7 +18,7 @@ import torch
 
 from logo.engine import LoGoEngine
 from logo.errors import LogoError
-from logo.router import RouterConfig, Selection, probe, score, select
+from logo.router import Router, RouterConfig, Selection, select
 from logo.train.evaluate import first_line
 
 
@@ -77,18 +77,6 @@ def build_instances(adapter_names: list[str], n_per_task: int, seed: int = 0, sp
     return out
 
 
-@torch.no_grad()
-def signal_vectors(engine: LoGoEngine, prompts: list[str], config: RouterConfig, batch_size: int) -> torch.Tensor:
-    """Probe once per prompt (clean, stops at the signal); ``[n, d_in]`` fp32, in prompt order."""
-    rows: dict[int, torch.Tensor] = {}
-    for batch in engine._batches(prompts, batch_size):
-        ids, mask = engine.encode([prompts[i] for i in batch])
-        h = probe(engine.model, ids, mask, config)
-        for j, i in enumerate(batch):
-            rows[i] = h[j]
-    return torch.stack([rows[i] for i in range(len(prompts))])
-
-
 class Signals:
     """Signal vectors of the instances (and of the calibration prompts) per signal option, probed once each."""
 
@@ -96,29 +84,27 @@ class Signals:
         self.engine, self.prompts, self.batch_size = engine, prompts, batch_size
         self._cache: dict[tuple, torch.Tensor] = {}
 
-    def get(self, config: RouterConfig, prompts: list[str] | None = None) -> torch.Tensor:
-        key = (config.layer, config.post_norm, config.position, prompts is None)
+    def get(self, router: Router, prompts: list[str] | None = None) -> torch.Tensor:
+        key = (router.point, prompts is None)
         if key not in self._cache:
-            self._cache[key] = signal_vectors(self.engine, prompts or self.prompts, config, self.batch_size)
+            found = self.engine.signals(prompts or self.prompts, [router.point], self.batch_size)
+            self._cache[key] = found[router.point]
         return self._cache[key]
 
 
 def logo_selections(engine: LoGoEngine, signals: Signals, method: Method) -> tuple[list[Selection], torch.Tensor]:
     """Selections for a LoGo method from the instances' signal vectors; also returns the scores used."""
-    from logo.calibration import default_prompts, divisors
-    from logo.router import signal_module_name
+    from logo.calibration import default_prompts
 
     config = RouterConfig(strategy=method.strategy, k=method.k, calibration=method.calibration, layer=method.layer,
                           post_norm=method.post_norm)
-    module = signal_module_name(engine.model, config)
-    raw = score(signals.get(config), engine.library, module, method.strategy)
-    if method.calibration == "mean" and config.signal_key(engine.num_layers) not in engine.library.calibration:
+    router = engine.with_router(config).router
+    raw = router.raw_scores(signals.get(router))
+    if method.calibration == "mean" and router.signal_key not in engine.library.calibration:
         # statistics for a signal the library does not ship: computed here, label-free, on the default prompts
-        calib = score(signals.get(config, default_prompts()), engine.library, module, method.strategy)
-        div = calib.mean(0).clamp(min=1e-12)
+        scores = raw / router.mean_statistics(signals.get(router, default_prompts())).clamp(min=1e-12)
     else:
-        div = divisors(engine.library, config, module, engine.num_layers)
-    scores = raw if div is None else raw / div
+        scores = router.calibrated(raw)
     _, idx, weights = select(scores, method.k)
     return [Selection(i.tolist(), w.tolist()) for i, w in zip(idx, weights)], scores
 

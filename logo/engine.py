@@ -1,34 +1,34 @@
-"""The engine: batches prompts, routes each with LoGo, and generates with each row's own mixture."""
+"""The engine: batches prompts, routes each with LoGo, and generates with each row's own mixture.
+
+This is the one way in for every front end (CLI, evaluation, lm-eval, experiments, server):
+
+- routing: :meth:`LoGoEngine.route` (prompts) and :meth:`LoGoEngine.route_batch` (token ids), or the
+  signal vectors themselves at any layers and positions with :meth:`LoGoEngine.signals`;
+- mixtures: ``with engine.mixture(selections): ...`` (or :meth:`set_mixture` / :meth:`clear_mixture`);
+- generation: :meth:`LoGoEngine.generate`; batching: :meth:`LoGoEngine.batches`;
+- another router or decode path on the same model and library: :meth:`with_router` and
+  :meth:`with_decode` return a new, consistent engine and never edit one in place.
+"""
 
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
-from logo.calibration import default_prompts, divisors, save_calibration
+from logo.calibration import default_prompts, save_calibration
 from logo.errors import LogoError
+from logo.generation import MAX_PROMPT_TOKENS, GenerationSettings, check_decode, check_prompts
 from logo.library import AdapterLibrary
 from logo.mixture import Mixture, StaticMixture
-from logo.router import (
-    Route,
-    RouterConfig,
-    Selection,
-    decoder_layers,
-    probe,
-    score,
-    select,
-    signal_module_name,
-)
+from logo.router import Route, Router, RouterConfig, Selection, SignalPoint, probe_points
 from logo.static_decode import StaticDecoder
-
-MAX_PROMPT_TOKENS = 2048  # as the official code
-DECODE_PATHS = ("eager", "static", "compiled")
-"""``eager``: transformers' ``generate``; ``static``: static KV cache; ``compiled``: static cache and a
-compiled decode step (CUDA graphs on GPU). All three give the same greedy tokens (see logo.static_decode)."""
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Generation:
     prompt: str
     text: str
     route: Route | None
+    """The routing decision, when LoGo chose the mixture (or a :class:`Route` was passed as the selection)."""
     selection: Selection
 
 
@@ -61,6 +62,14 @@ class NewlineStop(StoppingCriteria):
         return input_ids[:, -1] == self.newline_id
 
 
+def newline_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id of the token the tokenizer makes of a lone newline (the early stop)."""
+    ids = tokenizer.encode("\n", add_special_tokens=False)
+    if not ids:
+        raise LogoError("the tokenizer makes no token of a newline, so --generation-early-stop cannot work")
+    return ids[0]
+
+
 class LoGoEngine:
     """Route and generate with a base model and an adapter library."""
 
@@ -72,31 +81,20 @@ class LoGoEngine:
         router: RouterConfig | None = None,
         decode: str = "eager",
     ) -> None:
-        if decode not in DECODE_PATHS:
-            raise LogoError(f"unknown decode path {decode!r}; choose one of {', '.join(DECODE_PATHS)}")
+        check_decode(decode)
         self.model = model
         self.tokenizer = tokenizer
         self.library = library
-        self.router = router or RouterConfig()
-        if self.router.k > len(library):
-            raise LogoError(
-                f"k={self.router.k} adapters requested but the library holds {len(library)}; "
-                f"choose --n-selected-modules between 1 and {len(library)}"
-            )
-        self.num_layers = len(decoder_layers(model))
-        self.signal_module = signal_module_name(model, self.router)
-        if self.signal_module not in library.stacks:
-            raise LogoError(
-                f"no adapter targets the signal module {self.signal_module}; pick --signal-module/--signal-layer "
-                f"among the adapters' modules (e.g. {library.modules[:2]})"
-            )
+        self._router = Router(model, library, router)
+        self.decode_path = decode
         self.decoder: StaticDecoder | None = None  # None: transformers generate
         if decode == "eager":
-            self.mixture: Mixture | StaticMixture = Mixture(model, library)
+            self._mixer: Mixture | StaticMixture = Mixture(model, library)
         else:
-            self.mixture = StaticMixture(model, library, k_cap=self.router.k)
+            self._mixer = StaticMixture(model, library, k_cap=self._router.config.k)
             self.decoder = StaticDecoder(model, compile=decode == "compiled")
         self.device = next(model.parameters()).device
+        self.newline_id = newline_token(tokenizer) if tokenizer is not None else None
         self.timings = Timings()
 
     @classmethod
@@ -111,70 +109,128 @@ class LoGoEngine:
         decode: str = "eager",
     ) -> LoGoEngine:
         """Load a base model (path, hub id or preset) and an adapter library (default: the preset's)."""
-        from logo.models import load_base_model
-        from logo.presets import get_preset
+        from logo.spec import EngineSpec  # the spec builds engines, so it sits above this module
 
-        device = device or default_device()
-        if adapters is None or adapters == []:
-            preset = get_preset(base_model)
-            if preset is None or preset.default_adapters is None:
-                raise LogoError(f"--adapters is required for {base_model!r} (it has no default adapter library)")
-            adapters = preset.default_adapters
-        model, tokenizer = load_base_model(base_model, device=device, dtype=dtype)
-        library = AdapterLibrary.load(adapters, model, progress=progress)
-        return cls(model, tokenizer, library, router, decode=decode)
+        return EngineSpec(base_model, adapters, router or RouterConfig(), device, dtype, decode).build(progress)
+
+    # ----------------------------------------------------------------- views
+    @property
+    def router(self) -> Router:
+        """The router (config, library, model). Read-only: :meth:`with_router` gives an engine with another."""
+        return self._router
+
+    @router.setter
+    def router(self, _value) -> None:
+        raise LogoError("engine.router cannot be replaced in place (the signal module and calibration depend on "
+                        "it); use engine.with_router(config), which returns a consistent engine")
+
+    def with_router(self, config: RouterConfig) -> LoGoEngine:
+        """An engine with another router on the same model, library, mixture hooks and decoder."""
+        other = copy.copy(self)
+        other._router = Router(self.model, self.library, config)
+        other.timings = Timings()
+        return other
+
+    def with_decode(self, decode: str) -> LoGoEngine:
+        """An engine with another decode path (its own mixture hooks) on the same model, library and router."""
+        return LoGoEngine(self.model, self.tokenizer, self.library, self._router.config, decode=decode)
+
+    @property
+    def num_layers(self) -> int:
+        return self._router.num_layers
 
     # ----------------------------------------------------------------- inputs
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokenize with left padding (as generation needs); truncated to 2048 tokens like the official code."""
+        """Tokenize with left padding (as generation needs); a prompt over 2048 tokens is refused."""
+        check_prompts(prompts)
         self.tokenizer.padding_side = "left"
-        batch = self.tokenizer(
-            prompts, return_tensors="pt", padding=True, truncation=True, max_length=MAX_PROMPT_TOKENS
-        )
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        check_prompts(prompts, batch["attention_mask"].sum(1).tolist(), MAX_PROMPT_TOKENS)
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
-    def _batches(self, prompts: list[str], batch_size: int) -> list[list[int]]:
-        """Indices grouped into batches of similar length (less padding); results keep input order."""
+    def batches(self, prompts: list[str], batch_size: int) -> list[list[int]]:
+        """Prompt indices grouped into batches of similar length (less padding); callers keep input order."""
         if batch_size < 1:
             raise LogoError(f"batch size must be at least 1, got {batch_size}")
+        check_prompts(prompts)
         lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
         order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
-    # ---------------------------------------------------------------- routing
-    def raw_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Raw LoGo scores ``[B, N]`` from a clean probe (no adapter active, stops at the signal layer)."""
-        with self.mixture.suspended():
-            h = probe(self.model, input_ids, attention_mask, self.router)
-        return score(h, self.library, self.signal_module, self.router.strategy)
+    def encoded_batches(self, prompts: list[str], batch_size: int, progress: bool = False,
+                        desc: str = "") -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """``(indices, input_ids, attention_mask)`` for every batch of :meth:`batches`, with a progress bar."""
+        batches = self.batches(prompts, batch_size)
+        with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
+            for batch in batches:
+                ids, mask = self.encode([prompts[i] for i in batch])
+                yield batch, ids, mask
+                bar.update(len(batch))
 
+    # ---------------------------------------------------------------- routing
     def route_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Route]:
-        raw = self.raw_scores(input_ids, attention_mask)
-        div = divisors(self.library, self.router, self.signal_module, self.num_layers)
-        calibrated = raw if div is None else raw / div.to(raw.device)
-        top, idx, weights = select(calibrated, self.router.k, self.router.weighting, self.router.temperature)
-        routes = []
-        for row in range(raw.shape[0]):
-            indices = idx[row].tolist()
-            routes.append(
-                Route(
-                    indices=indices,
-                    weights=weights[row].tolist(),
-                    names=[self.library.names[i] for i in indices],
-                    scores=top[row].tolist(),
-                    all_scores=raw[row].tolist(),
-                )
-            )
-        return routes
+        """Route one batch of token ids: clean probe (any mixture suspended), score, calibrate, select."""
+        with self._mixer.suspended():
+            return self._router.route(input_ids, attention_mask)
 
     def route(self, prompts: list[str], batch_size: int = 8, progress: bool = False) -> list[Route]:
-        """LoGo selection for each prompt (indices, names, weights, and all raw scores)."""
+        """LoGo selection for each prompt (indices, names, weights, and all raw scores), in input order."""
         results: list[Route | None] = [None] * len(prompts)
-        for batch in _progress(self._batches(prompts, batch_size), progress, "routing", len(prompts)):
-            ids, mask = self.encode([prompts[i] for i in batch])
+        for batch, ids, mask in self.encoded_batches(prompts, batch_size, progress, "routing"):
             for i, route in zip(batch, self.route_batch(ids, mask)):
                 results[i] = route
         return results  # type: ignore[return-value]
+
+    def signals(self, prompts: list[str], points: Sequence[SignalPoint], batch_size: int = 8,
+                progress: bool = False) -> dict[SignalPoint, torch.Tensor]:
+        """Signal vectors ``[n, d_in]`` fp32 at every point, in prompt order: one clean probe per batch that
+        stops at the deepest point (the router's probe, read at several layers and positions)."""
+        chunks: dict[SignalPoint, list[torch.Tensor]] = {p: [] for p in points}
+        order: list[int] = []
+        for batch, ids, mask in self.encoded_batches(prompts, batch_size, progress, "probing"):
+            with self._mixer.suspended():
+                found = probe_points(self.model, ids, mask, list(points), self._router.config.module)
+            for point in points:
+                chunks[point].append(found[point])
+            order += batch
+        inverse = torch.argsort(torch.tensor(order))
+        return {p: torch.cat(c)[inverse.to(c[0].device)] for p, c in chunks.items()}
+
+    # --------------------------------------------------------------- mixtures
+    def set_mixture(self, selections: Sequence[Selection | None]) -> None:
+        """Give row ``i`` of the next forward passes the mixture ``selections[i]`` (None: the base model)."""
+        n = len(self.library)
+        k = max((len(s.indices) for s in selections if s is not None), default=0)
+        indices = torch.zeros(len(selections), k, dtype=torch.long)
+        weights = torch.zeros(len(selections), k, dtype=torch.float32)
+        for row, sel in enumerate(selections):
+            if sel is None:
+                continue
+            if len(sel.indices) != len(sel.weights):
+                raise LogoError(f"selection has {len(sel.indices)} indices but {len(sel.weights)} weights")
+            bad = [i for i in sel.indices if not 0 <= i < n]
+            if bad:
+                raise LogoError(f"adapter indices {bad} out of range for a library of {n}")
+            indices[row, : len(sel.indices)] = torch.tensor(sel.indices, dtype=torch.long)
+            weights[row, : len(sel.weights)] = torch.tensor(sel.weights, dtype=torch.float32)
+        self._mixer.set(indices.to(self.device), weights.to(self.device))
+
+    def clear_mixture(self) -> None:
+        """Back to the plain base model."""
+        self._mixer.clear()
+
+    @contextmanager
+    def mixture(self, selections: Sequence[Selection | None]) -> Iterator[LoGoEngine]:
+        """Run the block with row ``i`` under ``selections[i]``; the base model comes back afterwards."""
+        self.set_mixture(selections)
+        try:
+            yield self
+        finally:
+            self.clear_mixture()
+
+    @property
+    def mixture_active(self) -> bool:
+        return self._mixer.active
 
     # ------------------------------------------------------------- generation
     def generate(
@@ -184,7 +240,7 @@ class LoGoEngine:
         max_new_tokens: int = 256,
         early_stop: bool = False,
         batch_size: int = 8,
-        selections: list[Selection | None] | None = None,
+        selections: Sequence[Selection | None] | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -194,115 +250,108 @@ class LoGoEngine:
         """Generate a continuation for every prompt.
 
         With ``selections=None`` each prompt is routed with LoGo; otherwise ``selections[i]`` is prompt
-        i's fixed mixture (``None`` or empty indices = the base model).
+        i's fixed mixture (``None`` or empty indices = the base model; a :class:`Route` is kept as the route).
         """
+        settings = GenerationSettings(max_new_tokens, early_stop, do_sample, temperature, top_p, seed)
+        check_prompts(prompts)
         if selections is not None and len(selections) != len(prompts):
             raise LogoError(f"{len(selections)} selections given for {len(prompts)} prompts")
-        if seed is not None:
-            torch.manual_seed(seed)
-        config = self._generation_config(max_new_tokens, do_sample, temperature, top_p)
-        newline_id = self.tokenizer.encode("\n", add_special_tokens=False)[0] if early_stop else None
         self.timings = Timings()
         results: list[Generation | None] = [None] * len(prompts)
-        for batch in _progress(self._batches(prompts, batch_size), progress, "generating", len(prompts)):
-            ids, mask = self.encode([prompts[i] for i in batch])
-            start = time.perf_counter()
-            if selections is None:
-                routes: list[Route | None] = self.route_batch(ids, mask)
-                chosen: list[Selection] = list(routes)  # type: ignore[arg-type]
-            else:
-                routes = [None] * len(batch)
-                chosen = [selections[i] or Selection([], []) for i in batch]
-            self.timings.probe_s += time.perf_counter() - start
-            start = time.perf_counter()
-            self._set_mixture(chosen)
-            try:
-                new_tokens = self._decode(ids, mask, config, newline_id)
-            finally:
-                self.mixture.clear()
-            self.timings.generate_s += time.perf_counter() - start
-            self.timings.batches += 1
-            texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            for row, i in enumerate(batch):
-                results[i] = Generation(prompts[i], texts[row], routes[row], chosen[row])
+        with self._seeded(settings.seed) as generator:
+            for batch, ids, mask in self.encoded_batches(prompts, batch_size, progress, "generating"):
+                start = time.perf_counter()
+                if selections is None:
+                    routes: list[Route | None] = list(self.route_batch(ids, mask))
+                    chosen: list[Selection] = list(routes)  # type: ignore[arg-type]
+                else:
+                    chosen = [selections[i] or Selection([], []) for i in batch]
+                    routes = [s if isinstance(s, Route) else None for s in chosen]
+                self.timings.probe_s += time.perf_counter() - start
+                start = time.perf_counter()
+                with self.mixture(chosen):
+                    new_tokens = self.decode(ids, mask, settings, generator)
+                self.timings.generate_s += time.perf_counter() - start
+                self.timings.batches += 1
+                texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                for row, i in enumerate(batch):
+                    results[i] = Generation(prompts[i], texts[row], routes[row], chosen[row])
         return results  # type: ignore[return-value]
 
-    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, config, newline_id: int | None) -> torch.Tensor:
-        """New tokens ``[B, T]`` under the current mixture, by the engine's decode path (stop at ``newline_id``)."""
+    @contextmanager
+    def _seeded(self, seed: int | None) -> Iterator[torch.Generator | None]:
+        """A generator private to one call; transformers' ``generate`` draws from the global RNG, so for the
+        eager path the global state is forked for the call and restored afterwards."""
+        if seed is None:
+            yield None
+            return
+        devices = [self.device] if self.device.type == "cuda" else []
+        scope = torch.random.fork_rng(devices=devices) if self.decoder is None else nullcontext()
+        with scope:
+            if self.decoder is None:
+                torch.manual_seed(seed)
+            yield torch.Generator(self.device).manual_seed(seed)
+
+    def stop_ids(self, early_stop: bool) -> list[int]:
+        """Token ids that end a row: the model's end-of-sequence tokens, and the newline with ``early_stop``."""
+        eos = self.model.generation_config.eos_token_id
+        stops = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if early_stop:
+            stops.append(self.newline_id)
+        return stops
+
+    def pad_id(self) -> int:
+        stops = self.stop_ids(False)
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (stops or [0])[0]
+
+    def decode(self, ids: torch.Tensor, mask: torch.Tensor, settings: GenerationSettings,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """New tokens ``[B, T]`` under the current mixture, by the engine's decode path."""
         if self.decoder is None:
-            stopping = None if newline_id is None else StoppingCriteriaList([NewlineStop(newline_id)])
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+            stopping = StoppingCriteriaList([NewlineStop(self.newline_id)]) if settings.early_stop else None
+            out = self.model.generate(input_ids=ids, attention_mask=mask,
+                                      generation_config=self._generation_config(settings),
                                       stopping_criteria=stopping)
             return out[:, ids.shape[1] :]
-        eos = config.eos_token_id
-        stops = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        if newline_id is not None:
-            stops.append(newline_id)
-        pad = config.pad_token_id if config.pad_token_id is not None else (stops[0] if stops else 0)
-        return self.decoder.generate(ids, mask, config.max_new_tokens, stop_ids=stops, pad_id=pad,
-                                     do_sample=bool(config.do_sample), temperature=config.temperature or 1.0,
-                                     top_p=config.top_p or 1.0)
+        return self.decoder.generate(ids, mask, settings.max_new_tokens, stop_ids=self.stop_ids(settings.early_stop),
+                                     pad_id=self.pad_id(), do_sample=settings.do_sample,
+                                     temperature=settings.temperature, top_p=settings.top_p, generator=generator)
 
-    def _set_mixture(self, selections: list[Selection]) -> None:
-        n = len(self.library)
-        k = max((len(s.indices) for s in selections), default=0)
-        indices = torch.zeros(len(selections), k, dtype=torch.long)
-        weights = torch.zeros(len(selections), k, dtype=torch.float32)
-        for row, sel in enumerate(selections):
-            if len(sel.indices) != len(sel.weights):
-                raise LogoError(f"selection has {len(sel.indices)} indices but {len(sel.weights)} weights")
-            bad = [i for i in sel.indices if not 0 <= i < n]
-            if bad:
-                raise LogoError(f"adapter indices {bad} out of range for a library of {n}")
-            indices[row, : len(sel.indices)] = torch.tensor(sel.indices, dtype=torch.long)
-            weights[row, : len(sel.weights)] = torch.tensor(sel.weights, dtype=torch.float32)
-        self.mixture.set(indices.to(self.device), weights.to(self.device))
-
-    def _generation_config(self, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float):
+    def _generation_config(self, settings: GenerationSettings):
         config = copy.deepcopy(self.model.generation_config)
-        config.max_new_tokens = max_new_tokens
+        config.max_new_tokens = settings.max_new_tokens
         config.max_length = None
-        config.do_sample = do_sample
+        config.do_sample = settings.do_sample
         config.pad_token_id = self.tokenizer.pad_token_id
-        if do_sample:
-            config.temperature, config.top_p, config.top_k = temperature, top_p, None
+        if settings.do_sample:
+            config.temperature, config.top_p, config.top_k = settings.temperature, settings.top_p, None
         else:
             config.temperature, config.top_p, config.top_k = None, None, None
         return config
 
     # ------------------------------------------------------------ calibration
-    def calibrate(self, prompts: list[str] | None = None, batch_size: int = 8, source: str | None = None,
-                  progress: bool = False) -> dict:
-        """Compute and store ``mean`` calibration statistics for the current signal (label-free)."""
+    def mean_statistics(self, prompts: list[str] | None = None, batch_size: int = 8, source: str | None = None,
+                        progress: bool = False) -> dict:
+        """``mean`` calibration statistics of the current signal over unlabeled prompts (not stored)."""
         if prompts is None:
             prompts, source = default_prompts(), source or "logo default calibration prompts"
         if not prompts:
             raise LogoError("no calibration prompts given")
-        rows = []
-        for batch in _progress(self._batches(prompts, batch_size), progress, "calibrating", len(prompts)):
-            ids, mask = self.encode([prompts[i] for i in batch])
-            rows.append(self.raw_scores(ids, mask))
-        values = torch.cat(rows).mean(0)
-        entry = {"method": "mean", "values": values.tolist(), "n_prompts": len(prompts), "source": source or "user"}
-        self.library.calibration[self.router.signal_key(self.num_layers)] = entry
+        h = self.signals(prompts, [self._router.point], batch_size, progress)[self._router.point]
+        values = self._router.mean_statistics(h)
+        return {"method": "mean", "values": values.tolist(), "n_prompts": len(prompts), "source": source or "user"}
+
+    def calibrate(self, prompts: list[str] | None = None, batch_size: int = 8, source: str | None = None,
+                  progress: bool = False) -> dict:
+        """Compute ``mean`` statistics for the current signal and store them with the library."""
+        entry = self.mean_statistics(prompts, batch_size, source, progress)
+        self.library.calibration[self._router.signal_key] = entry
         return {**entry, "file": str(save_calibration(self.library))}
 
     def close(self) -> None:
         """Remove the mixture hooks; the model is the plain base model again."""
-        self.mixture.remove()
+        self._mixer.remove()
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _progress(batches: list[list[int]], enabled: bool, desc: str, total: int):
-    if not enabled:
-        yield from batches
-        return
-    from tqdm import tqdm
-
-    with tqdm(total=total, desc=desc, unit="prompt") as bar:
-        for batch in batches:
-            yield batch
-            bar.update(len(batch))

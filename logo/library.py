@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from logo.adapter_source import CONFIG_FILE, resolve_adapters
+from logo.calibration import load_calibration
 from logo.errors import AdapterError
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -133,8 +135,6 @@ class AdapterLibrary:
             futures = [pool.submit(read_adapter, name, path, linears) for name, path in entries]
             iterator = futures
             if progress:
-                from tqdm import tqdm
-
                 iterator = tqdm(futures, desc="loading adapters", unit="adapter")
             infos = [f.result() for f in iterator]
         stacks = stack_adapters(infos, linears, device=device, dtype=dtype)
@@ -144,8 +144,6 @@ class AdapterLibrary:
             configs=[i.config for i in infos],
             stacks=stacks,
         )
-        from logo.calibration import load_calibration
-
         lib.calibration = load_calibration(lib)
         return lib
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from logo.calibration import divisors
 from logo.errors import LogoError
 from logo.library import AdapterLibrary
 
@@ -119,38 +120,68 @@ def signal_module_name(model: nn.Module, config: RouterConfig) -> str:
     return f"{layer_name}.{matches[0]}"
 
 
+@dataclass(frozen=True)
+class SignalPoint:
+    """Where a signal vector is read: a decoder layer (non-negative index), which input, which token(s)."""
+
+    layer: int
+    post_norm: bool = False
+    """False: the residual stream entering the layer; True: the signal module's real input (after the norm)."""
+    position: str = "last"
+    """``last``: each row's last attended token (any padding side); ``mean``: the mean over attended tokens."""
+
+
 @torch.no_grad()
-def probe(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: RouterConfig
-) -> torch.Tensor:
-    """Run the base model only up to the signal and return the signal vector per row, fp32 ``[B, d_in]``.
+def probe_points(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, points: list[SignalPoint],
+                 module: str = "q_proj") -> dict[SignalPoint, torch.Tensor]:
+    """Signal vectors ``[B, d_in]`` (fp32) at every point, from one forward pass of the base model that stops
+    once the deepest point is read (no later layer and no ``lm_head`` runs).
 
-    The caller must make sure no adapter is active (the engine's mixture is disabled around this call).
+    A post-norm point reads the input of ``module`` in its layer, so no norm is assumed by name. The caller
+    makes sure no adapter is active (the engine suspends its mixture around this call).
     """
+    if not points:
+        raise LogoError("no signal points to probe")
     layers = decoder_layers(model)
-    layer = layers[config.layer % len(layers)]
-    captured: list[torch.Tensor] = []
+    targets: dict[tuple[int, bool], nn.Module] = {}
+    for point in points:
+        if point.position not in POSITIONS:
+            raise LogoError(f"unknown token position {point.position!r}; choose one of {', '.join(POSITIONS)}")
+        if not 0 <= point.layer < len(layers):
+            raise LogoError(f"signal layer {point.layer} is out of range for a model with {len(layers)} layers")
+        key = (point.layer, point.post_norm)
+        if key not in targets:
+            config = RouterConfig(layer=point.layer, module=module, post_norm=point.post_norm)
+            name = signal_module_name(model, config)
+            targets[key] = dict(model.named_modules())[name] if point.post_norm else layers[point.layer]
+    captured: dict[tuple[int, bool], torch.Tensor] = {}
 
-    def grab(_module, args, kwargs):
-        captured.append(args[0] if args else kwargs["hidden_states"])
-        raise _StopProbe
+    def grabber(key: tuple[int, bool]):
+        def grab(_module, args, kwargs):
+            captured[key] = args[0] if args else kwargs["hidden_states"]
+            if len(captured) == len(targets):
+                raise _StopProbe
 
-    if config.post_norm:
-        target = dict(model.named_modules())[signal_module_name(model, config)]
-    else:
-        target = layer
-    handle = target.register_forward_pre_hook(grab, with_kwargs=True)
+        return grab
+
+    handles = [target.register_forward_pre_hook(grabber(key), with_kwargs=True) for key, target in targets.items()]
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopProbe:
         pass
     finally:
-        handle.remove()
-    if not captured:
+        for handle in handles:
+            handle.remove()
+    if len(captured) != len(targets):
         raise LogoError("the probe did not reach the signal layer; is this a decoder-only causal LM?")
-    hidden = captured[0].float()  # [B, T, d]
+    return {point: pool(captured[(point.layer, point.post_norm)], attention_mask, point.position) for point in points}
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, position: str) -> torch.Tensor:
+    """``hidden [B, T, d]`` to one fp32 vector per row: the last attended token, or the mean over attended ones."""
+    hidden = hidden.float()
     mask = attention_mask.to(hidden.dtype)
-    if config.position == "mean":
+    if position == "mean":
         return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
     positions = torch.arange(mask.shape[1], device=mask.device)
     last = (attention_mask.long() * (positions + 1)).argmax(dim=1)  # last attended token, any padding side
@@ -193,3 +224,71 @@ def select(scores: torch.Tensor, k: int, weighting: str = "normalize", temperatu
     else:
         weights = top / top.sum(dim=-1, keepdim=True)
     return top, idx, weights
+
+
+class Router:
+    """A :class:`RouterConfig` bound to a model and an adapter library: probe, score, calibrate, select.
+
+    Construction checks everything the config cannot check alone (k against the library size, the signal
+    layer against the model, the signal module against the adapters), so a Router that exists can route.
+    It never touches adapters in the model: whoever holds a mixture suspends it around :meth:`route`.
+    """
+
+    def __init__(self, model: nn.Module, library: AdapterLibrary, config: RouterConfig | None = None) -> None:
+        self.model, self.library = model, library
+        self.config = config or RouterConfig()
+        if self.config.k > len(library):
+            raise LogoError(
+                f"k={self.config.k} adapters requested but the library holds {len(library)}; "
+                f"choose --n-selected-modules between 1 and {len(library)}"
+            )
+        self.num_layers = len(decoder_layers(model))
+        self.signal_module = signal_module_name(model, self.config)
+        if self.signal_module not in library.stacks:
+            raise LogoError(
+                f"no adapter targets the signal module {self.signal_module}; pick --signal-module/--signal-layer "
+                f"among the adapters' modules (e.g. {library.modules[:2]})"
+            )
+
+    @property
+    def point(self) -> SignalPoint:
+        """Where this router reads its signal."""
+        return SignalPoint(self.config.layer % self.num_layers, self.config.post_norm, self.config.position)
+
+    @property
+    def signal_key(self) -> str:
+        """The key of this signal's calibration statistics (see :meth:`RouterConfig.signal_key`)."""
+        return self.config.signal_key(self.num_layers)
+
+    def probe(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The signal vector of every row, ``[B, d_in]`` fp32 (no adapter may be active)."""
+        return probe_points(self.model, input_ids, attention_mask, [self.point], self.config.module)[self.point]
+
+    def raw_scores(self, h: torch.Tensor) -> torch.Tensor:
+        """Raw LoGo scores ``[B, N]`` for signal vectors ``h [B, d_in]``."""
+        return score(h, self.library, self.signal_module, self.config.strategy)
+
+    def calibrated(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw scores divided by the configured per-adapter statistic (unchanged for ``calibration='none'``)."""
+        div = divisors(self.library, self.config, self.signal_module, self.num_layers)
+        return raw if div is None else raw / div.to(raw.device)
+
+    def routes(self, raw: torch.Tensor) -> list[Route]:
+        """Top-k selections and weights from raw scores ``[B, N]`` (calibrated first)."""
+        top, idx, weights = select(self.calibrated(raw), self.config.k, self.config.weighting,
+                                   self.config.temperature)
+        routes = []
+        for row in range(raw.shape[0]):
+            indices = idx[row].tolist()
+            routes.append(Route(indices=indices, weights=weights[row].tolist(),
+                                names=[self.library.names[i] for i in indices], scores=top[row].tolist(),
+                                all_scores=raw[row].tolist()))
+        return routes
+
+    def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Route]:
+        """Probe, score, calibrate and select for one batch of token ids."""
+        return self.routes(self.raw_scores(self.probe(input_ids, attention_mask)))
+
+    def mean_statistics(self, h: torch.Tensor) -> torch.Tensor:
+        """``mean`` calibration statistics from signal vectors of unlabeled prompts: each adapter's mean raw score."""
+        return self.raw_scores(h).mean(0)

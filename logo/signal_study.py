@@ -13,7 +13,7 @@ import torch
 
 from logo.calibration import weight_norms
 from logo.engine import LoGoEngine
-from logo.router import RouterConfig, decoder_layers, score, signal_module_name
+from logo.router import RouterConfig, SignalPoint, decoder_layers, score, signal_module_name
 
 
 @dataclass
@@ -26,29 +26,12 @@ class StudyRow:
     precision_at_1: float
 
 
-@torch.no_grad()
 def all_layer_signals(engine: LoGoEngine, prompts: list[str], layers: list[int], batch_size: int = 16):
     """``{(layer, post_norm, position): [n, d] fp32}`` for the given (non-negative) layer indices."""
-    model = engine.model
-    blocks = decoder_layers(model)
-    engine.mixture.clear()
-    out: dict[tuple, list[torch.Tensor]] = {}
-    order = []
-    for batch in engine._batches(prompts, batch_size):
-        order += batch
-        ids, mask = engine.encode([prompts[i] for i in batch])
-        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
-        m = mask.float()[..., None]
-        for layer in layers:
-            for post_norm in (False, True):
-                h = hidden[layer]
-                if post_norm:
-                    h = blocks[layer].input_layernorm(h)
-                h = h.float()
-                out.setdefault((layer, post_norm, "last"), []).append(h[:, -1])  # left padding: last is last
-                out.setdefault((layer, post_norm, "mean"), []).append((h * m).sum(1) / m.sum(1))
-    inverse = torch.argsort(torch.tensor(order))
-    return {key: torch.cat(chunks)[inverse] for key, chunks in out.items()}
+    points = [SignalPoint(layer, post_norm, position) for layer in layers for post_norm in (False, True)
+              for position in ("last", "mean")]
+    found = engine.signals(prompts, points, batch_size)
+    return {(p.layer, p.post_norm, p.position): h for p, h in found.items()}
 
 
 def run_study(engine: LoGoEngine, prompts: list[str], targets: list[int], calibration_prompts: list[str],
@@ -61,7 +44,7 @@ def run_study(engine: LoGoEngine, prompts: list[str], targets: list[int], calibr
     target = torch.tensor(targets)
     rows = []
     module_of = {
-        layer: signal_module_name(engine.model, RouterConfig(layer=layer, module=engine.router.module))
+        layer: signal_module_name(engine.model, RouterConfig(layer=layer, module=engine.router.config.module))
         for layer in layers
     }
     for (layer, post_norm, position), h in signals.items():

@@ -11,7 +11,9 @@ lengths are rounded up to a power of two (at least ``min_cache_len``): a few gra
 length, and attention never spans more than twice the tokens it needs (on CPU the compiled step's cost
 grows with the cache length: ``BENCHMARKS.md``). Greedy decoding is token-for-token the same as
 ``transformers``' ``generate`` (left padding, early stop, finished rows padded); sampling uses
-temperature and nucleus (top-p) filtering on the global torch RNG, so a seed makes it reproducible.
+temperature and nucleus (top-p) filtering, drawn from the ``torch.Generator`` passed in (a seeded one makes it
+reproducible; the process-wide RNG is used only when none is given). The compiler's recompile limit is raised
+only around the compiled step's calls, never process-wide.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
+import torch._dynamo.config as dynamo_config
 from torch import nn
 from transformers import StaticCache
 
@@ -41,9 +44,6 @@ class StaticDecoder:
         self._caches: dict[tuple[int, int], StaticCache] = {}
         self._step: Callable[..., torch.Tensor] = self._forward_step
         if compile:
-            import torch._dynamo.config as dynamo_config
-
-            dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, RECOMPILE_LIMIT)
             mode = "reduce-overhead" if self.cuda_graphs else None
             self._step = torch.compile(self._forward_step, mode=mode, fullgraph=True, dynamic=False)
 
@@ -81,6 +81,7 @@ class StaticDecoder:
         temperature: float = 1.0,
         top_p: float = 1.0,
         on_token: Callable[[torch.Tensor], object] | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """New tokens ``[B, T]`` for left-padded prompts; a row stops after a token in ``stop_ids``.
 
@@ -109,7 +110,7 @@ class StaticDecoder:
         position = positions[:, -1:].clone()
         tokens: list[torch.Tensor] = []
         for step in range(max_new_tokens):
-            token = _choose(logits, do_sample, temperature, top_p)
+            token = _choose(logits, do_sample, temperature, top_p, generator)
             if stops.numel():
                 token = token.masked_fill(finished, pad_id)
                 finished |= torch.isin(token, stops)
@@ -123,13 +124,21 @@ class StaticDecoder:
             position += 1
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            logits = self._step(token[:, None], position, mask, torch.tensor([at], device=self.device), cache)
+            with _recompile_limit():
+                logits = self._step(token[:, None], position, mask, torch.tensor([at], device=self.device), cache)
             if self.cuda_graphs:
                 logits = logits.clone()  # the graph's output buffer is overwritten by the next replay
         return torch.stack(tokens, 1)
 
 
-def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float) -> torch.Tensor:
+def _recompile_limit():
+    """Room for one graph per (batch, cache length, mixture on/off), for the duration of a step call only."""
+    limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    return dynamo_config.patch(recompile_limit=limit)
+
+
+def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+            generator: torch.Generator | None = None) -> torch.Tensor:
     """Greedy argmax, or a sample after temperature and top-p filtering (as ``transformers`` filters)."""
     if not do_sample:
         return logits.argmax(-1)
@@ -140,4 +149,4 @@ def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: fl
         drop_sorted = cumulative <= 1 - top_p
         drop_sorted[:, -1] = False  # always keep the most likely token
         scores = scores.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    return torch.multinomial(scores.softmax(-1), 1)[:, 0]
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]

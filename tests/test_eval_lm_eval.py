@@ -108,6 +108,6 @@ def test_by_name_with_an_argument_string(tiny_model_dir, tiny_library, tmp_path)
     lm = get_model("logo").create_from_arg_string(
         f"base_model={tiny_model_dir('llama')},adapters={lib},k=2,device=cpu",
         {"batch_size": "auto", "max_batch_size": None, "device": None})
-    assert isinstance(lm, LoGoLM) and lm.engine.router.k == 2 and lm.batch_size == 8
+    assert isinstance(lm, LoGoLM) and lm.engine.router.config.k == 2 and lm.batch_size == 8
     [(logprob, greedy)] = lm.loglikelihood([_Req("Q: is it?\nA:", " yes")])
     assert logprob < 0 and isinstance(greedy, bool)

@@ -45,12 +45,8 @@ def engine(tiny_library, tokenizer, arch):
 
 def _logits_under(engine: LoGoEngine, prompts: list[str], selections: list[Selection]) -> torch.Tensor:
     ids, mask = engine.encode(prompts)
-    engine._set_mixture(selections)
-    try:
-        with torch.no_grad():
-            return engine.model(input_ids=ids, attention_mask=mask).logits
-    finally:
-        engine.mixture.clear()
+    with engine.mixture(selections), torch.no_grad():
+        return engine.model(input_ids=ids, attention_mask=mask).logits
 
 
 def test_logits_match_official_peft_path(engine, tiny_library, tokenizer, arch):
@@ -86,7 +82,7 @@ def test_all_adapters_with_mixed_ranks_and_targets_match_peft(tiny_library, toke
 
 def test_k1_equals_peft_single_adapter(engine, tiny_library, tokenizer, arch):
     model, root = tiny_library(arch)
-    engine.router = RouterConfig(k=1)
+    engine = engine.with_router(RouterConfig(k=1))
     prompt = PROMPTS[2]
     route = engine.route([prompt])[0]
     assert route.weights == [1.0]

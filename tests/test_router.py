@@ -81,10 +81,10 @@ def test_probe_is_clean_even_with_a_mixture_active(setup):
     engine = LoGoEngine(model, tokenizer, lib, RouterConfig(k=2))
     try:
         clean = engine.route(PROMPTS[:1])[0]
-        engine._set_mixture([Selection([0, 1], [0.5, 0.5])])  # what the official code leaks into its probe
+        engine.set_mixture([Selection([0, 1], [0.5, 0.5])])  # what the official code leaks into its probe
         dirty_ids, dirty_mask = engine.encode(PROMPTS[:1])
         leaked = engine.route_batch(dirty_ids, dirty_mask)[0]
-        assert engine.mixture.active, "the probe must restore the mixture it suspended"
+        assert engine.mixture_active, "the probe must restore the mixture it suspended"
     finally:
         engine.close()
     assert leaked.all_scores == pytest.approx(clean.all_scores, rel=1e-6)
@@ -151,7 +151,7 @@ def test_mean_calibration_divides_raw_scores_and_is_stored(tiny_library, tokeniz
         engine.route(PROMPTS[:1])
     entry = engine.calibrate(PROMPTS, batch_size=2)
     assert entry["file"] == str(tmp_path / "lib" / "logo_calibration.json")
-    raw = engine.router
+    raw = engine.router.config
     means = torch.tensor(entry["values"])
     route = engine.route(PROMPTS[:1])[0]
     calibrated = torch.tensor(route.all_scores) / means

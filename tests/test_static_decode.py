@@ -66,21 +66,16 @@ def test_static_mixture_logits_equal_eager_mixture(tiny_library, tokenizer):
                 Selection([1, 4], [0.6, 0.4])]
         outs = []
         for engine in (eager, static):
-            engine._set_mixture(sels)
-            with torch.no_grad():
+            with engine.mixture(sels), torch.no_grad():
                 outs.append(engine.model(input_ids=ids, attention_mask=mask).logits)
-            engine.mixture.clear()
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
         # a smaller k after a larger one leaves no stale factors in the fixed buffers
         small = []
         for engine in (static, eager):
-            engine._set_mixture([Selection([2], [1.0])] * 4)
-            with torch.no_grad():
+            with engine.mixture([Selection([2], [1.0])] * 4), torch.no_grad():
                 small.append(engine.model(input_ids=ids, attention_mask=mask).logits)
-            engine.mixture.clear()
         torch.testing.assert_close(small[0], small[1], rtol=1e-5, atol=1e-5)
     finally:
-        eager.mixture.clear()
         eager.close()
         static.close()
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from logo.engine import LoGoEngine
 from logo.errors import LogoError
 from logo.router import RouterConfig
+from logo.spec import EngineSpec
 
 try:
     from lm_eval.api.model import LM
@@ -35,14 +36,19 @@ class LoGoLM(LM):
     def __init__(self, engine: LoGoEngine | None = None, base_model: str = "smollm2-135m",
                  adapters: str | None = None, k: int = 20, selection_strategy: str = "norm",
                  calibration: str = "none", batch_size: int | str = 8, device: str | None = None,
-                 dtype: str = "auto", max_length: int = 2048, max_batch_size: int | None = None) -> None:
-        """``max_batch_size`` is accepted for lm-eval's ``simple_evaluate`` and ignored; ``batch_size="auto"``
-        means 8 (lm-eval's own batch-size search does not apply to a routed model)."""
+                 dtype: str = "auto", max_length: int = 2048, max_batch_size: int | None = None,
+                 layer: int = -1, module: str = "q_proj", post_norm: bool = False, position: str = "last",
+                 weighting: str = "normalize", temperature: float = 1.0, decode: str = "eager") -> None:
+        """Every router option of :class:`RouterConfig` is a model argument (``strategy`` is spelled
+        ``selection_strategy``, as in ``logo run``). ``max_batch_size`` is accepted for lm-eval's
+        ``simple_evaluate`` and ignored; ``batch_size="auto"`` means 8 (lm-eval's own batch-size search does
+        not apply to a routed model)."""
         super().__init__()
         if engine is None:
-            engine = LoGoEngine.from_pretrained(
-                base_model, adapters, RouterConfig(strategy=selection_strategy, k=int(k), calibration=calibration),
-                device=device, dtype=dtype)
+            router = RouterConfig(strategy=selection_strategy, k=int(k), layer=int(layer), module=module,
+                                  post_norm=_flag(post_norm), position=position, weighting=weighting,
+                                  temperature=float(temperature), calibration=calibration)
+            engine = EngineSpec(base_model, adapters, router, device, dtype, decode).build()
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
@@ -70,12 +76,9 @@ class LoGoLM(LM):
     def _score(self, pairs: list[tuple[list[int], list[int]]], route_on: list[list[int]]) -> list[tuple[float, bool]]:
         ids, mask = self._pad_left(route_on)
         routes = self.engine.route_batch(ids, mask)
-        self.engine._set_mixture(routes)
-        try:
+        with self.engine.mixture(routes):
             ids, mask = self._pad_left([(ctx + cont)[:-1] for ctx, cont in pairs])
             logprobs = F.log_softmax(self.engine.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-        finally:
-            self.engine.mixture.clear()
         out = []
         for row, (_, cont) in enumerate(pairs):
             n = len(cont)
@@ -133,3 +136,12 @@ class LoGoLM(LM):
                         text = text[: text.index(stop)]
                 outputs[i] = text
         return outputs
+
+
+def _flag(value: bool | str) -> bool:
+    """A boolean model argument, also when lm-eval passes it as a string."""
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise LogoError(f"post_norm must be true or false, got {value!r}")
+        return value.lower() in ("true", "1")
+    return bool(value)

@@ -105,8 +105,7 @@ def build_library(
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     (out_dir / "README.md").write_text(library_readme(manifest))
     for signal in calibration_signals():
-        engine.router = signal
-        engine.calibrate()
+        engine.with_router(signal).calibrate()
     engine.close()
     return manifest
 

@@ -1,0 +1,63 @@
+"""Typer option declarations shared by every command (one place for each flag's spelling and help).
+
+Commands build an :class:`~logo.spec.EngineSpec` from these with :func:`router_from_options`; the spec does
+the checking, so every router option works, and fails, the same way everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from logo.router import RouterConfig
+
+BaseModel = Annotated[
+    str,
+    typer.Option(
+        "--base-model", "--base_model", "-m",
+        help="Local path, hub id, or preset: smollm2-135m (embedded), Llama-3.1-8B, Qwen2.5-7B, deepseek-llm-7b-base.",
+    ),
+]
+Adapters = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--adapters", "-a",
+        help="A directory of PEFT adapters, repeated adapter paths, hub:REPO/SUBFOLDER_PREFIX, or embedded:demo. "
+        "Default: the preset's library.",
+    ),
+]
+Prompts = Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeat for several).")]
+PromptsFile = Annotated[
+    Path | None,
+    typer.Option("--prompts-file", help="A file with one prompt per line (\\n escapes allowed); - for stdin."),
+]
+Strategy = Annotated[str, typer.Option("--selection-strategy", "--selection_strategy", help="norm | entropy")]
+K = Annotated[
+    int | None,
+    typer.Option("--n-selected-modules", "--n_selected_modules", "-k",
+                 help="Adapters per prompt (official default 20; the library size if it holds fewer)."),
+]
+Layer = Annotated[int, typer.Option("--signal-layer", help="Signal layer; negative counts from the end.")]
+Module = Annotated[str, typer.Option("--signal-module", help="Signal module name within the layer.")]
+PostNorm = Annotated[bool, typer.Option("--post-norm", help="Probe the module's real input (after the norm).")]
+Position = Annotated[str, typer.Option("--position", help="last | mean (over prompt tokens)")]
+Weighting = Annotated[str, typer.Option("--weighting", help="normalize (official) | softmax")]
+WeightTemp = Annotated[float, typer.Option("--weight-temperature", help="Temperature for --weighting softmax.")]
+Calibration = Annotated[str, typer.Option("--calibration", help="none (official) | mean | weight-norm")]
+Device = Annotated[str | None, typer.Option("--device", help="cpu | cuda (default: cuda if available)")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Prompts per batch.")]
+Decode = Annotated[str, typer.Option(
+    "--decode", help="eager (transformers generate) | static (static KV cache) | compiled (static cache + "
+    "torch.compile; CUDA graphs on GPU; the first batch of each size compiles)")]
+Json = Annotated[bool, typer.Option("--json", help="One JSON object per prompt per line.")]
+
+
+def router_from_options(strategy: str, k: int | None, layer: int, module: str, post_norm: bool, position: str,
+                        weighting: str, temperature: float, calibration: str) -> RouterConfig:
+    """The router the flags describe; ``k=None`` means the official 20 (fitted to a smaller library)."""
+    return RouterConfig(strategy=strategy, k=20 if k is None else k, layer=layer, module=module,
+                        post_norm=post_norm, position=position, weighting=weighting, temperature=temperature,
+                        calibration=calibration)

@@ -1,0 +1,71 @@
+"""What a generation request may ask for, checked once for every front end (CLI, evaluation, server).
+
+:class:`GenerationSettings` validates itself on construction, in the spirit of PEFT's configs; every
+message names the setting, the value and what is allowed, so the CLI prints it as one line and the
+server answers it with a 400.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from logo.errors import LogoError
+
+MAX_PROMPT_TOKENS = 2048  # as the official code
+DECODE_PATHS = ("eager", "static", "compiled")
+"""``eager``: transformers' ``generate``; ``static``: static KV cache; ``compiled``: static cache and a
+compiled decode step (CUDA graphs on GPU). All three give the same greedy tokens (see logo.static_decode)."""
+
+
+def check_decode(decode: str) -> str:
+    if decode not in DECODE_PATHS:
+        raise LogoError(f"unknown decode path {decode!r}: unknown --decode {decode!r}; choose one of "
+                        f"{', '.join(DECODE_PATHS)}")
+    return decode
+
+
+@dataclass
+class GenerationSettings:
+    """How to continue each prompt. Greedy by default; ``do_sample`` uses ``temperature`` and ``top_p``."""
+
+    max_new_tokens: int = 256
+    """Tokens to generate at most per prompt (at least 1)."""
+    early_stop: bool = False
+    """Stop each prompt at its first newline (the official ``--generation_early_stop``)."""
+    do_sample: bool = False
+    temperature: float = 1.0
+    """Sampling temperature (> 0); ignored when greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass, in (0, 1]; ignored when greedy."""
+    seed: int | None = None
+    """Seeds a generator private to the call (the process-wide RNG is left as it was)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise LogoError(f"max_new_tokens must be a whole number, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise LogoError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise LogoError(f"temperature must be positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise LogoError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_prompts(prompts: list[str], lengths: list[int] | None = None,
+                  max_tokens: int = MAX_PROMPT_TOKENS) -> None:
+    """Refuse an empty list, an empty prompt, or (given token ``lengths``) a prompt over ``max_tokens``."""
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise LogoError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    if not prompts:
+        raise LogoError("no prompts given")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise LogoError(f"prompt {i} is a {type(prompt).__name__}, not a string")
+        if not prompt.strip():
+            raise LogoError(f"prompt {i} is empty; give some text to continue")
+    for i, length in enumerate(lengths or []):
+        if length > max_tokens:
+            raise LogoError(f"prompt {i} has {length} tokens, over the limit of {max_tokens}; shorten it")

@@ -1,0 +1,120 @@
+"""One validated description of an engine, shared by every front end (CLI, ``logo run``, lm-eval, server).
+
+:class:`EngineSpec` holds the base model, the adapters, the device, the dtype, the decode path and the
+full :class:`~logo.router.RouterConfig`. It checks itself on construction (as PEFT's configs do), so a
+typo fails in a line, before any model loads: an unknown preset gets a did-you-mean, an unknown device
+or dtype names the ones there are. :meth:`EngineSpec.build` is the only place that loads an engine.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from logo.adapter_source import resolve_adapters
+from logo.engine import LoGoEngine, default_device
+from logo.errors import LogoError
+from logo.generation import check_decode
+from logo.library import AdapterLibrary
+from logo.models import DTYPES, load_base_model
+from logo.presets import PRESETS, get_preset
+from logo.router import RouterConfig
+
+
+def did_you_mean(value: str, known: list[str]) -> str:
+    """`` (did you mean 'X'?)`` for the closest known name, or an empty string."""
+    lowered = {name.lower(): name for name in known}
+    close = difflib.get_close_matches(value.lower(), list(lowered), n=1, cutoff=0.5)
+    return f" (did you mean {lowered[close[0]]!r}?)" if close else ""
+
+
+def check_base_model(name: str) -> str:
+    """A preset, an existing local directory, or a hub id (``OWNER/NAME``); anything else is a typo."""
+    if not name:
+        raise LogoError("--base-model is empty; give a preset, a local model directory or a hub id")
+    if get_preset(name) is not None or Path(name).exists() or "/" in name:
+        return name
+    raise LogoError(f"unknown base model {name!r}{did_you_mean(name, list(PRESETS))}: not a preset "
+                    f"({', '.join(PRESETS)}), not a local directory, and not a hub id (OWNER/NAME)")
+
+
+def check_device(device: str | None) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` (that exists here); None means cuda if there is one, else cpu."""
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise LogoError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LogoError(f"device {device!r} asked for, but this machine has no CUDA device; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise LogoError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type != "cpu":
+        raise LogoError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return device
+
+
+@dataclass
+class EngineSpec:
+    """Everything that decides an engine. Defaults: the embedded SmolLM2, its demo library, the official router."""
+
+    base_model: str = "smollm2-135m"
+    """A preset (``smollm2-135m``, ``Llama-3.1-8B``, ``Qwen2.5-7B``, ``deepseek-llm-7b-base``), a local
+    directory or a hub id."""
+    adapters: str | list[str] | None = None
+    """A directory of PEFT adapters, adapter paths, ``hub:REPO/PREFIX`` or ``embedded:demo``; None: the
+    preset's library."""
+    router: RouterConfig = field(default_factory=RouterConfig)
+    device: str | None = None
+    """``cpu``, ``cuda``, ``cuda:N``; None: cuda if available."""
+    dtype: str | torch.dtype | None = "auto"
+    """``auto`` (bf16 on CUDA, fp32 elsewhere), ``float32``, ``bfloat16``, ``float16``."""
+    decode: str = "eager"
+    """``eager`` (transformers generate) | ``static`` (static KV cache) | ``compiled`` (+ torch.compile)."""
+    fit_k: bool = False
+    """When the library holds fewer adapters than ``router.k``, use them all (with a note) instead of refusing."""
+
+    def __post_init__(self) -> None:
+        check_base_model(self.base_model)
+        self.device = check_device(self.device)
+        if isinstance(self.dtype, str) and self.dtype != "auto" and self.dtype not in DTYPES:
+            raise LogoError(f"unknown dtype {self.dtype!r}; use auto or one of {', '.join(sorted(DTYPES))}")
+        check_decode(self.decode)
+        if isinstance(self.adapters, (list, tuple)) and not self.adapters:
+            self.adapters = None
+        if not isinstance(self.router, RouterConfig):
+            raise LogoError(f"router must be a RouterConfig, got {type(self.router).__name__}")
+
+    def adapter_spec(self) -> str | list[str]:
+        """The adapters to load: the given ones, else the preset's library."""
+        if self.adapters is not None:
+            return self.adapters
+        preset = get_preset(self.base_model)
+        if preset is None or preset.default_adapters is None:
+            raise LogoError(f"--adapters is required for {self.base_model!r} (it has no default adapter library)")
+        return preset.default_adapters
+
+    def resolved(self) -> tuple[list[tuple[str, Path]], RouterConfig]:
+        """The adapters as ``(name, dir)`` and the router with k checked against them (no model is loaded)."""
+        entries = resolve_adapters(self.adapter_spec())
+        router = self.router
+        if router.k > len(entries):
+            if not self.fit_k:
+                raise LogoError(f"k={router.k} adapters requested but the library holds {len(entries)}; "
+                                f"choose --n-selected-modules between 1 and {len(entries)}")
+            print(f"note: the library holds {len(entries)} adapters; using k={len(entries)}", file=sys.stderr)
+            router = replace(router, k=len(entries))
+        return entries, router
+
+    def build(self, progress: bool = False) -> LoGoEngine:
+        """Resolve the adapters first (a bad spec fails before the slow model load), then load the engine."""
+        entries, router = self.resolved()
+        model, tokenizer = load_base_model(self.base_model, device=self.device, dtype=self.dtype)
+        library = AdapterLibrary.from_entries(entries, model, progress=progress)
+        return LoGoEngine(model, tokenizer, library, router, decode=self.decode)
