@@ -6,7 +6,11 @@ Raw LoGo scores compare adapters whose output scale differs for reasons unrelate
 - ``mean``: the adapter's mean raw score over unlabeled calibration prompts (training-free and
   label-free; computed once per library and signal, stored next to the library in
   ``logo_calibration.json``, or in the logo cache when the library's folder is not writable);
+- ``zscore``: ``(s_i - mean_i) / std_i`` with the mean and the (population) standard deviation of the
+  adapter's raw score over the same unlabeled prompts: adapters are compared by how unusual their score is;
 - ``weight-norm``: data-free, ``scaling_i * ||B_i A_i||_F`` of the signal module.
+
+A fitted router file (:mod:`logo.router_file`) carries its own statistics, computed on its fit prompts.
 """
 
 from __future__ import annotations
@@ -79,17 +83,33 @@ def weight_norms(library, module: str) -> torch.Tensor:
     return (gram_b * gram_a).sum((1, 2)).clamp(min=0).sqrt() * stack.scaling
 
 
-def divisors(library, config, module_name: str, num_layers: int) -> torch.Tensor | None:
-    """The per-adapter divisor for ``config.calibration`` at signal module ``module_name``, or None (raw)."""
-    if config.calibration == "none":
-        return None
-    if config.calibration == "weight-norm":
-        return weight_norms(library, module_name).clamp(min=1e-12)
-    key = config.signal_key(num_layers)
+def score_statistics(raw: torch.Tensor) -> dict:
+    """Calibration statistics of raw scores ``[n, N]`` of ``n`` unlabeled prompts: per-adapter mean and
+    population standard deviation (``values`` is the mean, as ``mean`` calibration has always stored it)."""
+    if raw.shape[0] < 2:
+        raise LogoError(f"calibration needs at least 2 prompts, got {raw.shape[0]}")
+    raw = raw.double()
+    return {"values": raw.mean(0).tolist(), "std": raw.std(0, correction=0).tolist(), "n_prompts": raw.shape[0]}
+
+
+def calibrate_scores(raw: torch.Tensor, library, calibration: str, module_name: str, key: str) -> torch.Tensor:
+    """Raw scores ``[B, N]`` of one signal calibrated per adapter: unchanged (``none``), divided by the mean
+    (``mean``) or the weight norm (``weight-norm``), or z-scored (``zscore``: ``(raw - mean) / std``)."""
+    if calibration == "none":
+        return raw
+    if calibration == "weight-norm":
+        return raw / weight_norms(library, module_name).clamp(min=1e-12).to(raw.device)
     entry = library.calibration.get(key)
-    if entry is None:
+    if entry is None or (calibration == "zscore" and "std" not in entry):
         raise LogoError(
-            f"no '{config.calibration}' calibration statistics for signal {key}; compute them once with "
-            "`logo calibrate --base-model ... --adapters ...` (same router options)"
+            f"no '{calibration}' calibration statistics for signal {key}; fit a router with `logo fit-router` or "
+            "compute them with `logo calibrate --base-model ... --adapters ...` (same router options)"
         )
-    return torch.tensor(entry["values"], dtype=torch.float32).clamp(min=1e-12)
+    mean = torch.tensor(entry["values"], dtype=torch.float32, device=raw.device)
+    if mean.shape[0] != raw.shape[-1]:
+        raise LogoError(f"calibration statistics for {key} cover {mean.shape[0]} adapters, the library holds "
+                        f"{raw.shape[-1]}; recalibrate")
+    if calibration == "mean":
+        return raw / mean.clamp(min=1e-12)
+    std = torch.tensor(entry["std"], dtype=torch.float32, device=raw.device)
+    return (raw - mean) / std.clamp(min=1e-12)

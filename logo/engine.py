@@ -189,7 +189,7 @@ class LoGoEngine:
         order: list[int] = []
         for batch, ids, mask in self.encoded_batches(prompts, batch_size, progress, "probing"):
             with self._mixer.suspended():
-                found = probe_points(self.model, ids, mask, list(points), self._router.config.module)
+                found = probe_points(self.model, ids, mask, list(points), self._router.config.signal_modules[0])
             for point in points:
                 chunks[point].append(found[point])
             order += batch
@@ -330,23 +330,30 @@ class LoGoEngine:
         return config
 
     # ------------------------------------------------------------ calibration
-    def mean_statistics(self, prompts: list[str] | None = None, batch_size: int = 8, source: str | None = None,
-                        progress: bool = False) -> dict:
-        """``mean`` calibration statistics of the current signal over unlabeled prompts (not stored)."""
+    def statistics(self, prompts: list[str] | None = None, batch_size: int = 8, source: str | None = None,
+                   progress: bool = False) -> dict[str, dict]:
+        """Calibration statistics (per-adapter mean and std of the raw score) of every signal the router reads,
+        over unlabeled prompts (default: logo's generic calibration prompts); not stored."""
         if prompts is None:
             prompts, source = default_prompts(), source or "logo default calibration prompts"
         if not prompts:
             raise LogoError("no calibration prompts given")
-        h = self.signals(prompts, [self._router.point], batch_size, progress)[self._router.point]
-        values = self._router.mean_statistics(h)
-        return {"method": "mean", "values": values.tolist(), "n_prompts": len(prompts), "source": source or "user"}
+        found = self.signals(prompts, self._router.points, batch_size, progress)
+        return {key: {"method": "mean", **entry, "source": source or "user"}
+                for key, entry in self._router.statistics(found).items()}
+
+    def mean_statistics(self, prompts: list[str] | None = None, batch_size: int = 8, source: str | None = None,
+                        progress: bool = False) -> dict:
+        """Calibration statistics of the router's (first) signal over unlabeled prompts (not stored)."""
+        return self.statistics(prompts, batch_size, source, progress)[self._router.signal_key]
 
     def calibrate(self, prompts: list[str] | None = None, batch_size: int = 8, source: str | None = None,
                   progress: bool = False) -> dict:
-        """Compute ``mean`` statistics for the current signal and store them with the library."""
-        entry = self.mean_statistics(prompts, batch_size, source, progress)
-        self.library.calibration[self._router.signal_key] = entry
-        return {**entry, "file": str(save_calibration(self.library))}
+        """Compute calibration statistics (mean and std) for the router's signals and store them with the library.
+        Returns the (first) signal's entry and the file."""
+        entries = self.statistics(prompts, batch_size, source, progress)
+        self.library.calibration.update(entries)
+        return {**entries[self._router.signal_key], "file": str(save_calibration(self.library))}
 
     def close(self) -> None:
         """Remove the mixture hooks; the model is the plain base model again."""

@@ -5,23 +5,31 @@ layer (``hidden_states[L-1]``, before the layer's norm), at each row's last prom
 through every adapter's ``q_proj`` LoRA: ``o_i = scaling_i * B_i A_i h``.
 ``norm`` scores ``||o_i||_2``; ``entropy`` scores ``1 / (H(softmax(o_i)) + 1e-6)`` with
 ``H = -sum p log(p + 1e-8)``. Weights are ``s_i / sum_{j in top-k} s_j``.
+
+Beyond the paper (all off by default): the signal can pool evidence over several layers and modules
+(``layers``, ``modules``: the calibrated scores of every (layer, module) are summed), scores can be
+calibrated per adapter (``mean``, ``zscore``, ``weight-norm``; see :mod:`logo.calibration`), and the router
+can abstain to the base model when it is not confident (``abstain``: the top score, or the top-1/top-2
+margin, below ``abstain_below``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from torch import nn
 
-from logo.calibration import divisors
+from logo.calibration import calibrate_scores, score_statistics
 from logo.errors import LogoError
 from logo.library import AdapterLibrary
 
 STRATEGIES = ("norm", "entropy")
 POSITIONS = ("last", "mean")
 WEIGHTINGS = ("normalize", "softmax")
-CALIBRATIONS = ("none", "mean", "weight-norm")
+CALIBRATIONS = ("none", "mean", "zscore", "weight-norm")
+ABSTAIN_RULES = ("none", "top", "margin")
+STATISTICS = ("default", "fit")
 
 
 @dataclass
@@ -39,6 +47,18 @@ class RouterConfig:
     weighting: str = "normalize"
     temperature: float = 1.0
     calibration: str = "none"
+    layers: tuple[int, ...] | None = None
+    """Several signal layers (negative from the end) whose calibrated scores are summed; None: ``layer`` alone."""
+    modules: tuple[str, ...] | None = None
+    """Several signal modules per layer whose calibrated scores are summed; None: ``module`` alone. With
+    ``post_norm`` they must share their input (e.g. q_proj, k_proj, v_proj)."""
+    statistics: str = "default"
+    """Where ``mean``/``zscore`` statistics come from: ``default`` (`logo calibrate`, stored with the library)
+    or ``fit`` (a fitted router file's own, computed on its fit prompts)."""
+    abstain: str = "none"
+    """``none`` | ``top`` (the top calibrated score) | ``margin`` (top-1 minus top-2): below ``abstain_below``
+    the prompt runs on the base model (an empty selection)."""
+    abstain_below: float = 0.0
 
     def __post_init__(self) -> None:
         for value, allowed, what in (
@@ -46,6 +66,8 @@ class RouterConfig:
             (self.position, POSITIONS, "token position"),
             (self.weighting, WEIGHTINGS, "weighting"),
             (self.calibration, CALIBRATIONS, "calibration"),
+            (self.abstain, ABSTAIN_RULES, "abstain rule"),
+            (self.statistics, STATISTICS, "statistics source"),
         ):
             if value not in allowed:
                 raise LogoError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
@@ -53,14 +75,56 @@ class RouterConfig:
             raise LogoError(f"k (--n-selected-modules) must be at least 1, got {self.k}")
         if self.temperature <= 0:
             raise LogoError(f"temperature must be positive, got {self.temperature}")
+        if self.layers is not None:
+            self.layers = tuple(int(x) for x in self.layers)
+            if not self.layers:
+                raise LogoError("layers is empty; give at least one signal layer (or none for the single layer)")
+        if self.modules is not None:
+            self.modules = tuple(str(x) for x in self.modules)
+            if not self.modules:
+                raise LogoError("modules is empty; give at least one signal module (or none for the single module)")
+        if self.calibration == "zscore" and self.weighting == "normalize" and self.k > 1:
+            raise LogoError("z-scores can be negative, so k > 1 with --calibration zscore needs --weighting softmax")
+        if self.abstain == "margin" and self.abstain_below < 0:
+            raise LogoError(f"an abstain margin cannot be negative, got {self.abstain_below}")
 
-    def signal_key(self, num_layers: int) -> str:
-        """Identifies the signal (for calibration statistics): strategy, layer, module, input, position."""
-        layer = self.layer % num_layers
-        return f"{self.strategy}|layer={layer}|module={self.module}|post_norm={self.post_norm}|position={self.position}"
+    @property
+    def signal_layers(self) -> tuple[int, ...]:
+        return self.layers if self.layers is not None else (self.layer,)
+
+    @property
+    def signal_modules(self) -> tuple[str, ...]:
+        return self.modules if self.modules is not None else (self.module,)
+
+    @property
+    def pooled(self) -> bool:
+        """True when the signal sums evidence from more than one (layer, module)."""
+        return len(self.signal_layers) * len(self.signal_modules) > 1
+
+    def signal_key(self, num_layers: int, layer: int | None = None, module: str | None = None) -> str:
+        """Identifies one signal (for calibration statistics): strategy, layer, module, input, position, source."""
+        layer = (self.layer if layer is None else layer) % num_layers
+        key = (f"{self.strategy}|layer={layer}|module={module or self.module}|post_norm={self.post_norm}"
+               f"|position={self.position}")
+        return key if self.statistics == "default" else f"{key}|statistics={self.statistics}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        for name in ("layers", "modules"):
+            if out[name] is not None:
+                out[name] = list(out[name])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "router config") -> RouterConfig:
+        """The inverse of :meth:`to_dict`; unknown keys are refused (a typo must not be ignored)."""
+        if not isinstance(data, dict):
+            raise LogoError(f"{where} must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LogoError(f"{where} has unknown field(s) {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**data)
 
 
 @dataclass
@@ -79,7 +143,10 @@ class Route(Selection):
     scores: list[float] = field(default_factory=list)
     """Scores of the selected adapters (calibrated if calibration is on), descending."""
     all_scores: list[float] = field(default_factory=list)
-    """The raw score of every adapter in the library (the official ``metric_dict``)."""
+    """The raw score of every adapter in the library (the official ``metric_dict``; summed over the signals
+    of a pooled router)."""
+    abstained: bool = False
+    """True when the confidence rule sent the prompt to the base model (``indices`` is then empty)."""
 
 
 class _StopProbe(Exception):
@@ -213,6 +280,16 @@ def score(h: torch.Tensor, library: AdapterLibrary, module: str, strategy: str) 
     return 1.0 / (entropy(outputs, dim=-1) + 1e-6)
 
 
+def confidence(scores: torch.Tensor, rule: str) -> torch.Tensor:
+    """Per-row confidence ``[B]`` of calibrated scores ``[B, N]``: the top score, or the top-1/top-2 margin."""
+    if rule == "margin":
+        if scores.shape[-1] < 2:
+            return torch.full(scores.shape[:-1], float("inf"), device=scores.device)
+        top2 = torch.topk(scores, 2, dim=-1).values
+        return top2[..., 0] - top2[..., 1]
+    return scores.max(dim=-1).values
+
+
 def select(scores: torch.Tensor, k: int, weighting: str = "normalize", temperature: float = 1.0):
     """Top-k per row and their weights. Returns ``(top_scores, indices, weights)``, each ``[B, k]``."""
     n = scores.shape[-1]
@@ -226,11 +303,20 @@ def select(scores: torch.Tensor, k: int, weighting: str = "normalize", temperatu
     return top, idx, weights
 
 
+@dataclass(frozen=True)
+class Signal:
+    """One (layer, module) a router reads: where the vector is probed, the full module name, the statistics key."""
+
+    point: SignalPoint
+    module: str
+    key: str
+
+
 class Router:
     """A :class:`RouterConfig` bound to a model and an adapter library: probe, score, calibrate, select.
 
     Construction checks everything the config cannot check alone (k against the library size, the signal
-    layer against the model, the signal module against the adapters), so a Router that exists can route.
+    layers against the model, the signal modules against the adapters), so a Router that exists can route.
     It never touches adapters in the model: whoever holds a mixture suspends it around :meth:`route`.
     """
 
@@ -243,52 +329,97 @@ class Router:
                 f"choose --n-selected-modules between 1 and {len(library)}"
             )
         self.num_layers = len(decoder_layers(model))
-        self.signal_module = signal_module_name(model, self.config)
-        if self.signal_module not in library.stacks:
-            raise LogoError(
-                f"no adapter targets the signal module {self.signal_module}; pick --signal-module/--signal-layer "
-                f"among the adapters' modules (e.g. {library.modules[:2]})"
-            )
+        signals = []
+        for layer in self.config.signal_layers:
+            for module in self.config.signal_modules:
+                name = signal_module_name(model, replace(self.config, layer=layer, module=module))
+                if name not in library.stacks:
+                    raise LogoError(
+                        f"no adapter targets the signal module {name}; pick --signal-module/--signal-layer "
+                        f"among the adapters' modules (e.g. {library.modules[:2]})"
+                    )
+                point = SignalPoint(layer % self.num_layers, self.config.post_norm, self.config.position)
+                signals.append(Signal(point, name, self.config.signal_key(self.num_layers, layer, module)))
+        self.signals: list[Signal] = signals
+        self.signal_module = signals[0].module
 
     @property
     def point(self) -> SignalPoint:
-        """Where this router reads its signal."""
-        return SignalPoint(self.config.layer % self.num_layers, self.config.post_norm, self.config.position)
+        """Where this router reads its (first) signal."""
+        return self.signals[0].point
+
+    @property
+    def points(self) -> list[SignalPoint]:
+        """Every distinct point this router reads (one per layer)."""
+        return list(dict.fromkeys(s.point for s in self.signals))
 
     @property
     def signal_key(self) -> str:
-        """The key of this signal's calibration statistics (see :meth:`RouterConfig.signal_key`)."""
-        return self.config.signal_key(self.num_layers)
+        """The key of the (first) signal's calibration statistics (see :meth:`RouterConfig.signal_key`)."""
+        return self.signals[0].key
 
     def probe(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The signal vector of every row, ``[B, d_in]`` fp32 (no adapter may be active)."""
-        return probe_points(self.model, input_ids, attention_mask, [self.point], self.config.module)[self.point]
+        """The (first) signal vector of every row, ``[B, d_in]`` fp32 (no adapter may be active)."""
+        return self.probe_all(input_ids, attention_mask)[self.point]
+
+    def probe_all(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[SignalPoint, torch.Tensor]:
+        """The signal vectors at every point this router reads, from one forward pass (no adapter may be active)."""
+        return probe_points(self.model, input_ids, attention_mask, self.points, self.config.signal_modules[0])
 
     def raw_scores(self, h: torch.Tensor) -> torch.Tensor:
-        """Raw LoGo scores ``[B, N]`` for signal vectors ``h [B, d_in]``."""
+        """Raw LoGo scores ``[B, N]`` of the (first) signal for signal vectors ``h [B, d_in]``."""
         return score(h, self.library, self.signal_module, self.config.strategy)
 
+    def signal_scores(self, found: dict[SignalPoint, torch.Tensor]) -> torch.Tensor:
+        """Raw scores ``[B, S, N]`` of every signal (layer, module) from the probed vectors."""
+        return torch.stack([score(found[s.point], self.library, s.module, self.config.strategy)
+                            for s in self.signals], dim=1)
+
     def calibrated(self, raw: torch.Tensor) -> torch.Tensor:
-        """Raw scores divided by the configured per-adapter statistic (unchanged for ``calibration='none'``)."""
-        div = divisors(self.library, self.config, self.signal_module, self.num_layers)
-        return raw if div is None else raw / div.to(raw.device)
+        """Calibrated scores ``[B, N]``: each signal's raw scores (``[B, N]`` for one signal, ``[B, S, N]`` for
+        several) calibrated with its own per-adapter statistics, summed over the signals."""
+        per_signal = raw[:, None] if raw.dim() == 2 else raw
+        if per_signal.shape[1] != len(self.signals):
+            raise LogoError(f"{per_signal.shape[1]} signals' scores given for a router that reads {len(self.signals)}")
+        total = torch.zeros_like(per_signal[:, 0])
+        for j, signal in enumerate(self.signals):
+            total = total + calibrate_scores(per_signal[:, j], self.library, self.config.calibration, signal.module,
+                                             signal.key)
+        return total
 
     def routes(self, raw: torch.Tensor) -> list[Route]:
-        """Top-k selections and weights from raw scores ``[B, N]`` (calibrated first)."""
-        top, idx, weights = select(self.calibrated(raw), self.config.k, self.config.weighting,
-                                   self.config.temperature)
+        """Top-k selections and weights from raw scores (``[B, N]``, or ``[B, S, N]`` per signal), calibrated
+        first; rows whose confidence is below the abstain threshold get an empty selection (the base model)."""
+        scores = self.calibrated(raw)
+        summed_raw = raw if raw.dim() == 2 else raw.sum(1)
+        top, idx, weights = select(scores, self.config.k, self.config.weighting, self.config.temperature)
+        abstain = torch.zeros(raw.shape[0], dtype=torch.bool)
+        if self.config.abstain != "none":
+            abstain = (confidence(scores, self.config.abstain) < self.config.abstain_below).cpu()
         routes = []
         for row in range(raw.shape[0]):
+            if abstain[row]:
+                routes.append(Route(indices=[], weights=[], all_scores=summed_raw[row].tolist(), abstained=True))
+                continue
             indices = idx[row].tolist()
             routes.append(Route(indices=indices, weights=weights[row].tolist(),
                                 names=[self.library.names[i] for i in indices], scores=top[row].tolist(),
-                                all_scores=raw[row].tolist()))
+                                all_scores=summed_raw[row].tolist()))
         return routes
 
     def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Route]:
         """Probe, score, calibrate and select for one batch of token ids."""
-        return self.routes(self.raw_scores(self.probe(input_ids, attention_mask)))
+        found = self.probe_all(input_ids, attention_mask)
+        raw = self.raw_scores(found[self.point]) if len(self.signals) == 1 else self.signal_scores(found)
+        return self.routes(raw)
 
     def mean_statistics(self, h: torch.Tensor) -> torch.Tensor:
         """``mean`` calibration statistics from signal vectors of unlabeled prompts: each adapter's mean raw score."""
         return self.raw_scores(h).mean(0)
+
+    def statistics(self, found: dict[SignalPoint, torch.Tensor]) -> dict[str, dict]:
+        """Per-signal calibration statistics (mean and std of every adapter's raw score) from unlabeled prompts'
+        signal vectors, keyed like the library's calibration entries."""
+        raw = self.signal_scores(found)
+        return {s.key: score_statistics(raw[:, j]) for j, s in enumerate(self.signals)}
+

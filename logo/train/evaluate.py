@@ -33,9 +33,9 @@ def task_accuracy(
     batch_size: int = 32,
     max_new_tokens: int = 24,
 ) -> float:
-    """Greedy accuracy of ``selection`` (None = base model) on ``n`` instances of ``task``."""
-    pairs = task.make(seed, n, split=split)
-    prompts = [task.prompt(q) for q, _ in pairs]
+    """Greedy accuracy of ``selection`` (None = base model) on ``n`` instances of ``task`` in ``split``'s templates."""
+    pairs = task.examples(seed, n, split=split)
+    prompts = [prompt for prompt, _ in pairs]
     outs = engine.generate(prompts, selections=[selection] * n, max_new_tokens=max_new_tokens, early_stop=True,
                            batch_size=batch_size)
     return sum(task.score(first_line(o.text), a) for o, (_, a) in zip(outs, pairs)) / n
@@ -83,6 +83,6 @@ def peft_accuracy(
     batch_size: int = 16,
 ) -> float:
     """Greedy accuracy of one PEFT adapter (None = the base model) on ``n`` instances of ``task``."""
-    pairs = task.make(seed, n, split=split)
-    preds = peft_predictions(model, tokenizer, [task.prompt(q) for q, _ in pairs], adapter_dir, batch_size)
+    pairs = task.examples(seed, n, split=split)
+    preds = peft_predictions(model, tokenizer, [prompt for prompt, _ in pairs], adapter_dir, batch_size)
     return sum(task.score(p, a) for p, (_, a) in zip(preds, pairs)) / n

@@ -33,8 +33,7 @@ def _up_to_date(adapter_dir: Path, task: Task, config: TrainConfig) -> bool:
     if not record.is_file() or not (adapter_dir / "adapter_model.safetensors").is_file():
         return False
     saved = json.loads(record.read_text())
-    wanted = json.loads(json.dumps({"config": asdict(config), "data_source": task.describe(),
-                                    "prompt_template": task.prompt_template}))
+    wanted = json.loads(json.dumps({"config": asdict(config), "data_source": task.describe()}))
     return all(saved.get(k) == v for k, v in wanted.items())
 
 
@@ -82,7 +81,9 @@ def build_library(
         adapters.append({
             "name": task.name,
             "task": task.describe(),
-            "prompt_template": task.prompt_template,
+            "trained_templates": list(task.templates_for("train")),
+            "held_out_templates": {"valid": list(task.templates_for("valid")),
+                                   "test": list(task.templates_for("eval"))},
             "seed": config.seed,
             "steps": config.steps,
             "wall_time_s": rec["wall_time_s"],
@@ -97,9 +98,13 @@ def build_library(
         "base_model": base_model,
         "train_config": asdict(config),
         "eval_split": "eval: seed 10000 + seed; per task held_out: disjoint word pool / hashed question split / seed",
+        "template_split": "per seen task: 7 training templates, 2 validation templates (fit routers), 2 test "
+                          "templates (report); accuracies are on eval instances in the test templates",
         "adapters": adapters,
         "unseen_tasks": [
-            {"name": t.name, "task": t.describe(), "prompt_template": t.prompt_template} for t in unseen_tasks()
+            {"name": t.name, "task": t.describe(),
+             "held_out_templates": {"valid": list(t.templates_for("valid")), "test": list(t.templates_for("eval"))}}
+            for t in unseen_tasks()
         ],
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -42,12 +42,14 @@ class TrainConfig:
 class TrainRecord:
     task: str
     data_source: dict
-    prompt_template: str
+    """The generator, held-out scheme and templates per split (``Task.describe``); trained on ``train`` only."""
     base_model: str
     config: dict
     n_train_examples: int = 0
     loss_curve: list[float] = field(default_factory=list)
     wall_time_s: float = 0.0
+    cpu_threads: int = 0
+    """torch's intra-op threads during training (the wall time is on this many cores)."""
     versions: dict = field(default_factory=dict)
 
 
@@ -83,7 +85,8 @@ def train_lora(
     """Train a LoRA on ``task`` and save it (bf16 safetensors, PEFT layout) with a ``train_record.json``.
 
     The data is ``config.steps * config.batch_size`` fresh instances of the task's train split (seed
-    ``config.seed``), one pass. ``model`` is handed back unchanged (the LoRA layers are unloaded).
+    ``config.seed``), asked in its training templates in turn, one pass. ``model`` is handed back unchanged
+    (the LoRA layers are unloaded).
     """
     linear_names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
     missing = [t for t in config.targets if t not in linear_names]
@@ -92,8 +95,8 @@ def train_lora(
                         f"(it has {', '.join(sorted(linear_names))})")
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    pairs = task.make(config.seed, config.steps * config.batch_size, split="train")
-    examples = [encode_example(tokenizer, task.prompt(q), a) for q, a in pairs]
+    pairs = task.examples(config.seed, config.steps * config.batch_size, split="train")
+    examples = [encode_example(tokenizer, prompt, answer) for prompt, answer in pairs]
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.targets),
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)
@@ -110,7 +113,7 @@ def train_lora(
     import peft
     import transformers
 
-    record = TrainRecord(task.name, task.describe(), task.prompt_template, base_model_name, asdict(config),
+    record = TrainRecord(task.name, task.describe(), base_model_name, asdict(config),
                          n_train_examples=len(pairs), versions={"torch": torch.__version__, "peft": peft.__version__,
                                                                 "transformers": transformers.__version__})
     start = time.perf_counter()
@@ -131,6 +134,7 @@ def train_lora(
         if progress:
             steps.set_postfix(loss=f"{loss.item():.3f}")
     record.wall_time_s = round(time.perf_counter() - start, 1)
+    record.cpu_threads = torch.get_num_threads()
     peft_model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out_dir)

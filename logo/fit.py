@@ -1,0 +1,291 @@
+"""Fit a router to an adapter library from a few example prompts per adapter (prompts and adapters, no answers).
+
+The fit reads every signal option from one clean probe of the example prompts: each decoder layer, the
+residual stream or the module's real input (``post_norm``), the last token or the mean over the prompt,
+each module the adapters target, ``norm`` or ``entropy``. Calibration statistics (per signal and adapter:
+the mean and std of the raw score) come from the example prompts with their labels dropped. It then chooses,
+by precision@1 on the examples:
+
+1. the signal and its calibration (``none``, ``mean``, ``zscore``), single or pooled over layers and modules
+   (calibrated scores summed);
+2. k and the weighting, by the mean weight the mixture gives the right adapter;
+3. an abstain rule (top score or top-1/top-2 margin below a threshold) when examples with no adapter (prompts
+   of tasks outside the library) are given: it maximises the share of seen prompts routed right plus the share
+   of unseen prompts sent to the base model.
+
+The result is a :class:`~logo.router_file.RouterFile`, stored next to the library.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from logo.calibration import score_statistics
+from logo.engine import LoGoEngine
+from logo.errors import LogoError
+from logo.router import POSITIONS, Router, RouterConfig, SignalPoint, confidence, score, select, signal_module_name
+from logo.router_file import RouterFile, model_fingerprint
+from logo.train.tasks import get_task
+
+MIN_EXAMPLES = 2
+K_CHOICES = (1, 2, 3)
+TEMPERATURES = (0.25, 0.5, 1.0, 2.0)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One fit prompt and the adapter it is for (None: no adapter is; the router should abstain)."""
+
+    prompt: str
+    adapter: str | None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A signal option: (non-negative) layers and modules summed, input, position, strategy, calibration."""
+
+    layers: tuple[int, ...]
+    modules: tuple[str, ...]
+    post_norm: bool
+    position: str
+    strategy: str
+    calibration: str
+
+    def config(self, num_layers: int, k: int = 1) -> RouterConfig:
+        layers = tuple(layer - num_layers for layer in self.layers)
+        pooled = len(layers) * len(self.modules) > 1
+        return RouterConfig(strategy=self.strategy, k=k, layer=layers[0], module=self.modules[0],
+                            post_norm=self.post_norm, position=self.position, calibration=self.calibration,
+                            layers=layers if pooled else None, modules=self.modules if pooled else None,
+                            statistics="default" if self.calibration == "none" else "fit",
+                            weighting="softmax" if self.calibration == "zscore" and k > 1 else "normalize")
+
+    def describe(self, num_layers: int) -> str:
+        if len(self.layers) == 1:
+            where = f"layer {self.layers[0] - num_layers}"
+        else:
+            where = f"layers {self.layers[0] - num_layers}..{self.layers[-1] - num_layers} ({len(self.layers)})"
+        return (f"{where}, {'+'.join(self.modules)}, {'post-norm' if self.post_norm else 'residual'}, "
+                f"{self.position}, {self.strategy}, {self.calibration}")
+
+
+def check_examples(examples: list[Example], names: list[str]) -> None:
+    """Every adapter needs at least 2 example prompts; every named adapter must be in the library."""
+    unknown = sorted({x.adapter for x in examples if x.adapter is not None and x.adapter not in names})
+    if unknown:
+        raise LogoError(f"example prompts name adapter(s) {unknown} that the library does not have "
+                        f"(it has {', '.join(names)})")
+    counts = {name: sum(x.adapter == name for x in examples) for name in names}
+    short = [f"{name} ({n})" for name, n in counts.items() if n < MIN_EXAMPLES]
+    if short:
+        raise LogoError(f"fitting a router needs at least {MIN_EXAMPLES} example prompts per adapter; too few for: "
+                        f"{', '.join(short)}")
+
+
+def examples_from_manifest(manifest_file: Path, split: str = "valid", n_per_template: int = 8,
+                           seed: int = 0) -> list[Example]:
+    """Example prompts from a library manifest: each adapter's (and each unseen task's) held-out templates of
+    ``split`` (``valid``, or ``test``), filled with held-out instances of that split."""
+    if split not in ("valid", "test"):
+        raise LogoError(f"unknown template split {split!r}; use valid or test")
+    try:
+        manifest = json.loads(Path(manifest_file).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise LogoError(f"cannot read the library manifest {manifest_file}: {err}") from err
+    entries = [(a, a["name"]) for a in manifest.get("adapters", [])]
+    entries += [(u, None) for u in manifest.get("unseen_tasks", [])]
+    out = []
+    instance_split = "valid" if split == "valid" else "eval"
+    for entry, adapter in entries:
+        templates = entry.get("held_out_templates", {}).get(split)
+        if not templates:
+            raise LogoError(f"manifest {manifest_file} lists no {split} templates for {entry.get('name')!r}; "
+                            "give example prompts with --prompts-dir instead")
+        task = get_task(entry["name"])
+        instances = task.make(seed, n_per_template * len(templates), instance_split)
+        for i, (fields, _) in enumerate(instances):
+            out.append(Example(task.prompt(fields, templates[i % len(templates)]), adapter))
+    return out
+
+
+def examples_from_jsonl(folder: Path) -> list[Example]:
+    """Example prompts from ``*.jsonl`` files: one ``{"prompt": ...}`` per line, for the adapter the line names
+    (``"adapter"``) or else the one the file is named after; ``"adapter": null`` or a file ``none.jsonl``: a
+    prompt no adapter is for."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+    if not files:
+        raise LogoError(f"no *.jsonl files in {folder}; give one file of example prompts per adapter")
+    out = []
+    for file in files:
+        for number, line in enumerate(file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise LogoError(f"{file}:{number} is not JSON: {err.msg}") from err
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise LogoError(f'{file}:{number} needs a "prompt" string')
+            default = None if file.stem == "none" else file.stem
+            out.append(Example(record["prompt"], record.get("adapter", default)))
+    return out
+
+
+class SignalTable:
+    """Raw scores ``[n, N]`` of every signal option for the example prompts, and their statistics."""
+
+    def __init__(self, engine: LoGoEngine, prompts: list[str], batch_size: int) -> None:
+        library, model = engine.library, engine.model
+        self.num_layers = engine.num_layers
+        points = [SignalPoint(layer, post_norm, position) for layer in range(self.num_layers)
+                  for post_norm in (False, True) for position in POSITIONS]
+        found = engine.signals(prompts, points, batch_size)
+        short = sorted({name.rsplit(".", 1)[-1] for name in library.stacks})
+        self.modules = [m for m in ("q_proj", "k_proj", "v_proj") if m in short] or short[:1]
+        self.raw: dict[tuple, torch.Tensor] = {}
+        for point in points:
+            for module in self.modules:
+                full = signal_module_name(model, RouterConfig(layer=point.layer, module=module))
+                if full not in library.stacks:
+                    continue  # no adapter targets this module in this layer
+                for strategy in ("norm", "entropy"):
+                    self.raw[(point.layer, module, point.post_norm, point.position, strategy)] = score(
+                        found[point], library, full, strategy)
+        self.stats = {key: score_statistics(raw) for key, raw in self.raw.items()}
+        self._calibrated: dict[tuple, torch.Tensor] = {}
+
+    def calibrated(self, key: tuple, calibration: str) -> torch.Tensor:
+        """One signal's scores calibrated as the router does it (:func:`logo.calibration.calibrate_scores`)."""
+        if (key, calibration) not in self._calibrated:
+            raw = self.raw[key]
+            mean = torch.tensor(self.stats[key]["values"], dtype=torch.float32)
+            std = torch.tensor(self.stats[key]["std"], dtype=torch.float32)
+            out = {"none": raw, "mean": raw / mean.clamp(min=1e-12), "zscore": (raw - mean) / std.clamp(min=1e-12)}
+            self._calibrated[(key, calibration)] = out[calibration]
+        return self._calibrated[(key, calibration)]
+
+    def scores(self, candidate: Candidate) -> torch.Tensor:
+        total = None
+        for layer in candidate.layers:
+            for module in candidate.modules:
+                key = (layer, module, candidate.post_norm, candidate.position, candidate.strategy)
+                part = self.calibrated(key, candidate.calibration)
+                total = part if total is None else total + part
+        return total
+
+    def candidates(self) -> list[Candidate]:
+        """Every single signal with every calibration, and pooled ones (layer ranges x module sets) z-scored or
+        mean-calibrated."""
+        out = []
+        for layer, module, post_norm, position, strategy in self.raw:
+            for calibration in ("none", "mean", "zscore"):
+                out.append(Candidate((layer,), (module,), post_norm, position, strategy, calibration))
+        n = self.num_layers
+        ranges = {tuple(range(n - depth, n)) for depth in (2, 4, 8, n // 2, (3 * n) // 4, n) if 1 < depth <= n}
+        ranges |= {tuple(range(0, n // 2)), tuple(range(n // 4, (3 * n) // 4)), tuple(range(1, n, 2))}
+        module_sets = [(m,) for m in self.modules] + ([tuple(self.modules)] if len(self.modules) > 1 else [])
+        for layers in sorted(ranges):
+            for modules in module_sets:
+                if not all((lay, mod, False, "last", "norm") in self.raw for lay in layers for mod in modules):
+                    continue
+                for post_norm in (False, True):
+                    for position in POSITIONS:
+                        for strategy in ("norm", "entropy"):
+                            for calibration in ("mean", "zscore"):
+                                out.append(Candidate(layers, modules, post_norm, position, strategy, calibration))
+        return out
+
+
+def precision_at_1(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    return (scores.argmax(1) == targets).float().mean().item()
+
+
+def mean_weight_on_target(scores: torch.Tensor, targets: torch.Tensor, k: int, weighting: str,
+                          temperature: float) -> float:
+    _, idx, weights = select(scores, k, weighting, temperature)
+    return (weights * (idx == targets[:, None])).sum(1).mean().item()
+
+
+def choose_mixture(scores: torch.Tensor, targets: torch.Tensor, calibration: str) -> tuple[int, str, float, float]:
+    """k, weighting and temperature with the largest mean weight on the right adapter (ties: smaller k)."""
+    best = (1, "normalize", 1.0, mean_weight_on_target(scores, targets, 1, "normalize", 1.0))
+    for k in K_CHOICES[1:]:
+        if k > scores.shape[1]:
+            break
+        options = [("softmax", t) for t in TEMPERATURES]
+        if calibration != "zscore":
+            options.insert(0, ("normalize", 1.0))
+        for weighting, temperature in options:
+            value = mean_weight_on_target(scores, targets, k, weighting, temperature)
+            if value > best[3] + 1e-9:
+                best = (k, weighting, temperature, value)
+    return best
+
+
+def choose_abstain(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor) -> dict:
+    """The rule and threshold maximising (seen prompts routed right) + (unseen prompts abstained), as shares."""
+    correct = scores.argmax(1) == targets
+    best: dict = {}
+    for rule in ("top", "margin"):
+        conf = confidence(scores, rule)
+        values = torch.sort(torch.unique(conf)).values
+        thresholds = torch.cat([values[:1] - 1.0, (values[1:] + values[:-1]) / 2, values[-1:] + 1.0])
+        for t in thresholds.tolist():
+            routed = conf >= t
+            seen_right = (routed & correct & seen).sum().item() / max(1, seen.sum().item())
+            unseen_abstained = (~routed & ~seen).sum().item() / max(1, (~seen).sum().item())
+            value = seen_right + unseen_abstained
+            if not best or value > best["objective"] + 1e-9:
+                best = {"rule": rule, "threshold": t, "objective": value, "seen_routed_right": seen_right,
+                        "unseen_abstained": unseen_abstained,
+                        "seen_abstained": (~routed & seen).sum().item() / max(1, seen.sum().item())}
+    return best
+
+
+def fit_router(engine: LoGoEngine, examples: list[Example], base_model: str = "", batch_size: int = 16,
+               source: str = "", abstain: bool = True) -> RouterFile:
+    """Choose the signal, calibration, k, weighting and abstain rule for ``engine``'s library (see the module doc)."""
+    names = engine.library.names
+    check_examples(examples, names)
+    table = SignalTable(engine, [x.prompt for x in examples], batch_size)
+    seen = torch.tensor([x.adapter is not None for x in examples])
+    targets = torch.tensor([names.index(x.adapter) if x.adapter is not None else -1 for x in examples])
+    ranked = []
+    for candidate in table.candidates():
+        scores = table.scores(candidate)
+        ranked.append((precision_at_1(scores[seen], targets[seen]), -len(candidate.layers) * len(candidate.modules),
+                       candidate))
+    ranked.sort(key=lambda r: (r[0], r[1]), reverse=True)
+    precision, _, best = ranked[0]
+    scores = table.scores(best)
+    k, weighting, temperature, weight_on_target = choose_mixture(scores[seen], targets[seen], best.calibration)
+    config = replace(best.config(table.num_layers, k), weighting=weighting, temperature=temperature)
+    abstain_fit = {}
+    if abstain and (~seen).any():
+        abstain_fit = choose_abstain(scores, targets, seen)
+        config = replace(config, abstain=abstain_fit["rule"], abstain_below=round(abstain_fit["threshold"], 6))
+    router = Router(engine.model, engine.library, config)
+    statistics = {}
+    if config.calibration != "none":
+        for signal in router.signals:
+            module = signal.module.rsplit(".", 1)[-1]
+            key = (signal.point.layer, module, config.post_norm, config.position, config.strategy)
+            statistics[signal.key] = {"method": "fit", **table.stats[key], "source": source or "fit prompts"}
+    official = Candidate((table.num_layers - 1,), ("q_proj",), False, "last", "norm", "none")
+    fit = {
+        "source": source, "n_prompts": len(examples), "n_seen": int(seen.sum()), "n_unseen": int((~seen).sum()),
+        "precision_at_1": precision, "weight_on_target": weight_on_target,
+        "signal": best.describe(table.num_layers),
+        "official_precision_at_1": precision_at_1(table.scores(official)[seen], targets[seen])
+        if official.layers[0] < table.num_layers and (official.layers[0], "q_proj", False, "last", "norm") in table.raw
+        else None,
+        "abstain": abstain_fit,
+        "top_candidates": [{"signal": c.describe(table.num_layers), "precision_at_1": p} for p, _, c in ranked[:10]],
+        "n_candidates": len(ranked),
+    }
+    return RouterFile(config, list(names), model_fingerprint(engine.model), statistics, base_model, fit)

@@ -1,0 +1,119 @@
+"""A router fitted to an adapter library, stored with it: ``logo_router.json`` next to the adapters.
+
+The file holds the router's settings (a :class:`~logo.router.RouterConfig`), the calibration statistics it
+was fitted with (per signal and adapter: mean and std of the raw score over the fit prompts), what it was
+fitted for (the adapters' names in library order and the base model's shape) and the fit's own report.
+:meth:`RouterFile.check` refuses, in one line that names the mismatch, a file that does not match the
+library or the model it is used with; :meth:`RouterFile.apply` then hands the statistics to the library.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from torch import nn
+
+from logo.errors import LogoError
+from logo.router import RouterConfig
+
+FILE_NAME = "logo_router.json"
+VERSION = 1
+FINGERPRINT_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+
+
+def model_fingerprint(model: nn.Module) -> dict:
+    """The base model's shape as a router depends on it (architecture, layers, widths, vocabulary)."""
+    config = model.config
+    return {name: getattr(config, name, None) for name in FINGERPRINT_FIELDS}
+
+
+@dataclass
+class RouterFile:
+    """A fitted router: settings, statistics, what it was fitted for, and the fit's report."""
+
+    config: RouterConfig
+    adapters: list[str]
+    model: dict
+    statistics: dict[str, dict] = field(default_factory=dict)
+    base_model: str = ""
+    """The base model's name as given to the fit (for people; the check compares :attr:`model`)."""
+    fit: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"version": VERSION, "base_model": self.base_model, "model": self.model, "adapters": self.adapters,
+                "router": self.config.to_dict(), "statistics": self.statistics, "fit": self.fit}
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> RouterFile:
+        """Read a router file; a missing, unreadable or malformed file is a one-line error naming it."""
+        path = Path(path)
+        if not path.is_file():
+            raise LogoError(f"router file {path} does not exist; fit one with `logo fit-router`")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise LogoError(f"cannot read router file {path}: {err}") from err
+        if not isinstance(data, dict) or data.get("version") != VERSION:
+            raise LogoError(f"router file {path} is not a version-{VERSION} logo router file; fit it again")
+        missing = [k for k in ("model", "adapters", "router", "statistics") if k not in data]
+        if missing:
+            raise LogoError(f"router file {path} lacks {', '.join(missing)}; fit it again")
+        config = RouterConfig.from_dict(data["router"], where=f"router file {path}: 'router'")
+        return cls(config, list(data["adapters"]), dict(data["model"]), dict(data["statistics"]),
+                   str(data.get("base_model", "")), dict(data.get("fit", {})))
+
+    def check(self, names: list[str], model: nn.Module | None = None, library_modules: list[str] | None = None,
+              where: str = "router file") -> None:
+        """Refuse a file fitted for other adapters, another base model or another signal module (one line)."""
+        missing = [n for n in self.adapters if n not in names]
+        if missing:
+            raise LogoError(f"{where} was fitted with adapter(s) {missing} that the library does not have; "
+                            "fit the router again for this library (`logo fit-router`)")
+        extra = [n for n in names if n not in self.adapters]
+        if extra:
+            raise LogoError(f"{where} does not know the library's adapter(s) {extra}; fit the router again for "
+                            "this library (`logo fit-router`)")
+        if names != self.adapters:
+            raise LogoError(f"{where} lists the adapters in another order than the library; fit the router again")
+        if model is not None:
+            here = model_fingerprint(model)
+            diff = [f"{k} {self.model.get(k)} (file) vs {here[k]} (model)" for k in FINGERPRINT_FIELDS
+                    if self.model.get(k) != here[k]]
+            if diff:
+                raise LogoError(f"{where} was fitted on another base model ({self.base_model or 'unnamed'}): "
+                                f"{'; '.join(diff)}")
+        if library_modules is not None:
+            short = {m.rsplit(".", 1)[-1] for m in library_modules}
+            foreign = [m for m in self.config.signal_modules if m not in short]
+            if foreign:
+                raise LogoError(f"{where} routes on signal module(s) {foreign}, which no adapter of the library "
+                                f"targets (they target {sorted(short)})")
+        for key, entry in self.statistics.items():
+            if len(entry.get("values", [])) != len(names) or len(entry.get("std", [])) != len(names):
+                raise LogoError(f"{where}: statistics {key} do not cover the library's {len(names)} adapters")
+
+    def apply(self, library, overrides: RouterConfig | None = None) -> RouterConfig:
+        """Hand the file's statistics to ``library`` (in memory) and return the router to use: the file's own,
+        or ``overrides`` reading the file's statistics where it uses fitted statistics."""
+        library.calibration.update(self.statistics)
+        return overrides if overrides is not None else self.config
+
+    def without_abstain(self) -> RouterConfig:
+        """The fitted router with its confidence rule off (always routes)."""
+        return replace(self.config, abstain="none", abstain_below=0.0)
+
+
+def library_router_file(adapter_dirs: list[Path]) -> Path | None:
+    """The router file stored with a library (in the adapters' common parent directory), if there is one."""
+    parents = {Path(d).resolve().parent for d in adapter_dirs}
+    if len(parents) != 1:
+        return None
+    file = parents.pop() / FILE_NAME
+    return file if file.is_file() else None

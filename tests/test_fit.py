@@ -1,0 +1,149 @@
+"""Fitted routers: z-score calibration and pooled signals against the formula, abstain to base, router files
+that do not match their library, and the fit itself (on a tiny random model)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from logo.engine import LoGoEngine
+from logo.errors import LogoError
+from logo.fit import Example, check_examples, examples_from_jsonl, fit_router
+from logo.library import AdapterLibrary
+from logo.router import RouterConfig
+from logo.router_file import FILE_NAME, RouterFile, library_router_file, model_fingerprint
+from tests.helpers import make_tiny_model
+from tests.test_router import reference_scores
+
+PROMPTS = ["Q: What is 3 + 4?\nA:", "Sort: zeta alpha\nA:", "x", "Name a colour.", "2 4 6 8", "hello there"]
+
+
+@pytest.fixture
+def lib_copy(tiny_library, tmp_path):
+    model, root = tiny_library("llama")
+    shutil.copytree(root, tmp_path / "lib")
+    return model, tmp_path / "lib"
+
+
+def test_zscore_calibration_is_the_formula_written_out(lib_copy, tokenizer):
+    model, root = lib_copy
+    lib = AdapterLibrary.load(root, model)
+    engine = LoGoEngine(model, tokenizer, lib, RouterConfig(k=1, calibration="zscore", layer=-2, post_norm=True))
+    engine.calibrate(PROMPTS, batch_size=4)
+    raw = torch.tensor([reference_scores(model, root, lib.names, tokenizer, p, "norm", layer=-2, post_norm=True)
+                        for p in PROMPTS], dtype=torch.float64)
+    mean = raw.mean(0)
+    std = ((raw - mean) ** 2).mean(0).sqrt()  # population standard deviation over the calibration prompts
+    for prompt, row in zip(PROMPTS[:3], raw[:3]):
+        route = engine.route([prompt])[0]
+        z = (row - mean) / std
+        assert route.indices == [int(z.argmax())]
+        assert route.scores[0] == pytest.approx(float(z.max()), rel=1e-3, abs=1e-4)
+    engine.close()
+
+
+def test_pooled_signal_sums_the_z_scores_of_every_layer_and_module(lib_copy, tokenizer):
+    model, root = lib_copy
+    lib = AdapterLibrary.load(root, model)
+    config = RouterConfig(k=1, calibration="zscore", layers=(0, 1, 2), modules=("q_proj",))
+    engine = LoGoEngine(model, tokenizer, lib, config)
+    engine.calibrate(PROMPTS, batch_size=4)
+    total = 0
+    for layer in (0, 1, 2):
+        raw = torch.tensor([reference_scores(model, root, lib.names, tokenizer, p, "norm", layer=layer)
+                            for p in PROMPTS], dtype=torch.float64)
+        total = total + (raw - raw.mean(0)) / ((raw - raw.mean(0)) ** 2).mean(0).sqrt()
+    routes = engine.route(PROMPTS)
+    assert [r.indices[0] for r in routes] == total.argmax(1).tolist()
+    assert [r.scores[0] for r in routes] == pytest.approx(total.max(1).values.tolist(), rel=1e-3, abs=1e-4)
+    engine.close()
+
+
+def test_abstain_runs_the_base_model(lib_copy, tokenizer):
+    model, root = lib_copy
+    lib = AdapterLibrary.load(root, model)
+    always = LoGoEngine(model, tokenizer, lib, RouterConfig(k=2, abstain="top", abstain_below=1e9))
+    never = always.with_router(RouterConfig(k=2, abstain="margin", abstain_below=0.0))
+    out = always.generate(PROMPTS[:3], max_new_tokens=5, batch_size=3)
+    base = always.generate(PROMPTS[:3], selections=[None] * 3, max_new_tokens=5, batch_size=3)
+    routed = never.generate(PROMPTS[:3], max_new_tokens=5, batch_size=3)
+    for o, b, r in zip(out, base, routed):
+        assert o.route.abstained and o.route.indices == [] and o.text == b.text
+        assert not r.route.abstained and len(r.route.indices) == 2
+    assert [o.text for o in routed] != [b.text for b in base], "the adapters should change something"
+    always.close()
+
+
+def fitted(model, tokenizer, root, examples) -> RouterFile:
+    lib = AdapterLibrary.load(root, model)
+    engine = LoGoEngine(model, tokenizer, lib, RouterConfig(k=1))
+    try:
+        return fit_router(engine, examples, base_model="tiny", batch_size=8)
+    finally:
+        engine.close()
+
+
+def test_fit_writes_a_router_file_that_routes_as_fitted(lib_copy, tokenizer):
+    model, root = lib_copy
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    examples = [Example(f"{name} example {i}: " + "abc " * (j + i), name) for j, name in enumerate(names)
+                for i in range(3)] + [Example("no adapter for this one", None), Example("nor this", None)]
+    file = fitted(model, tokenizer, root, examples)
+    assert file.adapters == names and file.fit["n_seen"] == 3 * len(names) and file.fit["n_unseen"] == 2
+    assert file.config.abstain in ("top", "margin") and 0 <= file.fit["precision_at_1"] <= 1
+    path = file.save(root / FILE_NAME)
+    assert library_router_file([root / n for n in names]) == path
+    loaded = RouterFile.load(path)
+    lib = AdapterLibrary.load(root, model)
+    loaded.check(lib.names, model, lib.modules)
+    engine = LoGoEngine(model, tokenizer, lib, loaded.apply(lib))
+    routes = engine.route([x.prompt for x in examples], batch_size=8)
+    scores = torch.tensor([r.scores[0] if r.scores else float("nan") for r in routes])
+    assert len(routes) == len(examples) and all(r.abstained == (not r.indices) for r in routes)
+    assert torch.isfinite(scores[[not r.abstained for r in routes]]).all()
+    engine.close()
+
+
+def test_fit_names_an_adapter_with_too_few_prompts(lib_copy, tokenizer):
+    model, root = lib_copy
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    examples = [Example(f"p{i}", n) for n in names for i in range(2)]
+    with pytest.raises(LogoError, match=r"at least 2 example prompts per adapter; too few for: b_r8 \(1\)"):
+        check_examples([x for x in examples if x != Example("p1", "b_r8")], names)
+    with pytest.raises(LogoError, match=r"adapter\(s\) \['zz'\]"):
+        check_examples(examples + [Example("p", "zz")], names)
+
+
+def test_router_file_mismatches_are_one_line_errors(lib_copy, tokenizer, tmp_path):
+    model, root = lib_copy
+    lib = AdapterLibrary.load(root, model)
+    file = RouterFile(RouterConfig(k=1), list(lib.names), model_fingerprint(model), {})
+    file.check(lib.names, model, lib.modules)
+    with pytest.raises(LogoError, match=r"adapter\(s\) \['a_r4'\] that the library does not have"):
+        file.check(lib.names[1:], model, lib.modules)
+    with pytest.raises(LogoError, match=r"does not know the library's adapter\(s\) \['zz'\]"):
+        file.check(lib.names + ["zz"], model, lib.modules)
+    other_module = RouterFile(RouterConfig(k=1, module="gate_proj"), list(lib.names), file.model, {})
+    with pytest.raises(LogoError, match=r"signal module\(s\) \['gate_proj'\], which no adapter"):
+        other_module.check(lib.names, model, lib.modules)
+    with pytest.raises(LogoError, match="another base model .*num_hidden_layers 3 \\(file\\) vs 4 \\(model\\)"):
+        file.check(lib.names, make_tiny_model("llama", layers=4), lib.modules)
+    (tmp_path / "bad.json").write_text(json.dumps({**file.to_dict(), "router": {"k": 1, "layr": 2}}))
+    with pytest.raises(LogoError, match=r"unknown field\(s\) \['layr'\]"):
+        RouterFile.load(tmp_path / "bad.json")
+    with pytest.raises(LogoError, match="does not exist"):
+        RouterFile.load(tmp_path / "none.json")
+
+
+def test_examples_from_jsonl(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"prompt": "x"}\n\n{"prompt": "y", "adapter": "b"}\n')
+    (tmp_path / "none.jsonl").write_text('{"prompt": "z"}\n')
+    assert examples_from_jsonl(tmp_path) == [Example("x", "a"), Example("y", "b"), Example("z", None)]
+    (tmp_path / "c.jsonl").write_text("not json\n")
+    with pytest.raises(LogoError, match="c.jsonl:1 is not JSON"):
+        examples_from_jsonl(tmp_path)
+    with pytest.raises(LogoError, match="no \\*.jsonl files"):
+        examples_from_jsonl(tmp_path / "nowhere")
