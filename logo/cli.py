@@ -18,11 +18,12 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from logo import cli_core
+    from logo import cli_core, fit_cli
     from logo.eval import cli as eval_cli
     from logo.train import cli as train_cli
 
     cli_core.register(app)
+    fit_cli.register(app)
     eval_cli.register(app)
     train_cli.register(app)
     from logo import bench

@@ -23,7 +23,7 @@ def test_peft_and_engine_predictions_agree(tmp_path):
     train_lora(model, tok, task, tmp_path / "parity", TrainConfig(rank=2, alpha=8, steps=3, batch_size=4, lr=5e-2),
                "tiny", progress=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    prompts = [task.prompt(q) for q, _ in task.make(0, 6, "eval")]
+    prompts = [prompt for prompt, _ in task.examples(0, 6, "eval")]
     via_peft = {a: peft_predictions(model, tok, prompts, a, batch_size=4, max_new_tokens=6)
                 for a in (None, tmp_path / "parity")}
     for k, v in model.state_dict().items():  # PEFT's layers are unloaded again

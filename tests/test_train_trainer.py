@@ -17,7 +17,7 @@ from tests.helpers import make_tiny_model, make_tokenizer
 
 def test_answer_only_loss_mask():
     tok = make_tokenizer()
-    prompt = get_task("parity").prompt("Is the number 7 even or odd?")
+    prompt = get_task("parity").prompt({"n": "7"})
     ids, labels = encode_example(tok, prompt, "odd")
     prompt_len = len(tok(prompt)["input_ids"])
     assert labels[:prompt_len] == [-100] * prompt_len
@@ -60,8 +60,9 @@ def test_training_writes_a_loadable_bf16_adapter_and_record(tmp_path):
     assert len(record.loss_curve) == 3 and record.wall_time_s >= 0 and record.n_train_examples == 6
     saved = json.loads((out / "train_record.json").read_text())
     assert saved["task"] == "parity" and saved["config"]["steps"] == 3 and saved["config"]["seed"] == 0
-    assert saved["data_source"] == {"source": "logo", "generator": "parity", "args": {}, "held_out": "questions"}
-    assert saved["prompt_template"] == get_task("parity").prompt_template and len(saved["loss_curve"]) == 3
+    assert saved["data_source"] == json.loads(json.dumps(get_task("parity").describe()))
+    assert saved["data_source"]["templates"]["train"] == list(get_task("parity").templates_for("train"))
+    assert len(saved["loss_curve"]) == 3 and saved["cpu_threads"] >= 1
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                      "train_record.json"]
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"

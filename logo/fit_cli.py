@@ -1,0 +1,75 @@
+"""`logo fit-router`: fit a router to an adapter library and store it next to the library."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from logo.cli_options import Adapters, BaseModel, BatchSize, Device, Dtype
+from logo.errors import LogoError
+
+
+def fit_router_command(
+    base_model: BaseModel = "smollm2-135m",
+    adapters: Adapters = None,
+    prompts_dir: Annotated[Path | None, typer.Option(
+        "--prompts-dir", help="A folder of *.jsonl example prompts, one file per adapter ({\"prompt\": ...} per "
+        "line; none.jsonl: prompts no adapter is for). Default: the library manifest's validation templates.")] = None,
+    n_per_template: Annotated[int, typer.Option(
+        "--n-per-template", help="Example prompts per validation template (manifest prompts only).")] = 8,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Where to write the router file. Default: logo_router.json next to the adapters.")] = None,
+    no_abstain: Annotated[bool, typer.Option("--no-abstain", help="Never abstain to the base model.")] = False,
+    device: Device = None,
+    dtype: Dtype = "auto",
+    batch_size: BatchSize = 16,
+) -> None:
+    """Fit a router to a library (signal, calibration, k, weighting, abstain rule) on a few example prompts per
+    adapter, chosen by precision@1; `logo route/generate/run/demo` then use it unless router flags override it."""
+    from logo.fit import examples_from_jsonl, examples_from_manifest, fit_router  # lazy: keeps --help fast
+    from logo.router import RouterConfig
+    from logo.router_file import FILE_NAME
+    from logo.spec import EngineSpec
+
+    if n_per_template < 1:
+        raise LogoError(f"--n-per-template must be at least 1, got {n_per_template}")
+    spec = EngineSpec(base_model, adapters, RouterConfig(k=1), device, dtype)
+    entries, _ = spec.resolved()
+    parents = {path.resolve().parent for _, path in entries}
+    root = parents.pop() if len(parents) == 1 else None
+    if prompts_dir is not None:
+        examples, source = examples_from_jsonl(prompts_dir), str(prompts_dir)
+    else:
+        if root is None or not (root / "manifest.json").is_file():
+            raise LogoError("the adapters have no manifest.json to take example prompts from; give --prompts-dir")
+        examples = examples_from_manifest(root / "manifest.json", "valid", n_per_template)
+        source = f"manifest validation templates, {n_per_template} prompts per template"
+    if out is None:
+        if root is None:
+            raise LogoError("the adapters share no folder to store the router in; give --out FILE")
+        out = root / FILE_NAME
+    if not os.access(out.parent if out.parent.exists() else out.parent.parent, os.W_OK):
+        raise LogoError(f"cannot write {out}; give --out FILE somewhere writable")
+    engine = spec.build(progress=True)
+    try:
+        fitted = fit_router(engine, examples, base_model=base_model, batch_size=batch_size, source=source,
+                            abstain=not no_abstain)
+    finally:
+        engine.close()
+    fitted.save(out)
+    fit = fitted.fit
+    abstain = fit.get("abstain") or {}
+    print(f"signal: {fit['signal']}; k={fitted.config.k} ({fitted.config.weighting}); "
+          f"precision@1 on {fit['n_seen']} example prompts {fit['precision_at_1']:.3f} "
+          f"(official signal {fit['official_precision_at_1'] or float('nan'):.3f})")
+    if abstain:
+        print(f"abstain: {abstain['rule']} below {abstain['threshold']:.4g}: {abstain['unseen_abstained']:.2f} of "
+              f"{fit['n_unseen']} prompts with no adapter abstain, {abstain['seen_abstained']:.2f} of the others")
+    print(f"wrote {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="fit-router")(fit_router_command)
