@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 
 from logo.cli_options import (
+    Abstain,
+    AbstainBelow,
     Adapters,
     BaseModel,
     BatchSize,
@@ -25,10 +27,11 @@ from logo.cli_options import (
     PostNorm,
     Prompts,
     PromptsFile,
+    Router,
     Strategy,
     Weighting,
     WeightTemp,
-    router_from_options,
+    router_overrides,
 )
 from logo.errors import LogoError
 from logo.generation import GenerationSettings, check_prompts
@@ -50,21 +53,22 @@ def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[s
     return out
 
 
-def build_engine(base_model, adapters, strategy, k, layer, module, post_norm, position, weighting, temperature,
-                 calibration, device, dtype, decode="eager"):
-    """The engine the flags describe (checked by :class:`EngineSpec` before the slow model load)."""
+def build_engine(base_model, adapters, overrides: dict, router_file: str, device, dtype, decode="eager"):
+    """The engine the flags describe: the library's fitted router (or ``--router``'s) with the router flags over
+    it, checked by :class:`EngineSpec` before the slow model load."""
     from logo.spec import EngineSpec  # lazy: keeps `logo --help` free of the transformers import
 
-    router = router_from_options(strategy, k, layer, module, post_norm, position, weighting, temperature,
-                                 calibration)
-    spec = EngineSpec(base_model, adapters, router, device, dtype, decode, fit_k=k is None)
+    spec = EngineSpec(base_model, adapters, None, device, dtype, decode, fit_k="k" not in overrides,
+                      router_file=router_file, router_overrides=overrides)
     return spec.build(progress=True)
 
 
 def route_record(prompt: str, route, names: list[str]) -> dict:
-    """The JSON record of one routed prompt (``selected`` in descending score order)."""
+    """The JSON record of one routed prompt (``selected`` in descending score order; empty, with ``abstained``
+    true, when the router sent the prompt to the base model)."""
     return {
         "prompt": prompt,
+        "abstained": route.abstained,
         "selected": [
             {"name": n, "index": i, "score": s, "weight": w}
             for n, i, s, w in zip(route.names, route.indices, route.scores, route.weights)
@@ -96,15 +100,18 @@ def route(
     prompts_file: PromptsFile = None,
     base_model: BaseModel = "smollm2-135m",
     adapters: Adapters = None,
-    selection_strategy: Strategy = "norm",
+    router: Router = "auto",
+    selection_strategy: Strategy = None,
     n_selected_modules: K = None,
-    signal_layer: Layer = -1,
-    signal_module: Module = "q_proj",
-    post_norm: PostNorm = False,
-    position: Position = "last",
-    weighting: Weighting = "normalize",
-    weight_temperature: WeightTemp = 1.0,
-    calibration: Calibration = "none",
+    signal_layer: Layer = None,
+    signal_module: Module = None,
+    post_norm: PostNorm = None,
+    position: Position = None,
+    weighting: Weighting = None,
+    weight_temperature: WeightTemp = None,
+    calibration: Calibration = None,
+    abstain: Abstain = None,
+    abstain_below: AbstainBelow = None,
     device: Device = None,
     dtype: Dtype = "auto",
     batch_size: BatchSize = 8,
@@ -112,8 +119,9 @@ def route(
 ) -> None:
     """Select adapters for each prompt (LoGo probe, score, top-k) and show the mixture."""
     prompts = read_prompts(prompt, prompts_file)
-    engine = build_engine(base_model, adapters, selection_strategy, n_selected_modules, signal_layer, signal_module,
-                          post_norm, position, weighting, weight_temperature, calibration, device, dtype)
+    overrides = router_overrides(selection_strategy, n_selected_modules, signal_layer, signal_module, post_norm,
+                                 position, weighting, weight_temperature, calibration, abstain, abstain_below)
+    engine = build_engine(base_model, adapters, overrides, router, device, dtype)
     routes = engine.route(prompts, batch_size=batch_size, progress=len(prompts) > batch_size)
     records = [route_record(p, r, engine.library.names) for p, r in zip(prompts, routes)]
     _emit(records, json_out)
@@ -124,7 +132,8 @@ def generate(
     prompts_file: PromptsFile = None,
     base_model: BaseModel = "smollm2-135m",
     adapters: Adapters = None,
-    selection_strategy: Strategy = "norm",
+    router: Router = "auto",
+    selection_strategy: Strategy = None,
     n_selected_modules: K = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "--max_new_tokens")] = 256,
     generation_early_stop: Annotated[
@@ -134,13 +143,15 @@ def generate(
     temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = 1.0,
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    signal_layer: Layer = -1,
-    signal_module: Module = "q_proj",
-    post_norm: PostNorm = False,
-    position: Position = "last",
-    weighting: Weighting = "normalize",
-    weight_temperature: WeightTemp = 1.0,
-    calibration: Calibration = "none",
+    signal_layer: Layer = None,
+    signal_module: Module = None,
+    post_norm: PostNorm = None,
+    position: Position = None,
+    weighting: Weighting = None,
+    weight_temperature: WeightTemp = None,
+    calibration: Calibration = None,
+    abstain: Abstain = None,
+    abstain_below: AbstainBelow = None,
     device: Device = None,
     dtype: Dtype = "auto",
     batch_size: BatchSize = 8,
@@ -150,8 +161,9 @@ def generate(
     """Route each prompt and generate with its own weighted mixture of adapters."""
     prompts = read_prompts(prompt, prompts_file)
     settings = GenerationSettings(max_new_tokens, generation_early_stop, do_sample, temperature, top_p, seed)
-    engine = build_engine(base_model, adapters, selection_strategy, n_selected_modules, signal_layer, signal_module,
-                          post_norm, position, weighting, weight_temperature, calibration, device, dtype, decode)
+    overrides = router_overrides(selection_strategy, n_selected_modules, signal_layer, signal_module, post_norm,
+                                 position, weighting, weight_temperature, calibration, abstain, abstain_below)
+    engine = build_engine(base_model, adapters, overrides, router, device, dtype, decode)
     results = engine.generate(prompts, batch_size=batch_size, progress=len(prompts) > batch_size,
                               **settings.to_dict())
     records = []
@@ -166,18 +178,19 @@ def calibrate(
     base_model: BaseModel = "smollm2-135m",
     adapters: Adapters = None,
     prompts_file: PromptsFile = None,
-    selection_strategy: Strategy = "norm",
-    signal_layer: Layer = -1,
-    signal_module: Module = "q_proj",
-    post_norm: PostNorm = False,
-    position: Position = "last",
+    selection_strategy: Strategy = None,
+    signal_layer: Layer = None,
+    signal_module: Module = None,
+    post_norm: PostNorm = None,
+    position: Position = None,
     device: Device = None,
     dtype: Dtype = "auto",
     batch_size: BatchSize = 8,
 ) -> None:
-    """Compute per-adapter `mean` score statistics (label-free) and store them with the library."""
-    engine = build_engine(base_model, adapters, selection_strategy, 1, signal_layer, signal_module, post_norm,
-                          position, "normalize", 1.0, "none", device, dtype)
+    """Compute per-adapter score statistics (mean and std, label-free) for `mean` and `zscore` calibration of the
+    official signal (or the one the flags give) and store them with the library."""
+    overrides = router_overrides(selection_strategy, 1, signal_layer, signal_module, post_norm, position)
+    engine = build_engine(base_model, adapters, overrides, "official", device, dtype)
     prompts = read_prompts(None, prompts_file) if prompts_file else None
     entry = engine.calibrate(prompts, batch_size=batch_size, source=str(prompts_file) if prompts_file else None,
                              progress=True)

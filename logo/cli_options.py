@@ -1,7 +1,8 @@
 """Typer option declarations shared by every command (one place for each flag's spelling and help).
 
-Commands build an :class:`~logo.spec.EngineSpec` from these with :func:`router_from_options`; the spec does
-the checking, so every router option works, and fails, the same way everywhere.
+Commands build an :class:`~logo.spec.EngineSpec` from these with :func:`router_overrides` (the flags given,
+over the library's fitted router or the official one); the spec does the checking, so every router option
+works, and fails, the same way everywhere.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from logo.router import RouterConfig
 
 BaseModel = Annotated[
     str,
@@ -33,19 +32,28 @@ PromptsFile = Annotated[
     Path | None,
     typer.Option("--prompts-file", help="A file with one prompt per line (\\n escapes allowed); - for stdin."),
 ]
-Strategy = Annotated[str, typer.Option("--selection-strategy", "--selection_strategy", help="norm | entropy")]
+Strategy = Annotated[str | None, typer.Option("--selection-strategy", "--selection_strategy", help="norm | entropy")]
 K = Annotated[
     int | None,
     typer.Option("--n-selected-modules", "--n_selected_modules", "-k",
-                 help="Adapters per prompt (official default 20; the library size if it holds fewer)."),
+                 help="Adapters per prompt (the fitted router's, else the official 20, or the library size if it "
+                 "holds fewer)."),
 ]
-Layer = Annotated[int, typer.Option("--signal-layer", help="Signal layer; negative counts from the end.")]
-Module = Annotated[str, typer.Option("--signal-module", help="Signal module name within the layer.")]
-PostNorm = Annotated[bool, typer.Option("--post-norm", help="Probe the module's real input (after the norm).")]
-Position = Annotated[str, typer.Option("--position", help="last | mean (over prompt tokens)")]
-Weighting = Annotated[str, typer.Option("--weighting", help="normalize (official) | softmax")]
-WeightTemp = Annotated[float, typer.Option("--weight-temperature", help="Temperature for --weighting softmax.")]
-Calibration = Annotated[str, typer.Option("--calibration", help="none (official) | mean | weight-norm")]
+Layer = Annotated[int | None, typer.Option("--signal-layer", help="Signal layer; negative counts from the end.")]
+Module = Annotated[str | None, typer.Option("--signal-module", help="Signal module name within the layer.")]
+PostNorm = Annotated[bool | None, typer.Option(
+    "--post-norm/--residual", help="Probe the module's real input (after the norm) / the residual stream.")]
+Position = Annotated[str | None, typer.Option("--position", help="last | mean (over prompt tokens)")]
+Weighting = Annotated[str | None, typer.Option("--weighting", help="normalize (official) | softmax")]
+WeightTemp = Annotated[float | None, typer.Option("--weight-temperature", help="Temperature for --weighting softmax.")]
+Calibration = Annotated[str | None, typer.Option("--calibration", help="none (official) | mean | zscore | weight-norm")]
+Abstain = Annotated[str | None, typer.Option(
+    "--abstain", help="none | top | margin: run the base model when the top score (or top-1/top-2 margin) is "
+    "below --abstain-below")]
+AbstainBelow = Annotated[float | None, typer.Option("--abstain-below", help="Threshold of --abstain.")]
+Router = Annotated[str, typer.Option(
+    "--router", help="auto (the library's fitted router, logo_router.json, if it has one; else the official) | "
+    "official (the paper's) | PATH of a router file. Router flags override its fields.")]
 Device = Annotated[str | None, typer.Option("--device", help="cpu | cuda (default: cuda if available)")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Prompts per batch.")]
@@ -55,9 +63,13 @@ Decode = Annotated[str, typer.Option(
 Json = Annotated[bool, typer.Option("--json", help="One JSON object per prompt per line.")]
 
 
-def router_from_options(strategy: str, k: int | None, layer: int, module: str, post_norm: bool, position: str,
-                        weighting: str, temperature: float, calibration: str) -> RouterConfig:
-    """The router the flags describe; ``k=None`` means the official 20 (fitted to a smaller library)."""
-    return RouterConfig(strategy=strategy, k=20 if k is None else k, layer=layer, module=module,
-                        post_norm=post_norm, position=position, weighting=weighting, temperature=temperature,
-                        calibration=calibration)
+def router_overrides(strategy: str | None = None, k: int | None = None, layer: int | None = None,
+                     module: str | None = None, post_norm: bool | None = None, position: str | None = None,
+                     weighting: str | None = None, temperature: float | None = None, calibration: str | None = None,
+                     abstain: str | None = None, abstain_below: float | None = None) -> dict:
+    """The router fields the flags set (the ones left out keep the fitted or official router's values)."""
+    given = {"strategy": strategy, "k": k, "layer": layer, "module": module, "post_norm": post_norm,
+             "position": position, "weighting": weighting, "temperature": temperature, "calibration": calibration,
+             "abstain": abstain, "abstain_below": abstain_below}
+    return {name: value for name, value in given.items() if value is not None}
+

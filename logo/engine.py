@@ -108,10 +108,11 @@ class LoGoEngine:
         progress: bool = False,
         decode: str = "eager",
     ) -> LoGoEngine:
-        """Load a base model (path, hub id or preset) and an adapter library (default: the preset's)."""
+        """Load a base model (path, hub id or preset) and an adapter library (default: the preset's); with no
+        ``router``, the library's fitted router if it has one (``logo_router.json``), else the official one."""
         from logo.spec import EngineSpec  # the spec builds engines, so it sits above this module
 
-        return EngineSpec(base_model, adapters, router or RouterConfig(), device, dtype, decode).build(progress)
+        return EngineSpec(base_model, adapters, router, device, dtype, decode).build(progress)
 
     # ----------------------------------------------------------------- views
     @property

@@ -258,7 +258,8 @@ def fit_router(engine: LoGoEngine, examples: list[Example], base_model: str = ""
     ranked = []
     for candidate in table.candidates():
         scores = table.scores(candidate)
-        ranked.append((precision_at_1(scores[seen], targets[seen]), -len(candidate.layers) * len(candidate.modules),
+        # ties go to the signal that pools more evidence (it carries over to new wordings better)
+        ranked.append((precision_at_1(scores[seen], targets[seen]), len(candidate.layers) * len(candidate.modules),
                        candidate))
     ranked.sort(key=lambda r: (r[0], r[1]), reverse=True)
     precision, _, best = ranked[0]

@@ -40,6 +40,8 @@ class RouterFile:
     base_model: str = ""
     """The base model's name as given to the fit (for people; the check compares :attr:`model`)."""
     fit: dict = field(default_factory=dict)
+    path: Path | None = None
+    """Where the file was read from (None for a file not read from disk)."""
 
     def to_dict(self) -> dict:
         return {"version": VERSION, "base_model": self.base_model, "model": self.model, "adapters": self.adapters,
@@ -67,7 +69,7 @@ class RouterFile:
             raise LogoError(f"router file {path} lacks {', '.join(missing)}; fit it again")
         config = RouterConfig.from_dict(data["router"], where=f"router file {path}: 'router'")
         return cls(config, list(data["adapters"]), dict(data["model"]), dict(data["statistics"]),
-                   str(data.get("base_model", "")), dict(data.get("fit", {})))
+                   str(data.get("base_model", "")), dict(data.get("fit", {})), path)
 
     def check(self, names: list[str], model: nn.Module | None = None, library_modules: list[str] | None = None,
               where: str = "router file") -> None:
@@ -117,3 +119,19 @@ def library_router_file(adapter_dirs: list[Path]) -> Path | None:
         return None
     file = parents.pop() / FILE_NAME
     return file if file.is_file() else None
+
+
+ROUTER_CHOICES = ("auto", "official")
+
+
+def choose_router_file(adapter_dirs: list[Path], choice: str | Path | None) -> Path | None:
+    """The router file ``--router`` names: ``auto`` (default: the library's own file, if it has one), ``official``
+    (none: the paper's router) or a path to a router file (which must exist)."""
+    if choice is None or str(choice) == "auto":
+        return library_router_file(adapter_dirs)
+    if str(choice) == "official":
+        return None
+    path = Path(choice)
+    if not path.is_file():
+        raise LogoError(f"--router {choice}: no such router file; give auto, official or a logo_router.json path")
+    return path

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from logo.library import AdapterLibrary
 from logo.models import DTYPES, load_base_model
 from logo.presets import PRESETS, get_preset
 from logo.router import RouterConfig
+from logo.router_file import RouterFile, choose_router_file
 
 
 def did_you_mean(value: str, known: list[str]) -> str:
@@ -70,7 +71,8 @@ class EngineSpec:
     adapters: str | list[str] | None = None
     """A directory of PEFT adapters, adapter paths, ``hub:REPO/PREFIX`` or ``embedded:demo``; None: the
     preset's library."""
-    router: RouterConfig = field(default_factory=RouterConfig)
+    router: RouterConfig | None = None
+    """The router; None: the library's fitted router (``router_file``) if it has one, else the official one."""
     device: str | None = None
     """``cpu``, ``cuda``, ``cuda:N``; None: cuda if available."""
     dtype: str | torch.dtype | None = "auto"
@@ -79,6 +81,11 @@ class EngineSpec:
     """``eager`` (transformers generate) | ``static`` (static KV cache) | ``compiled`` (+ torch.compile)."""
     fit_k: bool = False
     """When the library holds fewer adapters than ``router.k``, use them all (with a note) instead of refusing."""
+    router_file: str | Path | None = "auto"
+    """``auto``: the library's fitted router (``logo_router.json`` next to the adapters) when ``router`` is None;
+    ``official``: never (the paper's router); or the path of a router file."""
+    router_overrides: dict = field(default_factory=dict)
+    """Router fields set on the command line, applied over the router chosen above (fitted or official)."""
 
     def __post_init__(self) -> None:
         check_base_model(self.base_model)
@@ -88,8 +95,12 @@ class EngineSpec:
         check_decode(self.decode)
         if isinstance(self.adapters, (list, tuple)) and not self.adapters:
             self.adapters = None
-        if not isinstance(self.router, RouterConfig):
+        if self.router is not None and not isinstance(self.router, RouterConfig):
             raise LogoError(f"router must be a RouterConfig, got {type(self.router).__name__}")
+        known = {f.name for f in fields(RouterConfig)}
+        unknown = sorted(set(self.router_overrides) - known)
+        if unknown:
+            raise LogoError(f"unknown router option(s) {unknown}; known: {', '.join(sorted(known))}")
 
     def adapter_spec(self) -> str | list[str]:
         """The adapters to load: the given ones, else the preset's library."""
@@ -103,18 +114,40 @@ class EngineSpec:
     def resolved(self) -> tuple[list[tuple[str, Path]], RouterConfig]:
         """The adapters as ``(name, dir)`` and the router with k checked against them (no model is loaded)."""
         entries = resolve_adapters(self.adapter_spec())
-        router = self.router
+        return entries, self.router_choice(entries)[0]
+
+    def router_choice(self, entries: list[tuple[str, Path]]) -> tuple[RouterConfig, RouterFile | None]:
+        """The router to build (given, fitted or official, then the overrides) and the router file it reads."""
+        path = choose_router_file([p for _, p in entries], self.router_file) if self.router is None else None
+        if self.router is not None and self.router_file not in (None, "auto", "official"):
+            raise LogoError("give either router options or a router file, not both")
+        file = RouterFile.load(path) if path is not None else None
+        router = self.router or (file.config if file is not None else RouterConfig())
+        if self.router_overrides:
+            changes = dict(self.router_overrides)
+            if file is not None and self.router is None and SIGNAL_FIELDS & set(changes):
+                changes.setdefault("statistics", "default")  # another signal: the fit's statistics do not apply
+            router = replace(router, **changes)
         if router.k > len(entries):
             if not self.fit_k:
                 raise LogoError(f"k={router.k} adapters requested but the library holds {len(entries)}; "
                                 f"choose --n-selected-modules between 1 and {len(entries)}")
             print(f"note: the library holds {len(entries)} adapters; using k={len(entries)}", file=sys.stderr)
             router = replace(router, k=len(entries))
-        return entries, router
+        return router, file
 
     def build(self, progress: bool = False) -> LoGoEngine:
-        """Resolve the adapters first (a bad spec fails before the slow model load), then load the engine."""
-        entries, router = self.resolved()
+        """Resolve the adapters and the router first (bad input fails before the slow model load), then load the
+        engine; a router file is checked against the library and the model, and lends the library its statistics."""
+        entries = resolve_adapters(self.adapter_spec())
+        router, file = self.router_choice(entries)
         model, tokenizer = load_base_model(self.base_model, device=self.device, dtype=self.dtype)
         library = AdapterLibrary.from_entries(entries, model, progress=progress)
+        if file is not None:
+            file.check(library.names, model, library.modules, where=f"router file {file.path}")
+            file.apply(library)
         return LoGoEngine(model, tokenizer, library, router, decode=self.decode)
+
+
+SIGNAL_FIELDS = {"strategy", "layer", "module", "post_norm", "position", "layers", "modules"}
+"""Router fields that change the signal (and so which calibration statistics apply)."""

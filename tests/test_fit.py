@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from logo.engine import LoGoEngine
 from logo.errors import LogoError
 from logo.fit import Example, check_examples, examples_from_jsonl, fit_router
 from logo.library import AdapterLibrary
-from logo.router import RouterConfig
+from logo.router import Router, RouterConfig
 from logo.router_file import FILE_NAME, RouterFile, library_router_file, model_fingerprint
 from tests.helpers import make_tiny_model
 from tests.test_router import reference_scores
@@ -147,3 +148,44 @@ def test_examples_from_jsonl(tmp_path):
         examples_from_jsonl(tmp_path)
     with pytest.raises(LogoError, match="no \\*.jsonl files"):
         examples_from_jsonl(tmp_path / "nowhere")
+
+
+def fitted_file(model, lib, config: RouterConfig) -> RouterFile:
+    stats = {s.key: {"values": [1.0] * len(lib), "std": [2.0] * len(lib)} for s in Router(model, lib, config).signals}
+    return RouterFile(config, list(lib.names), model_fingerprint(model), stats, "tiny")
+
+
+def test_engine_spec_uses_the_library_router_file_unless_told_otherwise(lib_copy, tiny_model_dir):
+    from logo.spec import EngineSpec
+
+    model, root = lib_copy
+    lib = AdapterLibrary.load(root, model)
+    config = RouterConfig(k=2, calibration="zscore", statistics="fit", weighting="softmax", layers=(-1, -2),
+                          abstain="margin", abstain_below=0.1)
+    fitted_file(model, lib, config).save(root / FILE_NAME)
+    model_dir = str(tiny_model_dir("llama"))
+    engine = EngineSpec(model_dir, str(root), device="cpu").build()
+    assert engine.router.config == config and engine.route(["hello"])[0].all_scores
+    engine.close()
+    engine = EngineSpec(model_dir, str(root), device="cpu", router_overrides={"k": 1}).build()
+    assert engine.router.config == replace(config, k=1)
+    engine.close()
+    assert EngineSpec(model_dir, str(root), router_file="official", fit_k=True).resolved()[1] == RouterConfig(k=6)
+    signal = EngineSpec(model_dir, str(root), router_overrides={"layer": -3}).resolved()[1]
+    assert signal.layer == -3 and signal.statistics == "default", "another signal: the fit's statistics do not apply"
+    assert EngineSpec(model_dir, str(root), RouterConfig(k=3)).resolved()[1] == RouterConfig(k=3)
+    wrong = fitted_file(model, lib, RouterConfig(k=1))
+    wrong.adapters = [n for n in wrong.adapters if n != "b_r8"] + ["zz"]
+    wrong.save(root / FILE_NAME)
+    with pytest.raises(LogoError, match=r"router file .*logo_router.json was fitted with adapter\(s\) \['zz'\]"):
+        EngineSpec(model_dir, str(root), device="cpu").build()
+    with pytest.raises(LogoError, match="--router nope: no such router file"):
+        EngineSpec(model_dir, str(root), router_file="nope").resolved()
+
+
+def test_route_record_of_an_abstained_prompt():
+    from logo.cli_core import route_record
+    from logo.router import Route
+
+    record = route_record("p", Route([], [], all_scores=[0.1, 0.2], abstained=True), ["a", "b"])
+    assert record["abstained"] is True and record["selected"] == [] and record["scores"] == {"a": 0.1, "b": 0.2}
