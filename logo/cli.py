@@ -6,7 +6,11 @@ import sys
 
 import typer
 
+from logo import bench, cli_core, fit_cli
 from logo.errors import LogoError
+from logo.eval import cli as eval_cli
+from logo.experiments import cli as experiments_cli
+from logo.train import cli as train_cli
 
 app = typer.Typer(
     name="logo",
@@ -18,16 +22,13 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from logo import cli_core, fit_cli
-    from logo.eval import cli as eval_cli
-    from logo.train import cli as train_cli
-
+    """Each area adds its commands; the areas' modules import the model stack only inside their commands."""
     cli_core.register(app)
+    fit_cli.register(app)
     fit_cli.register(app)
     eval_cli.register(app)
     train_cli.register(app)
-    from logo import bench
-
+    experiments_cli.register(app)
     bench.register(app)
 
 

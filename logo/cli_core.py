@@ -31,10 +31,10 @@ from logo.cli_options import (
     Strategy,
     Weighting,
     WeightTemp,
-    router_overrides,
 )
 from logo.errors import LogoError
 from logo.generation import GenerationSettings, check_prompts
+from logo.router import router_overrides
 
 
 def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:

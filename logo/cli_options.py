@@ -1,6 +1,6 @@
 """Typer option declarations shared by every command (one place for each flag's spelling and help).
 
-Commands build an :class:`~logo.spec.EngineSpec` from these with :func:`router_overrides` (the flags given,
+Commands build an :class:`~logo.spec.EngineSpec` from these with :func:`logo.router.router_overrides` (the flags given,
 over the library's fitted router or the official one); the spec does the checking, so every router option
 works, and fails, the same way everywhere.
 """
@@ -61,15 +61,4 @@ Decode = Annotated[str, typer.Option(
     "--decode", help="eager (transformers generate) | static (static KV cache) | compiled (static cache + "
     "torch.compile; CUDA graphs on GPU; the first batch of each size compiles)")]
 Json = Annotated[bool, typer.Option("--json", help="One JSON object per prompt per line.")]
-
-
-def router_overrides(strategy: str | None = None, k: int | None = None, layer: int | None = None,
-                     module: str | None = None, post_norm: bool | None = None, position: str | None = None,
-                     weighting: str | None = None, temperature: float | None = None, calibration: str | None = None,
-                     abstain: str | None = None, abstain_below: float | None = None) -> dict:
-    """The router fields the flags set (the ones left out keep the fitted or official router's values)."""
-    given = {"strategy": strategy, "k": k, "layer": layer, "module": module, "post_norm": post_norm,
-             "position": position, "weighting": weighting, "temperature": temperature, "calibration": calibration,
-             "abstain": abstain, "abstain_below": abstain_below}
-    return {name: value for name, value in given.items() if value is not None}
 

@@ -343,18 +343,15 @@ class LoGoEngine:
         return {key: {"method": "mean", **entry, "source": source or "user"}
                 for key, entry in self._router.statistics(found).items()}
 
-    def mean_statistics(self, prompts: list[str] | None = None, batch_size: int = 8, source: str | None = None,
-                        progress: bool = False) -> dict:
-        """Calibration statistics of the router's (first) signal over unlabeled prompts (not stored)."""
-        return self.statistics(prompts, batch_size, source, progress)[self._router.signal_key]
-
     def calibrate(self, prompts: list[str] | None = None, batch_size: int = 8, source: str | None = None,
-                  progress: bool = False) -> dict:
-        """Compute calibration statistics (mean and std) for the router's signals and store them with the library.
-        Returns the (first) signal's entry and the file."""
+                  progress: bool = False, save: bool = True) -> dict:
+        """Compute calibration statistics (each adapter's mean and std raw score over unlabeled prompts, the
+        default prompts if none are given) for the router's signals, keep them in the library and, with ``save``,
+        store them. Returns the (first) signal's entry (and the file)."""
         entries = self.statistics(prompts, batch_size, source, progress)
         self.library.calibration.update(entries)
-        return {**entries[self._router.signal_key], "file": str(save_calibration(self.library))}
+        entry = entries[self._router.signal_key]
+        return {**entry, "file": str(save_calibration(self.library))} if save else entry
 
     def close(self) -> None:
         """Remove the mixture hooks; the model is the plain base model again."""

@@ -290,11 +290,17 @@ def confidence(scores: torch.Tensor, rule: str) -> torch.Tensor:
     return scores.max(dim=-1).values
 
 
+def check_k(k: int, n: int) -> int:
+    """k adapters out of a library of n: the one check of that range, for every caller."""
+    if not 1 <= k <= n:
+        raise LogoError(f"k={k} adapters requested but the library holds {n}; choose 1 <= k <= {n} "
+                        "(--n-selected-modules)")
+    return k
+
+
 def select(scores: torch.Tensor, k: int, weighting: str = "normalize", temperature: float = 1.0):
     """Top-k per row and their weights. Returns ``(top_scores, indices, weights)``, each ``[B, k]``."""
-    n = scores.shape[-1]
-    if not 1 <= k <= n:
-        raise LogoError(f"k={k} adapters requested but the library holds {n}; choose 1 <= k <= {n}")
+    check_k(k, scores.shape[-1])
     top, idx = torch.topk(scores, k=k, dim=-1)
     if weighting == "softmax":
         weights = torch.softmax(top / temperature, dim=-1)
@@ -323,11 +329,7 @@ class Router:
     def __init__(self, model: nn.Module, library: AdapterLibrary, config: RouterConfig | None = None) -> None:
         self.model, self.library = model, library
         self.config = config or RouterConfig()
-        if self.config.k > len(library):
-            raise LogoError(
-                f"k={self.config.k} adapters requested but the library holds {len(library)}; "
-                f"choose --n-selected-modules between 1 and {len(library)}"
-            )
+        check_k(self.config.k, len(library))
         self.num_layers = len(decoder_layers(model))
         signals = []
         for layer in self.config.signal_layers:
@@ -423,3 +425,13 @@ class Router:
         raw = self.signal_scores(found)
         return {s.key: score_statistics(raw[:, j]) for j, s in enumerate(self.signals)}
 
+
+def router_overrides(strategy: str | None = None, k: int | None = None, layer: int | None = None,
+                     module: str | None = None, post_norm: bool | None = None, position: str | None = None,
+                     weighting: str | None = None, temperature: float | None = None, calibration: str | None = None,
+                     abstain: str | None = None, abstain_below: float | None = None) -> dict:
+    """The router fields the flags set (the ones left out keep the fitted or official router's values)."""
+    given = {"strategy": strategy, "k": k, "layer": layer, "module": module, "post_norm": post_norm,
+             "position": position, "weighting": weighting, "temperature": temperature, "calibration": calibration,
+             "abstain": abstain, "abstain_below": abstain_below}
+    return {name: value for name, value in given.items() if value is not None}

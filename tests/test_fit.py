@@ -14,6 +14,7 @@ from logo.engine import LoGoEngine
 from logo.errors import LogoError
 from logo.fit import Example, check_examples, examples_from_jsonl, fit_router
 from logo.library import AdapterLibrary
+from logo.methods import Fitted
 from logo.router import Router, RouterConfig
 from logo.router_file import FILE_NAME, RouterFile, library_router_file, model_fingerprint
 from tests.helpers import make_tiny_model
@@ -189,3 +190,19 @@ def test_route_record_of_an_abstained_prompt():
 
     record = route_record("p", Route([], [], all_scores=[0.1, 0.2], abstained=True), ["a", "b"])
     assert record["abstained"] is True and record["selected"] == [] and record["scores"] == {"a": 0.1, "b": 0.2}
+
+
+def test_fitted_method_uses_the_library_router_file(lib_copy, tokenizer):
+    from logo.methods import get_method
+
+    model, root = lib_copy
+    lib = AdapterLibrary.load(root, model)
+    engine = LoGoEngine(model, tokenizer, lib, RouterConfig(k=1))
+    with pytest.raises(LogoError, match="no fitted router"):
+        get_method("fitted").select(engine, ["x"], [0], 0)
+    config = RouterConfig(k=1, calibration="zscore", statistics="fit", abstain="top", abstain_below=1e9)
+    fitted_file(model, lib, config).save(root / FILE_NAME)
+    assert get_method("fitted").engine(engine).router.config == config
+    assert get_method("fitted").select(engine, ["x", "y"], [0, 1], 0)[0].abstained
+    assert Fitted(abstain=False).engine(engine).router.config.abstain == "none"
+    engine.close()

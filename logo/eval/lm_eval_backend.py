@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from logo.engine import LoGoEngine
 from logo.errors import LogoError
-from logo.router import RouterConfig
+from logo.router import router_overrides
 from logo.spec import EngineSpec
 
 try:
@@ -34,21 +34,25 @@ class LoGoLM(LM):
     """lm-eval ``LM`` backed by a :class:`LoGoEngine`."""
 
     def __init__(self, engine: LoGoEngine | None = None, base_model: str = "smollm2-135m",
-                 adapters: str | None = None, k: int = 20, selection_strategy: str = "norm",
-                 calibration: str = "none", batch_size: int | str = 8, device: str | None = None,
+                 adapters: str | None = None, k: int | None = None, selection_strategy: str | None = None,
+                 calibration: str | None = None, batch_size: int | str = 8, device: str | None = None,
                  dtype: str = "auto", max_length: int = 2048, max_batch_size: int | None = None,
-                 layer: int = -1, module: str = "q_proj", post_norm: bool = False, position: str = "last",
-                 weighting: str = "normalize", temperature: float = 1.0, decode: str = "eager") -> None:
+                 layer: int | None = None, module: str | None = None, post_norm: bool | None = None,
+                 position: str | None = None, weighting: str | None = None, temperature: float | None = None,
+                 decode: str = "eager", router: str = "auto") -> None:
         """Every router option of :class:`RouterConfig` is a model argument (``strategy`` is spelled
-        ``selection_strategy``, as in ``logo run``). ``max_batch_size`` is accepted for lm-eval's
-        ``simple_evaluate`` and ignored; ``batch_size="auto"`` means 8 (lm-eval's own batch-size search does
-        not apply to a routed model)."""
+        ``selection_strategy``, as in ``logo run``); the ones given override the library's fitted router
+        (``router=auto``: its ``logo_router.json`` if it has one, else the official router; ``official``; or a
+        router file's path). ``max_batch_size`` is accepted for lm-eval's ``simple_evaluate`` and ignored;
+        ``batch_size="auto"`` means 8 (lm-eval's own batch-size search does not apply to a routed model)."""
         super().__init__()
         if engine is None:
-            router = RouterConfig(strategy=selection_strategy, k=int(k), layer=int(layer), module=module,
-                                  post_norm=_flag(post_norm), position=position, weighting=weighting,
-                                  temperature=float(temperature), calibration=calibration)
-            engine = EngineSpec(base_model, adapters, router, device, dtype, decode).build()
+            overrides = router_overrides(
+                selection_strategy, None if k is None else int(k), None if layer is None else int(layer), module,
+                None if post_norm is None else _flag(post_norm), position, weighting,
+                None if temperature is None else float(temperature), calibration)
+            engine = EngineSpec(base_model, adapters, None, device, dtype, decode, fit_k="k" not in overrides,
+                                router_file=router, router_overrides=overrides).build()
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)

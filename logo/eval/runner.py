@@ -15,11 +15,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from tqdm import tqdm
+
 from logo.errors import LogoError
 from logo.eval.datasets import PAPER_DATASETS, get_dataset_spec, load_instances
-from logo.eval.methods import check_method, fixed_selection, method_suffix
 from logo.eval.metrics import headline, score_instance, summary_line
 from logo.eval.records import RecordStore, instance_key
+from logo.generation import GenerationSettings, first_line
+from logo.methods import Method, get_method
+from logo.router import RouterConfig
+from logo.spec import EngineSpec
 
 CHUNK_BATCHES = 4  # batches per checkpoint: the engine sorts a chunk by length, so less padding
 
@@ -43,12 +48,24 @@ class RunConfig:
     dtype: str = "auto"
     decode: str = "eager"  # eager | static | compiled: same greedy tokens, so not part of settings()
     router_options: dict = field(default_factory=dict)
+    """Every other :class:`RouterConfig` field (layer, module, post_norm, position, weighting, temperature,
+    calibration); strategy and k are the official arguments above."""
     overwrite: bool = False
 
     def run_name(self) -> str:
         model = Path(self.base_model).name if Path(self.base_model).exists() else self.base_model.replace("/", "--")
         return (f"{model}_selection_{self.selection_strategy}_n_{self.n_selected_modules}_seed_{self.seed}"
                 f"{method_suffix(self.method)}")
+
+    def router(self, k: int | None = None) -> RouterConfig:
+        return RouterConfig(strategy=self.selection_strategy, k=self.n_selected_modules if k is None else k,
+                            **self.router_options)
+
+    def method_object(self) -> Method:
+        return get_method(self.method, k=self.n_selected_modules)
+
+    def generation(self) -> GenerationSettings:
+        return GenerationSettings(max_new_tokens=self.max_new_tokens, early_stop=self.generation_early_stop)
 
     def datasets(self) -> list[str]:
         return [d.strip() for d in self.dataset.split(",") if d.strip()] or list(PAPER_DATASETS)
@@ -62,15 +79,10 @@ class RunConfig:
 
 def load_engine(config: RunConfig, methods: list[str], progress: bool = True):
     """The engine for ``methods`` (k only matters to LoGo routing) and the seconds it took to load."""
-    from logo.engine import LoGoEngine, default_device
-    from logo.router import RouterConfig
-
     start = time.perf_counter()
-    k = config.n_selected_modules if "logo" in methods else 1
-    router = RouterConfig(strategy=config.selection_strategy, k=k, **config.router_options)
-    engine = LoGoEngine.from_pretrained(config.base_model, config.adapters, router,
-                                        device=config.device or default_device(), dtype=config.dtype,
-                                        progress=progress, decode=config.decode)
+    router = config.router(None if "logo" in methods else 1)
+    engine = EngineSpec(config.base_model, config.adapters, router, config.device, config.dtype,
+                        config.decode).build(progress)
     return engine, time.perf_counter() - start
 
 
@@ -79,7 +91,8 @@ class Runner:
 
     def __init__(self, config: RunConfig, engine_factory: Callable[[], tuple] | None = None,
                  progress: bool = True) -> None:
-        check_method(config.method)
+        self.method = config.method_object()
+        config.generation()  # settings are checked before any model loads
         if config.batch_size < 1:
             raise LogoError(f"--batch-size must be at least 1, got {config.batch_size}")
         self.config = config
@@ -87,7 +100,6 @@ class Runner:
         self._factory = engine_factory or (lambda: load_engine(config, [config.method], progress))
         self._engine = None
         self.loading_s = 0.0
-        self._arrow = None
 
     @property
     def engine(self):
@@ -111,8 +123,6 @@ class Runner:
             self.engine  # noqa: B018 - load the model (once) before the progress bar starts
         bar = None
         if self.progress and todo:
-            from tqdm import tqdm
-
             bar = tqdm(total=len(instances), initial=len(done), desc=name, unit="inst")
         step = cfg.batch_size * CHUNK_BATCHES
         for start in range(0, len(todo), step):
@@ -138,17 +148,10 @@ class Runner:
     def _generate(self, prompts: list[str], chunk: list[int]):
         """Raw continuations, selections (None = base / not recorded) and raw scores, per prompt."""
         cfg = self.config
-        if cfg.method == "arrow":
-            texts = self.arrow().generate(prompts, cfg.max_new_tokens, cfg.generation_early_stop, cfg.batch_size)
-            return texts, [None] * len(prompts), [[] for _ in prompts]
-        fixed = None
-        if cfg.method != "logo":
-            names = self.engine.library.names
-            fixed = [fixed_selection(cfg.method, names, i, cfg.n_selected_modules, cfg.seed) for i in chunk]
-        gens = self.engine.generate(prompts, selections=fixed, max_new_tokens=cfg.max_new_tokens,
-                                    early_stop=cfg.generation_early_stop, batch_size=cfg.batch_size)
+        gens = self.method.generate(self.engine, prompts, chunk, cfg.seed, cfg.generation(), cfg.batch_size)
         scores = [list(g.route.all_scores) if g.route is not None else [] for g in gens]
-        return [g.text for g in gens], [g.selection for g in gens], scores
+        selections = [g.selection if g.selection.indices else None for g in gens]
+        return [g.text for g in gens], selections, scores
 
     def _predict(self, chunk: list[int], instances, keys: list[str], metric: str) -> list[dict]:
         texts, selections, scores = self._generate([instances[i].prompt for i in chunk], chunk)
@@ -167,38 +170,24 @@ class Runner:
             })
         return out
 
-    def arrow(self):
-        """PEFT's Arrow model over the library's adapter directories, built on the engine's base model (the
-        engine's own hooks are removed first, so a run uses the engine for nothing else afterwards)."""
-        if self._arrow is None:
-            from logo.eval.arrow import ArrowGenerator
-
-            engine = self.engine
-            engine.close()
-            self._arrow = ArrowGenerator(engine.model, engine.tokenizer, engine.library.paths,
-                                         top_k=self.config.n_selected_modules, seed=self.config.seed)
-        return self._arrow
-
-
-def first_line(text: str) -> str:
-    """The prediction as the official code takes it: stripped, cut at its first line."""
-    text = text.strip()
-    return (text.splitlines() or [text])[0]
-
 
 def run(config: RunConfig, progress: bool = True) -> dict[str, float]:
     """One method over the configured datasets: ``{dataset: headline score}``."""
     return Runner(config, progress=progress).run()
 
 
+def method_suffix(method: str) -> str:
+    """Suffix of the result directory for non-LoGo methods (LoGo keeps the official name)."""
+    return "" if method == "logo" else "_method_" + method.replace(":", "-").replace("/", "-")
+
+
 def run_methods(config: RunConfig, methods: list[str], progress: bool = True) -> dict[str, dict[str, float]]:
     """Several methods on the same data, sharing one model load (made only if something is left to generate):
-    ``{method: {dataset: score}}``. Arrow runs last: it takes over the engine's base model."""
-    for method in methods:
-        check_method(method)
+    ``{method: {dataset: score}}``. A method that takes over the engine's base model (Arrow) runs last."""
+    takes_over = {m: get_method(m).takes_over_model for m in methods}  # every name is checked here, and
     for name in config.datasets():
-        get_dataset_spec(name)  # every name is checked before hours of generation
-    order = [m for m in methods if m != "arrow"] + [m for m in methods if m == "arrow"]
+        get_dataset_spec(name)  # every dataset, before hours of generation
+    order = [m for m in methods if not takes_over[m]] + [m for m in methods if takes_over[m]]
     loaded: list[tuple] = []
 
     def shared() -> tuple:
