@@ -10,8 +10,8 @@ by precision@1 on the examples:
    (calibrated scores summed);
 2. k and the weighting, by the mean weight the mixture gives the right adapter;
 3. an abstain rule (top score or top-1/top-2 margin below a threshold) when examples with no adapter (prompts
-   of tasks outside the library) are given: it maximises the share of seen prompts routed right plus the share
-   of unseen prompts sent to the base model.
+   of tasks outside the library) are given: it maximises the number of example prompts handled right (seen
+   prompts routed to their adapter, unseen prompts sent to the base model).
 
 The result is a :class:`~logo.router_file.RouterFile`, stored next to the library.
 """
@@ -228,8 +228,11 @@ def choose_mixture(scores: torch.Tensor, targets: torch.Tensor, calibration: str
 
 
 def choose_abstain(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor) -> dict:
-    """The rule and threshold maximising (seen prompts routed right) + (unseen prompts abstained), as shares."""
+    """The rule and threshold that get the most example prompts right: a seen prompt routed to its adapter, an
+    unseen prompt sent to the base model (each prompt counts once, so a rule that abstains on many seen prompts to
+    catch a few unseen ones loses)."""
     correct = scores.argmax(1) == targets
+    n_seen, n_unseen = max(1, int(seen.sum())), max(1, int((~seen).sum()))
     best: dict = {}
     for rule in ("top", "margin"):
         conf = confidence(scores, rule)
@@ -237,13 +240,12 @@ def choose_abstain(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tens
         thresholds = torch.cat([values[:1] - 1.0, (values[1:] + values[:-1]) / 2, values[-1:] + 1.0])
         for t in thresholds.tolist():
             routed = conf >= t
-            seen_right = (routed & correct & seen).sum().item() / max(1, seen.sum().item())
-            unseen_abstained = (~routed & ~seen).sum().item() / max(1, (~seen).sum().item())
-            value = seen_right + unseen_abstained
-            if not best or value > best["objective"] + 1e-9:
-                best = {"rule": rule, "threshold": t, "objective": value, "seen_routed_right": seen_right,
-                        "unseen_abstained": unseen_abstained,
-                        "seen_abstained": (~routed & seen).sum().item() / max(1, seen.sum().item())}
+            right = int((routed & correct & seen).sum()) + int((~routed & ~seen).sum())
+            if not best or right > best["prompts_right"]:
+                best = {"rule": rule, "threshold": t, "prompts_right": right,
+                        "seen_routed_right": int((routed & correct & seen).sum()) / n_seen,
+                        "unseen_abstained": int((~routed & ~seen).sum()) / n_unseen,
+                        "seen_abstained": int((~routed & seen).sum()) / n_seen}
     return best
 
 

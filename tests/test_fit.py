@@ -206,3 +206,15 @@ def test_fitted_method_uses_the_library_router_file(lib_copy, tokenizer):
     assert get_method("fitted").select(engine, ["x", "y"], [0, 1], 0)[0].abstained
     assert Fitted(abstain=False).engine(engine).router.config.abstain == "none"
     engine.close()
+
+
+def test_abstain_threshold_counts_every_example_prompt():
+    from logo.fit import choose_abstain
+
+    # 4 seen prompts (confident, right), 1 seen prompt (unsure, wrong), 2 unseen prompts (unsure)
+    scores = torch.tensor([[5.0, 0.0], [0.0, 6.0], [4.0, 1.0], [1.0, 5.0], [1.0, 1.2], [1.1, 1.0], [1.0, 1.3]])
+    targets = torch.tensor([0, 1, 0, 1, 0, -1, -1])
+    seen = torch.tensor([True, True, True, True, True, False, False])
+    best = choose_abstain(scores, targets, seen)
+    assert best["rule"] == "top" and 1.3 < best["threshold"] < 4.0  # the wrong seen prompt and both unseen abstain
+    assert best["prompts_right"] == 6 and best["unseen_abstained"] == 1.0 and best["seen_abstained"] == 0.2
