@@ -165,5 +165,6 @@ def library_readme(manifest: dict) -> str:
     lines += ["", "Unseen tasks (no adapter; each asked few-shot and plainly, in 2 validation and 2 test templates): "
               + ", ".join(f"`{u['name']}`" for u in manifest["unseen_tasks"]) + ".", "",
               "Rebuild: `logo build-demo-library` (resumable: it trains only adapters that are missing or out of date; "
-              "`--force` retrains all; the wall times above are one torch thread on a 2-core machine shared with other jobs).", ""]
+              "`--force` retrains all; the wall times above are one torch thread on a 2-core machine shared with other "
+              "jobs).", ""]
     return "\n".join(lines)
