@@ -118,7 +118,8 @@ def build_library(
     for signal in calibration_signals():
         engine.with_router(signal).calibrate()
     fitted = fit_router(engine, examples_from_manifest(out_dir / "manifest.json", "valid", FIT_PER_TEMPLATE),
-                        base_model=base_model, source=f"manifest validation templates, {FIT_PER_TEMPLATE} per template")
+                        base_model=base_model,
+                        source=f"manifest validation templates, {FIT_PER_TEMPLATE} prompts per template")
     fitted.save(out_dir / ROUTER_FILE)
     engine.close()
     return manifest
