@@ -26,8 +26,10 @@ def _register() -> None:
     eval_cli.register(app)
     train_cli.register(app)
     from logo import bench
+    from logo.serve import cli as serve_cli
 
     bench.register(app)
+    serve_cli.register(app)
 
 
 def main() -> None:
