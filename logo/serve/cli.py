@@ -57,8 +57,11 @@ def serve(
                                                 "Bearer KEY' on /v1/* (default: $LOGO_API_KEY, else open).")] = None,
     model_id: Annotated[str, typer.Option("--model-id", help="The model id clients send to have LoGo route.")] = (
         "logo"),
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for the model (torch's default: "
+                                                "one per core; 1 can be faster on a busy, shared machine).")] = None,
 ) -> None:
     """Serve an OpenAI-compatible API that routes every request with LoGo, batches requests and streams."""
+    import torch  # lazy (as uvicorn): keeps `logo --help` fast
     import uvicorn  # lazy: keeps `logo --help` free of the server stack
 
     from logo.cli_core import build_engine
@@ -71,6 +74,10 @@ def serve(
         raise LogoError(f"--max-prompt-tokens must be between 1 and {MAX_PROMPT_TOKENS}, got {max_prompt_tokens}")
     if max_tokens_limit < 1:
         raise LogoError(f"--max-tokens-limit must be at least 1, got {max_tokens_limit}")
+    if threads is not None:
+        if threads < 1:
+            raise LogoError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
     # The router comes from the shared router flags; a router file (saved RouterConfig) would be read here.
     engine = build_engine(base_model, adapters, selection_strategy, n_selected_modules, signal_layer, signal_module,
                           post_norm, position, weighting, weight_temperature, calibration, device, dtype, decode)
