@@ -4,6 +4,7 @@ raw HTTP. Outputs are checked against the engine run in this process (`engine.ge
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -299,3 +300,32 @@ def test_disconnect_frees_the_row(setup):
         threading.Event().wait(0.05)
     assert httpx.get(server.url + "/health").json()["running"] == 0
     assert generated() - before < natural
+
+
+# ---------------------------------------------------------------- playground
+def chromium_binary() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(chromium_binary() is None, reason="no chromium binary (Debian: apt-get install chromium)")
+def test_playground_in_headless_chromium(setup):
+    """The page at / routes a prompt, draws one weight bar per selected adapter and streams the answer."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    prompt = "river number 1:"
+    with sync_api.sync_playwright() as play:
+        browser = play.chromium.launch(executable_path=chromium_binary(), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(setup["main"].url + "/")
+            page.fill("#prompt", prompt)
+            page.fill("#max", "10")
+            page.click("#go")
+            page.wait_for_selector('#answer[data-done="1"]', timeout=60_000)
+            names = page.locator(".bar .name").all_inner_texts()
+            answer = page.locator("#answer").inner_text()
+            error = page.locator("#status").inner_text()
+        finally:
+            browser.close()
+    assert error == ""
+    assert names == setup["engine"].route([prompt])[0].names
+    assert answer.strip() == greedy(setup["engine"], prompt, 10).strip()

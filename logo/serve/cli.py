@@ -92,7 +92,8 @@ def serve(
 def loadtest(
     url: Annotated[str, typer.Option("--url", help="The server (loopback only).")] = "http://127.0.0.1:8000",
     concurrency: Annotated[str, typer.Option("--concurrency", help="Comma-separated client counts.")] = "1,8,32",
-    requests: Annotated[int, typer.Option("--requests", help="Requests per concurrency level.")] = 64,
+    requests: Annotated[int, typer.Option("--requests-per-client", help="Requests each client sends, one after "
+                                          "the other (a level sends clients x this many).")] = 8,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="max_tokens of every request.")] = 32,
     time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds per level at most.")] = 120.0,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="LOGO_API_KEY")] = None,

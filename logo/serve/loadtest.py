@@ -1,8 +1,9 @@
 """A bounded load test of a loopback server: streamed completions from N concurrent clients.
 
-Each level sends ``requests`` streamed greedy completions (prompts from the calibration set, cycled) from
-``concurrency`` clients, within ``time_limit`` seconds, and reports aggregate output tokens per second, time to
-first token and latency (p50 / p95), errors, and lost requests (sent but never finished: no ``[DONE]``).
+Each level has ``concurrency`` clients send ``requests`` streamed greedy completions each, one after the
+other (prompts from the calibration set, cycled), within ``time_limit`` seconds, and reports aggregate output
+tokens per second, time to first token and latency (p50 / p95), errors, and lost requests (sent but never
+finished: no ``[DONE]``).
 """
 
 from __future__ import annotations
@@ -90,12 +91,13 @@ async def run_level(url: str, concurrency: int, requests: int, max_tokens: int, 
     prompts = default_prompts()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     results: list[tuple] = []
+    total = requests * concurrency
     next_index = 0
     deadline = time.perf_counter() + time_limit
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         nonlocal next_index
-        while next_index < requests and time.perf_counter() < deadline:
+        while next_index < total and time.perf_counter() < deadline:
             i = next_index
             next_index += 1
             results.append(await _one(client, url, prompts[i % len(prompts)], max_tokens, headers))
@@ -129,7 +131,7 @@ def run_levels(url: str, levels: list[int], requests: int, max_tokens: int, time
     if not levels or any(c < 1 for c in levels):
         raise LogoError(f"--concurrency needs positive client counts, got {levels}")
     if requests < 1 or max_tokens < 1 or time_limit <= 0:
-        raise LogoError("--requests and --max-tokens must be at least 1 and --time-limit positive")
+        raise LogoError("--requests-per-client and --max-tokens must be at least 1 and --time-limit positive")
     out = []
     if not json_out:
         print("| clients | requests | ok | errors | lost | s | out tok | tok/s | TTFT p50 | TTFT p95 | "
