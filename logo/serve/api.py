@@ -63,6 +63,7 @@ log = logging.getLogger("logo.serve")
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_TOKENS = 256
 RETRY_AFTER_S = 1
+DISCONNECT_CHECK_S = 0.5  # how often a non-streamed request looks for its client having gone
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/adapters", "/v1/completions", "/v1/chat/completions")
 
 
@@ -123,13 +124,18 @@ class Exchange:
     async def updates(self, request: Request | None) -> AsyncIterator[tuple[int, str, str | None]]:
         """``(choice, new text, finish reason or None)`` as events come in; ``request`` given: stop waiting
         (and cancel) when its client disconnects."""
+        checked = time.perf_counter()
         while self.remaining:
             try:
-                index, event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                index, event = await asyncio.wait_for(self.queue.get(), timeout=DISCONNECT_CHECK_S)
             except TimeoutError:
-                if request is not None and await request.is_disconnected():
+                index, event = -1, None
+            if request is not None and time.perf_counter() - checked >= DISCONNECT_CHECK_S:
+                checked = time.perf_counter()
+                if await request.is_disconnected():
                     self.cancel()
                     return
+            if event is None:
                 continue
             if index not in self.remaining:
                 continue
@@ -151,6 +157,8 @@ class Exchange:
                 yield index, stream.finish(), self._end(index, event.reason)
             else:
                 self.cancel()
+                if event.reason == "invalid":
+                    raise ApiError(400, event.message)
                 raise ApiError(500, f"generation failed: {event.message}", kind="server_error")
 
     def _end(self, index: int, reason: str) -> str:

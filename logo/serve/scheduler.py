@@ -38,7 +38,8 @@ class QueueFull(LogoError):
 
 @dataclass
 class Event:
-    """What the worker tells a request: ``routed`` (selected), ``token`` (token), ``done`` (reason), ``error``."""
+    """What the worker tells a request: ``routed`` (selected), ``token`` (token), ``done`` (reason: stop | length),
+    ``error`` (message; reason: invalid | internal)."""
 
     kind: str
     token: int = 0
@@ -177,13 +178,18 @@ class Scheduler:
         except Exception as err:  # noqa: BLE001 - a bad request must not stop the loop
             if len(jobs) == 1:
                 log.warning("request failed: %s", err)
-                self._fail(jobs, str(err) if isinstance(err, LogoError) else f"internal error: {err}")
+                if isinstance(err, LogoError):
+                    self._fail(jobs, str(err), invalid=True)
+                else:
+                    self._fail(jobs, f"internal error: {type(err).__name__}: {err}")
                 return
         for job in jobs:
             self._admit_safely([job])
 
-    def _fail(self, jobs: list[Job], message: str) -> None:
-        self.deliver([(job, Event("error", message=message)) for job in jobs])
+    def _fail(self, jobs: list[Job], message: str, invalid: bool = False) -> None:
+        """Tell ``jobs`` they failed; ``invalid``: the request was at fault (a 400), else the server (a 500)."""
+        reason = "invalid" if invalid else "internal"
+        self.deliver([(job, Event("error", message=message, reason=reason)) for job in jobs])
 
     # ------------------------------------------------------------- admission
     def _admit(self, jobs: list[Job]) -> None:
