@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from logo.engine import LoGoEngine
+from logo.errors import LogoError
 from logo.generation import MAX_PROMPT_TOKENS, GenerationSettings
 from logo.router import RouterConfig, Selection
 from logo.serve.admission import (
@@ -75,6 +76,7 @@ class ServeConfig:
     routed_id: str = "logo"
     max_batch_size: int = 32
     max_queue: int = 256
+    max_prefill_rows: int = 8
     max_prompt_tokens: int = MAX_PROMPT_TOKENS
     max_tokens_limit: int = 512
     api_key: str | None = None
@@ -174,8 +176,11 @@ class Exchange:
 
 def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
     """The FastAPI application; its scheduler (and worker thread) lives as long as the app's lifespan."""
-    if config.max_prompt_tokens > MAX_PROMPT_TOKENS or config.max_prompt_tokens < 1:
-        raise ApiError(500, f"--max-prompt-tokens must be between 1 and {MAX_PROMPT_TOKENS}")
+    if not 1 <= config.max_prompt_tokens <= MAX_PROMPT_TOKENS:
+        raise LogoError(f"--max-prompt-tokens must be between 1 and {MAX_PROMPT_TOKENS}, "
+                        f"got {config.max_prompt_tokens}")
+    if config.max_tokens_limit < 1:
+        raise LogoError(f"--max-tokens-limit must be at least 1, got {config.max_tokens_limit}")
     metrics = Metrics()
     catalog = Catalog(config.routed_id, config.base_id, list(engine.library.names), engine.router.config,
                       config.max_prompt_tokens, config.max_tokens_limit)
@@ -192,7 +197,8 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(dispatch, events)
 
-        app.state.scheduler = Scheduler(engine, config.max_batch_size, config.max_queue, deliver, metrics)
+        app.state.scheduler = Scheduler(engine, config.max_batch_size, config.max_queue, deliver, metrics,
+                                        config.max_prefill_rows)
         try:
             yield
         finally:
@@ -291,7 +297,8 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
     async def chat(body: ChatRequest, request: Request):
         prompt = _chat_prompt(request.app.state.tokenizer, body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        exchange = _exchange(request, body, [prompt], max_tokens, CHAT_DEFAULT_TOKENS, "messages")
+        exchange = _exchange(request, body, [prompt], max_tokens, CHAT_DEFAULT_TOKENS, "messages",
+                             "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         exchange.id = f"chatcmpl-{uuid.uuid4().hex}"
         model = body.model or config.routed_id
         if body.stream:
@@ -310,12 +317,12 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
 
 
 def _exchange(request: Request, body, prompts: list[str], max_tokens: int | None, default_tokens: int,
-              param: str) -> Exchange:
+              param: str, tokens_param: str = "max_tokens") -> Exchange:
     state = request.app.state
     catalog: Catalog = state.catalog
     selection, router = choose_mixture(body.model, body.logo, catalog)
     settings = settings_for(max_tokens, default_tokens, body.temperature, body.top_p, body.seed, body.n, catalog,
-                            "max_tokens")
+                            tokens_param)
     stops = stop_strings(body.stop)
     lengths = prompt_lengths(state.tokenizer, prompts, catalog, param)
     return Exchange(prompts, lengths, settings, selection, router, stops, state)

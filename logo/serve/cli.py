@@ -49,6 +49,8 @@ def serve(
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Rows decoded together at most.")] = 32,
     max_queue: Annotated[int, typer.Option("--max-queue", help="Waiting requests at most; then 429.")] = 256,
+    max_prefill_rows: Annotated[int, typer.Option("--max-prefill-rows", help="New requests prefilled together at "
+                                                  "most, between two decode steps.")] = 8,
     max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", help="Longest prompt, in tokens.")] = (
         MAX_PROMPT_TOKENS),
     max_tokens_limit: Annotated[int, typer.Option("--max-tokens-limit", help="Largest max_tokens a request may "
@@ -70,6 +72,7 @@ def serve(
     if decode not in SERVE_DECODE:
         raise LogoError(f"--decode {decode} is not supported by logo serve: it batches requests continuously on a "
                         f"dynamic KV cache; use --decode eager")
+    # checked here as well as by create_app, so a typo fails before the model loads
     if not 1 <= max_prompt_tokens <= MAX_PROMPT_TOKENS:
         raise LogoError(f"--max-prompt-tokens must be between 1 and {MAX_PROMPT_TOKENS}, got {max_prompt_tokens}")
     if max_tokens_limit < 1:
@@ -82,6 +85,7 @@ def serve(
     engine = build_engine(base_model, adapters, selection_strategy, n_selected_modules, signal_layer, signal_module,
                           post_norm, position, weighting, weight_temperature, calibration, device, dtype, decode)
     config = ServeConfig(base_id=base_model, routed_id=model_id, max_batch_size=max_batch_size, max_queue=max_queue,
+                         max_prefill_rows=max_prefill_rows,
                          max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit, api_key=api_key)
     app = create_app(engine, config)
     print(f"logo serve: {len(engine.library)} adapters, k={engine.router.config.k}; http://{host}:{port}/ "

@@ -1,6 +1,7 @@
 """Continuous batching on one worker thread that owns the model.
 
-Requests wait in a bounded queue. Between two decode steps the worker admits waiting requests: it routes them
+Requests wait in a bounded queue. Between two decode steps the worker admits waiting requests (at most
+``max_prefill_rows`` at a time, so a burst of arrivals does not stall the rows already decoding): it routes them
 (a clean LoGo probe, or the fixed mixture they asked for), prefills them together under their own mixtures,
 chooses their first tokens, and merges their KV-cache rows into the running batch (left-padded). Every decode
 step then runs one forward pass for all rows, each row under its own mixture (``engine.set_mixture`` is called
@@ -83,9 +84,13 @@ class Scheduler:
     admission or step with every job's events of that moment (so a front end can hand them over in one go)."""
 
     def __init__(self, engine: LoGoEngine, max_batch_size: int = 32, max_queue: int = 256,
-                 deliver: Deliver = deliver_directly, metrics: Metrics | None = None) -> None:
+                 deliver: Deliver = deliver_directly, metrics: Metrics | None = None,
+                 max_prefill_rows: int = 8) -> None:
         if max_batch_size < 1:
             raise LogoError(f"--max-batch-size must be at least 1, got {max_batch_size}")
+        if max_prefill_rows < 1:
+            raise LogoError(f"--max-prefill-rows must be at least 1, got {max_prefill_rows}")
+        self.max_prefill_rows = max_prefill_rows
         if max_queue < 1:
             raise LogoError(f"--max-queue must be at least 1, got {max_queue}")
         if engine.decoder is not None:
@@ -144,7 +149,7 @@ class Scheduler:
         with self._wake:
             while not self._waiting and not self._rows and not self._closing:
                 self._wake.wait()
-            free = self.max_batch_size - len(self._rows)
+            free = min(self.max_batch_size - len(self._rows), self.max_prefill_rows)
             taken = []
             while self._waiting and len(taken) < free:
                 job = self._waiting.popleft()
