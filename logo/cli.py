@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from logo import bench, cli_core
+from logo import bench, cli_core, export
 from logo.errors import LogoError
 from logo.eval import cli as eval_cli
 from logo.experiments import cli as experiments_cli
@@ -28,6 +28,7 @@ def _register() -> None:
     train_cli.register(app)
     experiments_cli.register(app)
     bench.register(app)
+    export.register(app)
 
 
 def main() -> None:
