@@ -32,7 +32,7 @@ from logo.errors import LogoError
 from logo.perf.official import OfficialPeft
 from logo.perf.report import print_table, ratios
 from logo.perf.timing import GenerationTiming, time_generate, time_static, timed
-from logo.router import Router, RouterConfig, Selection
+from logo.router import Router, RouterConfig, Selection, check_k
 
 VARIANTS = ("base", "one_adapter", "logo", "official")
 FAST_VARIANTS = ("base", "one_adapter", "logo")
@@ -230,8 +230,7 @@ def _check_args(device: str, n_adapters: int, rank: int, k: int, targets: list[s
         raise LogoError("--device cuda asked for, but no CUDA device is available here")
     if n_adapters < 1 or rank < 1 or prompt_len < 1 or repeats < 1:
         raise LogoError("--n-adapters, --rank, --prompt-len and --repeats must be at least 1")
-    if not 1 <= k <= n_adapters:
-        raise LogoError(f"--k must be between 1 and --n-adapters ({n_adapters}), got {k}")
+    check_k(k, n_adapters)
     if "q_proj" not in targets:
         raise LogoError(f"--targets must include q_proj (LoGo's signal module), got {','.join(targets)}")
     if new_tokens < 2:

@@ -6,7 +6,12 @@ import sys
 
 import typer
 
+from logo import bench, cli_core, export
 from logo.errors import LogoError
+from logo.eval import cli as eval_cli
+from logo.experiments import cli as experiments_cli
+from logo.serve import cli as serve_cli
+from logo.train import cli as train_cli
 
 app = typer.Typer(
     name="logo",
@@ -18,17 +23,13 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from logo import cli_core
-    from logo.eval import cli as eval_cli
-    from logo.train import cli as train_cli
-
+    """Each area adds its commands; the areas' modules import the model stack only inside their commands."""
     cli_core.register(app)
     eval_cli.register(app)
     train_cli.register(app)
-    from logo import bench
-    from logo.serve import cli as serve_cli
-
+    experiments_cli.register(app)
     bench.register(app)
+    export.register(app)
     serve_cli.register(app)
 
 

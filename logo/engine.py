@@ -330,23 +330,19 @@ class LoGoEngine:
         return config
 
     # ------------------------------------------------------------ calibration
-    def mean_statistics(self, prompts: list[str] | None = None, batch_size: int = 8, source: str | None = None,
-                        progress: bool = False) -> dict:
-        """``mean`` calibration statistics of the current signal over unlabeled prompts (not stored)."""
+    def calibrate(self, prompts: list[str] | None = None, batch_size: int = 8, source: str | None = None,
+                  progress: bool = False, save: bool = True) -> dict:
+        """Compute ``mean`` statistics (each adapter's mean raw score over unlabeled prompts, the default prompts
+        if none are given) for the current signal, keep them in the library and, with ``save``, store them."""
         if prompts is None:
             prompts, source = default_prompts(), source or "logo default calibration prompts"
         if not prompts:
             raise LogoError("no calibration prompts given")
         h = self.signals(prompts, [self._router.point], batch_size, progress)[self._router.point]
         values = self._router.mean_statistics(h)
-        return {"method": "mean", "values": values.tolist(), "n_prompts": len(prompts), "source": source or "user"}
-
-    def calibrate(self, prompts: list[str] | None = None, batch_size: int = 8, source: str | None = None,
-                  progress: bool = False) -> dict:
-        """Compute ``mean`` statistics for the current signal and store them with the library."""
-        entry = self.mean_statistics(prompts, batch_size, source, progress)
+        entry = {"method": "mean", "values": values.tolist(), "n_prompts": len(prompts), "source": source or "user"}
         self.library.calibration[self._router.signal_key] = entry
-        return {**entry, "file": str(save_calibration(self.library))}
+        return {**entry, "file": str(save_calibration(self.library))} if save else entry
 
     def close(self) -> None:
         """Remove the mixture hooks; the model is the plain base model again."""

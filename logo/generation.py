@@ -69,3 +69,9 @@ def check_prompts(prompts: list[str], lengths: list[int] | None = None,
     for i, length in enumerate(lengths or []):
         if length > max_tokens:
             raise LogoError(f"prompt {i} has {length} tokens, over the limit of {max_tokens}; shorten it")
+
+
+def first_line(text: str) -> str:
+    """The prediction as the official code takes it: stripped, cut at its first line."""
+    text = text.strip()
+    return (text.splitlines() or [text])[0]

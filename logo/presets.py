@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from logo.errors import LogoError
+
 LOGO_ADAPTER_REPO = "archon159/LoGo-loras-collection"
 
 
@@ -40,3 +42,11 @@ def get_preset(name: str) -> Preset | None:
         if key.lower() == name.lower():
             return preset
     return None
+
+
+def default_adapters(name: str) -> str:
+    """The ``--adapters`` spec of preset ``name``; an error for a model that has no default library."""
+    preset = get_preset(name)
+    if preset is None or preset.default_adapters is None:
+        raise LogoError(f"--adapters is required for {name!r} (it has no default adapter library)")
+    return preset.default_adapters

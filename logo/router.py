@@ -213,11 +213,17 @@ def score(h: torch.Tensor, library: AdapterLibrary, module: str, strategy: str) 
     return 1.0 / (entropy(outputs, dim=-1) + 1e-6)
 
 
+def check_k(k: int, n: int) -> int:
+    """k adapters out of a library of n: the one check of that range, for every caller."""
+    if not 1 <= k <= n:
+        raise LogoError(f"k={k} adapters requested but the library holds {n}; choose 1 <= k <= {n} "
+                        "(--n-selected-modules)")
+    return k
+
+
 def select(scores: torch.Tensor, k: int, weighting: str = "normalize", temperature: float = 1.0):
     """Top-k per row and their weights. Returns ``(top_scores, indices, weights)``, each ``[B, k]``."""
-    n = scores.shape[-1]
-    if not 1 <= k <= n:
-        raise LogoError(f"k={k} adapters requested but the library holds {n}; choose 1 <= k <= {n}")
+    check_k(k, scores.shape[-1])
     top, idx = torch.topk(scores, k=k, dim=-1)
     if weighting == "softmax":
         weights = torch.softmax(top / temperature, dim=-1)
@@ -237,11 +243,7 @@ class Router:
     def __init__(self, model: nn.Module, library: AdapterLibrary, config: RouterConfig | None = None) -> None:
         self.model, self.library = model, library
         self.config = config or RouterConfig()
-        if self.config.k > len(library):
-            raise LogoError(
-                f"k={self.config.k} adapters requested but the library holds {len(library)}; "
-                f"choose --n-selected-modules between 1 and {len(library)}"
-            )
+        check_k(self.config.k, len(library))
         self.num_layers = len(decoder_layers(model))
         self.signal_module = signal_module_name(model, self.config)
         if self.signal_module not in library.stacks:

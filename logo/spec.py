@@ -21,8 +21,8 @@ from logo.errors import LogoError
 from logo.generation import check_decode
 from logo.library import AdapterLibrary
 from logo.models import DTYPES, load_base_model
-from logo.presets import PRESETS, get_preset
-from logo.router import RouterConfig
+from logo.presets import PRESETS, default_adapters, get_preset
+from logo.router import RouterConfig, check_k
 
 
 def did_you_mean(value: str, known: list[str]) -> str:
@@ -93,12 +93,7 @@ class EngineSpec:
 
     def adapter_spec(self) -> str | list[str]:
         """The adapters to load: the given ones, else the preset's library."""
-        if self.adapters is not None:
-            return self.adapters
-        preset = get_preset(self.base_model)
-        if preset is None or preset.default_adapters is None:
-            raise LogoError(f"--adapters is required for {self.base_model!r} (it has no default adapter library)")
-        return preset.default_adapters
+        return self.adapters if self.adapters is not None else default_adapters(self.base_model)
 
     def resolved(self) -> tuple[list[tuple[str, Path]], RouterConfig]:
         """The adapters as ``(name, dir)`` and the router with k checked against them (no model is loaded)."""
@@ -106,8 +101,7 @@ class EngineSpec:
         router = self.router
         if router.k > len(entries):
             if not self.fit_k:
-                raise LogoError(f"k={router.k} adapters requested but the library holds {len(entries)}; "
-                                f"choose --n-selected-modules between 1 and {len(entries)}")
+                check_k(router.k, len(entries))
             print(f"note: the library holds {len(entries)} adapters; using k={len(entries)}", file=sys.stderr)
             router = replace(router, k=len(entries))
         return entries, router

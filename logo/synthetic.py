@@ -35,8 +35,9 @@ def random_model(shape: str, device: str | torch.device, dtype: torch.dtype, see
         raise LogoError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
     cls, kwargs = SHAPES[shape]
     config = cls(**kwargs, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(seed)
-    with torch.device(device):
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.device(device):  # transformers' init draws from the global RNG
+        torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # an impossible EOS keeps every benchmark generation at its full length
     model.generation_config.eos_token_id = None

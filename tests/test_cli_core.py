@@ -91,6 +91,13 @@ def test_calibrate_then_route_calibrated(model_and_lib, tmp_path):
     res = run_logo("route", "-m", str(model_dir), "-a", str(tmp_path / "lib"), "-p", "x", "-k", "1",
                    "--calibration", "mean", "--json")
     assert res.returncode == 0, res.stderr
+    record = json.loads(res.stdout)
+    stored = json.loads((tmp_path / "lib" / "logo_calibration.json").read_text())
+    (entry,) = stored["entries"].values()
+    calibrated = {name: record["scores"][name] / mean for name, mean in zip(stored["adapters"], entry["values"])}
+    best = max(calibrated, key=calibrated.get)
+    assert [s["name"] for s in record["selected"]] == [best]
+    assert record["selected"][0]["score"] == pytest.approx(calibrated[best], rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -102,6 +109,10 @@ def test_calibrate_then_route_calibrated(model_and_lib, tmp_path):
         (["-p", "x", "--selection-strategy", "max"], "selection strategy"),
         ([], "no prompts"),
         (["-p", "x", "--decode", "fast"], "unknown --decode 'fast'"),
+        (["-p", ""], "prompt 0 is empty"),
+        (["-p", "x", "--max-new-tokens", "-3", "--decode", "eager"], "max_new_tokens must be at least 1, got -3"),
+        (["-p", "x", "--device", "tpu"], "unknown device 'tpu'"),
+        (["-p", "x", "-m", "smolm2"], "did you mean 'smollm2-135m'?"),
     ],
 )
 def test_user_mistakes_are_one_clear_line(model_and_lib, args, message):

@@ -95,6 +95,17 @@ def test_static_sampling_is_seeded(tiny_library, tokenizer):
         static.close()
 
 
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_a_seeded_call_leaves_the_global_rng_alone(tiny_library, tokenizer, decode):
+    (engine,) = _engines(tiny_library, tokenizer, "llama", paths=(decode,))
+    try:
+        before = torch.get_rng_state()
+        engine.generate(PROMPTS[:2], max_new_tokens=4, do_sample=True, seed=5, batch_size=2)
+        assert torch.equal(torch.get_rng_state(), before)
+    finally:
+        engine.close()
+
+
 def test_compiled_engine_equals_eager_engine(tiny_library, tokenizer):
     """One compile of the decode step on a tiny model (about half a minute on 2 CPU cores)."""
     eager, compiled = _engines(tiny_library, tokenizer, "qwen2", paths=("eager", "compiled"))

@@ -7,7 +7,10 @@ from typing import Annotated
 
 import typer
 
+from logo.cli_options import Calibration, Layer, Module, Position, PostNorm, Weighting, WeightTemp
 from logo.errors import LogoError
+from logo.methods import method_names
+from logo.presets import default_adapters, get_preset
 
 OFFICIAL_DATA_DIR = Path("data")  # the official --data_dir default, used when it exists
 
@@ -35,8 +38,8 @@ def run(
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first N instances of each dataset.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "--max_new_tokens")] = 256,
     method: Annotated[str, typer.Option(
-        "--method", help="logo | base | uniform | random | fixed:NAME | arrow, or a comma-separated list (one model "
-        "load for all).")] = "logo",
+        "--method", help=f"{' | '.join(method_names())}, or a comma-separated list (one model load for all).")
+    ] = "logo",
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if any)")] = None,
     gpu: Annotated[int | None, typer.Option("--gpu", help="Official: CUDA device index (= --device cuda:N)")] = None,
     model_dir: Annotated[str | None, typer.Option(
@@ -47,7 +50,17 @@ def run(
     decode: Annotated[str, typer.Option(
         "--decode", help="eager (transformers generate) | static (static KV cache) | compiled (+ torch.compile)")
     ] = "eager",
-    calibration: Annotated[str, typer.Option("--calibration", help="none (official) | mean | weight-norm")] = "none",
+    signal_layer: Layer = -1,
+    signal_module: Module = "q_proj",
+    post_norm: PostNorm = False,
+    position: Position = "last",
+    weighting: Weighting = "normalize",
+    weight_temperature: WeightTemp = 1.0,
+    calibration: Calibration = "none",
+    ray: Annotated[str | None, typer.Option(
+        "--ray", help="Run on Ray: 'local' (or '') starts a local Ray, HOST:PORT joins a cluster.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="With --ray: worker actors, one engine each.")] = 2,
+    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", help="With --ray: GPUs per worker.")] = 0.0,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Start afresh instead of continuing the results already in the output directory.")] = False,
 ) -> None:
@@ -59,26 +72,30 @@ def run(
             raise LogoError("give --gpu or --device, not both")
         device = f"cuda:{gpu}"
     if model_dir is not None and (Path(model_dir) / base_model).is_dir():
-        from logo.presets import get_preset
-
-        preset = get_preset(base_model)
-        if not adapters and preset is not None and preset.default_adapters:
-            adapters = [preset.default_adapters]  # the preset's library, as without --model_dir
+        if not adapters and get_preset(base_model) is not None:
+            adapters = [default_adapters(base_model)]  # the preset's library, as without --model_dir
         base_model = str(Path(model_dir) / base_model)
     if data_dir is None and OFFICIAL_DATA_DIR.is_dir():
         data_dir = str(OFFICIAL_DATA_DIR)
         print(f"--data-dir {OFFICIAL_DATA_DIR} (the official default; datasets not found there come from the hub)")
     methods = [m.strip() for m in method.split(",") if m.strip()]
     if not methods:
-        raise LogoError("--method is empty; give logo, base, uniform, random, fixed:NAME or arrow")
+        raise LogoError(f"--method is empty; give one or more of {', '.join(method_names())}")
     config = RunConfig(
         base_model=base_model, dataset=dataset, selection_strategy=selection_strategy,
         n_selected_modules=n_selected_modules, seed=seed, generation_early_stop=generation_early_stop,
         data_dir=data_dir, adapters=adapters or None, output_dir=output_dir, batch_size=batch_size, limit=limit,
         max_new_tokens=max_new_tokens, method=methods[0], device=device, dtype=dtype, decode=decode,
-        router_options={"calibration": calibration}, overwrite=overwrite,
+        router_options={"layer": signal_layer, "module": signal_module, "post_norm": post_norm, "position": position,
+                        "weighting": weighting, "temperature": weight_temperature, "calibration": calibration},
+        overwrite=overwrite,
     )
-    run_methods(config, methods)
+    if ray is None:
+        run_methods(config, methods)
+        return
+    from logo.eval.distributed import run_methods_ray  # lazy: Ray is an optional extra
+
+    run_methods_ray(config, methods, address=ray, workers=workers, gpus_per_worker=gpus_per_worker)
 
 
 def compare(

@@ -13,7 +13,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from logo.errors import LogoError
+from logo.plots import selection_heatmap
 
 
 @dataclass
@@ -119,27 +122,13 @@ def selection_png(runs: list[Path], path: Path, top: int = 25) -> bool:
                     counts[f"{label} | {d.name}"] = Counter(n for row in selected for n in row)
     if not counts:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     overall: Counter = Counter()
     for c in counts.values():
         overall.update(c)
     adapters = [a for a, _ in overall.most_common(top)]
     grid = np.array([[c[a] / max(1, sum(c.values())) for a in adapters] for c in counts.values()])
-    label_width = max(len(k) for k in counts) * 0.07
-    fig, ax = plt.subplots(figsize=(max(6.0, 2.5 + label_width + 0.3 * len(adapters)), 2.2 + 0.3 * len(counts)))
-    im = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=0)
-    ax.set_xticks(range(len(adapters)), adapters, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(counts)), list(counts), fontsize=7)
-    ax.set_title("Adapters selected per dataset (share of all selections)", fontsize=9)
-    fig.colorbar(im, ax=ax, label="share")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    selection_heatmap(path, grid, list(counts), adapters, "Adapters selected per dataset (share of all selections)",
+                      colorbar="share")
     return True
 
 

@@ -15,11 +15,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from tqdm import tqdm
+
 from logo.errors import LogoError
 from logo.eval.datasets import PAPER_DATASETS, get_dataset_spec, load_instances
-from logo.eval.methods import check_method, fixed_selection, method_suffix
 from logo.eval.metrics import headline, score_instance, summary_line
 from logo.eval.records import RecordStore, instance_key
+from logo.generation import GenerationSettings, first_line
+from logo.methods import Method, get_method
+from logo.router import RouterConfig
+from logo.spec import EngineSpec
 
 CHUNK_BATCHES = 4  # batches per checkpoint: the engine sorts a chunk by length, so less padding
 
@@ -43,12 +48,24 @@ class RunConfig:
     dtype: str = "auto"
     decode: str = "eager"  # eager | static | compiled: same greedy tokens, so not part of settings()
     router_options: dict = field(default_factory=dict)
+    """Every other :class:`RouterConfig` field (layer, module, post_norm, position, weighting, temperature,
+    calibration); strategy and k are the official arguments above."""
     overwrite: bool = False
 
     def run_name(self) -> str:
         model = Path(self.base_model).name if Path(self.base_model).exists() else self.base_model.replace("/", "--")
         return (f"{model}_selection_{self.selection_strategy}_n_{self.n_selected_modules}_seed_{self.seed}"
                 f"{method_suffix(self.method)}")
+
+    def router(self, k: int | None = None) -> RouterConfig:
+        return RouterConfig(strategy=self.selection_strategy, k=self.n_selected_modules if k is None else k,
+                            **self.router_options)
+
+    def method_object(self) -> Method:
+        return get_method(self.method, k=self.n_selected_modules)
+
+    def generation(self) -> GenerationSettings:
+        return GenerationSettings(max_new_tokens=self.max_new_tokens, early_stop=self.generation_early_stop)
 
     def datasets(self) -> list[str]:
         return [d.strip() for d in self.dataset.split(",") if d.strip()] or list(PAPER_DATASETS)
@@ -62,15 +79,10 @@ class RunConfig:
 
 def load_engine(config: RunConfig, methods: list[str], progress: bool = True):
     """The engine for ``methods`` (k only matters to LoGo routing) and the seconds it took to load."""
-    from logo.engine import LoGoEngine, default_device
-    from logo.router import RouterConfig
-
     start = time.perf_counter()
-    k = config.n_selected_modules if "logo" in methods else 1
-    router = RouterConfig(strategy=config.selection_strategy, k=k, **config.router_options)
-    engine = LoGoEngine.from_pretrained(config.base_model, config.adapters, router,
-                                        device=config.device or default_device(), dtype=config.dtype,
-                                        progress=progress, decode=config.decode)
+    router = config.router(None if "logo" in methods else 1)
+    engine = EngineSpec(config.base_model, config.adapters, router, config.device, config.dtype,
+                        config.decode).build(progress)
     return engine, time.perf_counter() - start
 
 
@@ -79,7 +91,8 @@ class Runner:
 
     def __init__(self, config: RunConfig, engine_factory: Callable[[], tuple] | None = None,
                  progress: bool = True) -> None:
-        check_method(config.method)
+        self.method = config.method_object()
+        config.generation()  # settings are checked before any model loads
         if config.batch_size < 1:
             raise LogoError(f"--batch-size must be at least 1, got {config.batch_size}")
         self.config = config
@@ -87,7 +100,6 @@ class Runner:
         self._factory = engine_factory or (lambda: load_engine(config, [config.method], progress))
         self._engine = None
         self.loading_s = 0.0
-        self._arrow = None
 
     @property
     def engine(self):
@@ -99,91 +111,97 @@ class Runner:
         return {name: self.run_dataset(name) for name in self.config.datasets()}
 
     def run_dataset(self, name: str) -> float:
-        cfg = self.config
-        metric = get_dataset_spec(name).metric
-        instances = load_instances(name, cfg.data_dir, cfg.limit)
-        keys = [instance_key(x.prompt, x.label) for x in instances]
-        store = RecordStore(Path(cfg.output_dir) / cfg.run_name() / name, cfg.settings(), cfg.overwrite)
-        done = store.load(keys)
-        todo = [i for i in range(len(instances)) if i not in done]
-        print(f"Dataset {name}: {len(instances)} sample" + (f" ({len(done)} already done)" if done else ""))
-        if todo:
+        job = DatasetJob.open(self.config, name)
+        if job.todo():
             self.engine  # noqa: B018 - load the model (once) before the progress bar starts
-        bar = None
-        if self.progress and todo:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(instances), initial=len(done), desc=name, unit="inst")
-        step = cfg.batch_size * CHUNK_BATCHES
-        for start in range(0, len(todo), step):
-            chunk = todo[start : start + step]
+        bar = tqdm(total=len(job.instances), initial=len(job.done), desc=name, unit="inst",
+                   disable=not (self.progress and job.todo()))
+        for chunk in job.shards():
             t0 = time.perf_counter()
-            records = self._predict(chunk, instances, keys, metric)
-            if store.meta["loading_s"] is None:
-                store.set_loading(self.loading_s)
-            store.append(records, time.perf_counter() - t0)
-            done.update((r["index"], r) for r in records)
-            if bar is not None:
-                bar.update(len(chunk))
-        if bar is not None:
-            bar.close()
-        records = [done[i] for i in range(len(instances))]
-        raw = {cfg.selection_strategy: [r["scores"] for r in records]} if cfg.method == "logo" else {}
-        store.write_official(records, raw, store.meta["loading_s"] or self.loading_s)
-        scores = [r["score"] for r in records]
-        print(summary_line(metric, scores))
-        print(store.dir)
-        return headline(metric, scores)[1]
-
-    def _generate(self, prompts: list[str], chunk: list[int]):
-        """Raw continuations, selections (None = base / not recorded) and raw scores, per prompt."""
-        cfg = self.config
-        if cfg.method == "arrow":
-            texts = self.arrow().generate(prompts, cfg.max_new_tokens, cfg.generation_early_stop, cfg.batch_size)
-            return texts, [None] * len(prompts), [[] for _ in prompts]
-        fixed = None
-        if cfg.method != "logo":
-            names = self.engine.library.names
-            fixed = [fixed_selection(cfg.method, names, i, cfg.n_selected_modules, cfg.seed) for i in chunk]
-        gens = self.engine.generate(prompts, selections=fixed, max_new_tokens=cfg.max_new_tokens,
-                                    early_stop=cfg.generation_early_stop, batch_size=cfg.batch_size)
-        scores = [list(g.route.all_scores) if g.route is not None else [] for g in gens]
-        return [g.text for g in gens], [g.selection for g in gens], scores
+            records = self._predict(chunk, job.instances, job.keys, job.metric)
+            job.record(records, time.perf_counter() - t0, self.loading_s)
+            bar.update(len(chunk))
+        bar.close()
+        return job.finish(self.loading_s)
 
     def _predict(self, chunk: list[int], instances, keys: list[str], metric: str) -> list[dict]:
-        texts, selections, scores = self._generate([instances[i].prompt for i in chunk], chunk)
-        out = []
-        for i, text, sel, raw in zip(chunk, texts, selections, scores):
-            prediction = first_line(text)
-            names = self.engine.library.names if sel is not None else []
-            out.append({
-                "index": i,
-                "key": keys[i],
-                "prediction": prediction,
-                "score": score_instance(metric, prediction, instances[i].label),
-                "selected": [names[j] for j in sel.indices] if sel is not None else [],
-                "weights": [float(w) for w in sel.weights] if sel is not None else [],
-                "scores": raw,
-            })
-        return out
-
-    def arrow(self):
-        """PEFT's Arrow model over the library's adapter directories, built on the engine's base model (the
-        engine's own hooks are removed first, so a run uses the engine for nothing else afterwards)."""
-        if self._arrow is None:
-            from logo.eval.arrow import ArrowGenerator
-
-            engine = self.engine
-            engine.close()
-            self._arrow = ArrowGenerator(engine.model, engine.tokenizer, engine.library.paths,
-                                         top_k=self.config.n_selected_modules, seed=self.config.seed)
-        return self._arrow
+        items = [(i, keys[i], instances[i].prompt, instances[i].label) for i in chunk]
+        return predict(self.engine, self.method, self.config, items, metric)
 
 
-def first_line(text: str) -> str:
-    """The prediction as the official code takes it: stripped, cut at its first line."""
-    text = text.strip()
-    return (text.splitlines() or [text])[0]
+@dataclass
+class DatasetJob:
+    """One (run, dataset): its instances, its record store, and what is left to generate, in shards."""
+
+    config: RunConfig
+    name: str
+    metric: str
+    instances: list
+    keys: list[str]
+    store: RecordStore
+    done: dict[int, dict]
+
+    @classmethod
+    def open(cls, config: RunConfig, name: str) -> DatasetJob:
+        metric = get_dataset_spec(name).metric
+        instances = load_instances(name, config.data_dir, config.limit)
+        keys = [instance_key(x.prompt, x.label) for x in instances]
+        store = RecordStore(Path(config.output_dir) / config.run_name() / name, config.settings(), config.overwrite)
+        done = store.load(keys)
+        print(f"Dataset {name}: {len(instances)} sample" + (f" ({len(done)} already done)" if done else ""))
+        return cls(config, name, metric, instances, keys, store, done)
+
+    def todo(self) -> list[int]:
+        return [i for i in range(len(self.instances)) if i not in self.done]
+
+    def shards(self) -> list[list[int]]:
+        """What is left, in checkpoints of ``CHUNK_BATCHES`` batches (the engine sorts each by length)."""
+        todo, step = self.todo(), self.config.batch_size * CHUNK_BATCHES
+        return [todo[start : start + step] for start in range(0, len(todo), step)]
+
+    def items(self, shard: list[int]) -> list[tuple[int, str, str, object]]:
+        """``(index, key, prompt, label)`` of each instance of a shard: all a worker needs."""
+        return [(i, self.keys[i], self.instances[i].prompt, self.instances[i].label) for i in shard]
+
+    def record(self, records: list[dict], inference_s: float, loading_s: float) -> None:
+        """Keep a finished shard (on disk at once)."""
+        if self.store.meta["loading_s"] is None:
+            self.store.set_loading(loading_s)
+        self.store.append(records, inference_s)
+        self.done.update((r["index"], r) for r in records)
+
+    def finish(self, loading_s: float) -> float:
+        """Write the official six files, print the official summary line; the headline score."""
+        records = [self.done[i] for i in range(len(self.instances))]
+        cfg = self.config
+        raw = {cfg.selection_strategy: [r["scores"] for r in records]} if cfg.method == "logo" else {}
+        self.store.write_official(records, raw, self.store.meta["loading_s"] or loading_s)
+        scores = [r["score"] for r in records]
+        print(summary_line(self.metric, scores))
+        print(self.store.dir)
+        return headline(self.metric, scores)[1]
+
+
+def predict(engine, method: Method, config: RunConfig, items: list[tuple[int, str, str, object]],
+            metric: str) -> list[dict]:
+    """The records of ``items`` (``(index, key, prompt, label)``) under ``method``: prediction, score, mixture."""
+    indices = [i for i, _, _, _ in items]
+    gens = method.generate(engine, [prompt for _, _, prompt, _ in items], indices, config.seed, config.generation(),
+                           config.batch_size)
+    out = []
+    for (i, key, _, label), gen in zip(items, gens):
+        prediction = first_line(gen.text)
+        sel = gen.selection
+        out.append({
+            "index": i,
+            "key": key,
+            "prediction": prediction,
+            "score": score_instance(metric, prediction, label),
+            "selected": [engine.library.names[j] for j in sel.indices],
+            "weights": [float(w) for w in sel.weights],
+            "scores": list(gen.route.all_scores) if gen.route is not None else [],
+        })
+    return out
 
 
 def run(config: RunConfig, progress: bool = True) -> dict[str, float]:
@@ -191,14 +209,18 @@ def run(config: RunConfig, progress: bool = True) -> dict[str, float]:
     return Runner(config, progress=progress).run()
 
 
+def method_suffix(method: str) -> str:
+    """Suffix of the result directory for non-LoGo methods (LoGo keeps the official name)."""
+    return "" if method == "logo" else "_method_" + method.replace(":", "-").replace("/", "-")
+
+
 def run_methods(config: RunConfig, methods: list[str], progress: bool = True) -> dict[str, dict[str, float]]:
     """Several methods on the same data, sharing one model load (made only if something is left to generate):
-    ``{method: {dataset: score}}``. Arrow runs last: it takes over the engine's base model."""
-    for method in methods:
-        check_method(method)
+    ``{method: {dataset: score}}``. A method that takes over the engine's base model (Arrow) runs last."""
+    takes_over = {m: get_method(m).takes_over_model for m in methods}  # every name is checked here, and
     for name in config.datasets():
-        get_dataset_spec(name)  # every name is checked before hours of generation
-    order = [m for m in methods if m != "arrow"] + [m for m in methods if m == "arrow"]
+        get_dataset_spec(name)  # every dataset, before hours of generation
+    order = [m for m in methods if not takes_over[m]] + [m for m in methods if takes_over[m]]
     loaded: list[tuple] = []
 
     def shared() -> tuple:

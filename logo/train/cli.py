@@ -59,42 +59,8 @@ def tasks() -> None:
         print(f"{task.name:24s} {'seen  ' if task.seen else 'unseen'} {task.source}:{task.generator} {task.args or ''}")
 
 
-def demo(
-    output: Annotated[Path, typer.Option("--output", help="Directory for summary.json, results.md, heatmap.")] = Path(
-        "demo_results"),
-    quick: Annotated[bool, typer.Option("--quick", help="A CI-sized run of the whole path.")] = False,
-    n_per_task: Annotated[int, typer.Option("--n-per-task")] = 6,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    no_arrow: Annotated[bool, typer.Option("--no-arrow", help="Skip the PEFT Arrow baseline.")] = False,
-) -> None:
-    """The main job: LoGo on the embedded SmolLM2 with the demo library, against baselines."""
-    import torch
-
-    from logo.demo import run_demo
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    run_demo(output, n_per_task=n_per_task, batch_size=batch_size, seed=seed, quick=quick, with_arrow=not no_arrow)
-
-
-def signal_study(
-    n_per_task: Annotated[int, typer.Option("--n-per-task")] = 10,
-    output: Annotated[Path | None, typer.Option("--output", help="Write the table (markdown) here.")] = None,
-) -> None:
-    """Precision@1 of every routing-signal option on validation instances of the demo tasks (not the test set)."""
-    from logo.signal_study import study_demo, study_table
-
-    rows = study_demo(n_per_task)
-    table = study_table(rows, 30)
-    print(table)
-    if output is not None:
-        output.write_text(table + "\n")
-
-
 def register(app: typer.Typer) -> None:
-    """Add train, build-demo-library, tasks, demo and signal-study to ``app``."""
-    app.command()(demo)
-    app.command(name="signal-study")(signal_study)
+    """Add train, build-demo-library and tasks to ``app``."""
     app.command()(train)
     app.command(name="build-demo-library")(build_demo_library)
     app.command()(tasks)

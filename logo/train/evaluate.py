@@ -13,14 +13,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from logo.engine import LoGoEngine
+from logo.generation import first_line
 from logo.router import Selection
 from logo.train.tasks import Task
-
-
-def first_line(text: str) -> str:
-    """The prediction as the official code takes it: stripped, cut at the first line."""
-    text = text.strip()
-    return (text.splitlines() or [text])[0]
 
 
 def task_accuracy(

@@ -11,9 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from peft import ArrowConfig, create_arrow_model
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList
 
+from logo.engine import NewlineStop, newline_token
 from logo.errors import LogoError
+from logo.generation import MAX_PROMPT_TOKENS, check_prompts
+from logo.router import check_k
 
 
 class ArrowGenerator:
@@ -21,10 +25,7 @@ class ArrowGenerator:
 
     def __init__(self, base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, adapter_paths: list[Path],
                  top_k: int = 3, temperature: float = 1.0, seed: int = 0) -> None:
-        from peft import ArrowConfig, create_arrow_model
-
-        if not 1 <= top_k <= len(adapter_paths):
-            raise LogoError(f"Arrow top_k={top_k} must be between 1 and the number of adapters ({len(adapter_paths)})")
+        check_k(top_k, len(adapter_paths))
         config = ArrowConfig(top_k=top_k, router_temperature=temperature, rng_seed=seed)
         try:
             self.model = create_arrow_model(base_model, [str(p) for p in adapter_paths], config).eval()
@@ -35,19 +36,15 @@ class ArrowGenerator:
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int = 32, early_stop: bool = True,
                  batch_size: int = 16) -> list[str]:
-        from transformers import StoppingCriteriaList
-
-        from logo.engine import MAX_PROMPT_TOKENS, NewlineStop
-
-        stopping = None
-        if early_stop:
-            stopping = StoppingCriteriaList([NewlineStop(self.tokenizer.encode("\n", add_special_tokens=False)[0])])
+        check_prompts(prompts)
+        stopping = StoppingCriteriaList([NewlineStop(newline_token(self.tokenizer))]) if early_stop else None
         self.tokenizer.padding_side = "left"
         device = next(self.model.parameters()).device
         texts = []
         for start in range(0, len(prompts), batch_size):
-            batch = self.tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
-                                   truncation=True, max_length=MAX_PROMPT_TOKENS).to(device)
+            chunk = prompts[start : start + batch_size]
+            batch = self.tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+            check_prompts(chunk, batch["attention_mask"].sum(1).tolist(), MAX_PROMPT_TOKENS)
             out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, top_p=None,
                                       top_k=None, temperature=None, stopping_criteria=stopping,
                                       pad_token_id=self.tokenizer.pad_token_id)

@@ -1,0 +1,1 @@
+"""Experiments on the embedded default, above ``train/`` and ``eval/``: the demo and the signal study."""

@@ -1,0 +1,77 @@
+"""One router for every user: the engine, the demo's methods and the signal study route alike, on padded
+batches, on Llama- and Qwen-shaped models, and equal to the formula written out on each prompt alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from logo.engine import LoGoEngine
+from logo.errors import LogoError
+from logo.experiments.signal_study import run_study
+from logo.library import AdapterLibrary
+from logo.methods import LoGo
+from logo.router import RouterConfig, SignalPoint
+from tests.test_router import PROMPTS, reference_scores
+
+OPTIONS = [{}, {"layer": 1, "post_norm": True}, {"layer": -2, "position": "mean"}]
+MORE_PROMPTS = [*PROMPTS, "A much longer prompt that makes the others padded:\nA:", "Q: 5 * 6 =\nA:"]
+
+
+@pytest.fixture
+def engine(tiny_library, tokenizer, arch):
+    model, root = tiny_library(arch)
+    eng = LoGoEngine(model, tokenizer, AdapterLibrary.load(root, model), RouterConfig(k=1))
+    yield eng
+    eng.close()
+
+
+def test_signals_in_one_pass_equal_hidden_states_of_each_prompt_alone(engine, tokenizer):
+    points = [SignalPoint(layer, post, pos) for layer in (0, 1, 2) for post in (False, True)
+              for pos in ("last", "mean")]
+    found = engine.signals(MORE_PROMPTS, points, batch_size=4)  # padded batches, sorted by length
+    layers = engine.model.model.layers
+    for i, prompt in enumerate(MORE_PROMPTS):
+        ids = tokenizer([prompt], return_tensors="pt")
+        with torch.no_grad():
+            hidden = engine.model(**ids, output_hidden_states=True).hidden_states
+        for point in points:
+            h = hidden[point.layer][0]
+            if point.post_norm:
+                h = layers[point.layer].input_layernorm(h)
+            expected = h[-1] if point.position == "last" else h.mean(0)
+            torch.testing.assert_close(found[point][i], expected.float(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_engine_demo_method_and_signal_study_route_alike(engine, tiny_library, tokenizer, arch, options):
+    _, root = tiny_library(arch)
+    config = RouterConfig(k=1, **options)
+    routed = engine.with_router(config).route(MORE_PROMPTS, batch_size=3)
+    by_method = LoGo(config).select(engine, MORE_PROMPTS, range(len(MORE_PROMPTS)), seed=0)
+    top1 = [r.indices[0] for r in routed]
+    assert [s.indices for s in by_method] == [r.indices for r in routed]
+    for prompt, route in zip(MORE_PROMPTS, routed):
+        ref = reference_scores(engine.model, root, engine.library.names, tokenizer, prompt, "norm", **options)
+        assert route.all_scores == pytest.approx(ref, rel=1e-4, abs=1e-5)
+    # the study scores every option from one multi-point probe; with the routed top-1 as "targets", the option
+    # that equals this router must score precision 1.0
+    rows = run_study(engine, MORE_PROMPTS, top1, MORE_PROMPTS[:2], [config.layer], batch_size=2)
+    point = engine.with_router(config).router.point
+    row = next(r for r in rows if (r.layer, r.post_norm, r.position, r.strategy, r.calibration) ==
+               (point.layer, point.post_norm, point.position, "norm", "none"))
+    assert row.precision_at_1 == 1.0
+
+
+def test_with_router_gives_a_consistent_engine_and_router_is_read_only(engine, tokenizer):
+    fresh = engine.with_router(RouterConfig(k=1, layer=-2, post_norm=True, calibration="mean"))
+    assert fresh.router.signal_module == "model.layers.1.self_attn.q_proj"
+    assert engine.router.signal_module == "model.layers.2.self_attn.q_proj"  # the original is untouched
+    fresh.calibrate(MORE_PROMPTS, save=False)
+    route = fresh.route(PROMPTS[:1])[0]
+    h = fresh.signals(PROMPTS[:1], [fresh.router.point])[fresh.router.point]
+    raw = fresh.router.raw_scores(h)[0]
+    means = torch.tensor(engine.library.calibration[fresh.router.signal_key]["values"])
+    assert route.indices == [int((raw / means).argmax())]
+    with pytest.raises(LogoError, match="with_router"):
+        engine.router = RouterConfig(k=1, layer=-2)
