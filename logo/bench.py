@@ -230,7 +230,7 @@ def _check_args(device: str, n_adapters: int, rank: int, k: int, targets: list[s
         raise LogoError("--device cuda asked for, but no CUDA device is available here")
     if n_adapters < 1 or rank < 1 or prompt_len < 1 or repeats < 1:
         raise LogoError("--n-adapters, --rank, --prompt-len and --repeats must be at least 1")
-    check_k(k, n_adapters)
+    check_k(k, n_adapters, flag="--k", holder="the random library (--n-adapters)")
     if "q_proj" not in targets:
         raise LogoError(f"--targets must include q_proj (LoGo's signal module), got {','.join(targets)}")
     if new_tokens < 2:

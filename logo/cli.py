@@ -6,10 +6,11 @@ import sys
 
 import typer
 
-from logo import bench, cli_core, fit_cli
+from logo import bench, cli_core, export, fit_cli
 from logo.errors import LogoError
 from logo.eval import cli as eval_cli
 from logo.experiments import cli as experiments_cli
+from logo.serve import cli as serve_cli
 from logo.train import cli as train_cli
 
 app = typer.Typer(
@@ -25,11 +26,12 @@ def _register() -> None:
     """Each area adds its commands; the areas' modules import the model stack only inside their commands."""
     cli_core.register(app)
     fit_cli.register(app)
-    fit_cli.register(app)
     eval_cli.register(app)
     train_cli.register(app)
     experiments_cli.register(app)
     bench.register(app)
+    export.register(app)
+    serve_cli.register(app)
 
 
 def main() -> None:

@@ -28,7 +28,8 @@ def fit_router_command(
     batch_size: BatchSize = 16,
 ) -> None:
     """Fit a router to a library (signal, calibration, k, weighting, abstain rule) on a few example prompts per
-    adapter, chosen by precision@1; `logo route/generate/run/demo` then use it unless router flags override it."""
+    adapter, chosen by precision@1; `logo route/generate/demo`, the lm-eval backend and `logo run --method fitted`
+    then use it (router flags override its fields)."""
     from logo.fit import examples_from_jsonl, examples_from_manifest, fit_router  # lazy: keeps --help fast
     from logo.router import RouterConfig
     from logo.router_file import FILE_NAME

@@ -290,11 +290,11 @@ def confidence(scores: torch.Tensor, rule: str) -> torch.Tensor:
     return scores.max(dim=-1).values
 
 
-def check_k(k: int, n: int) -> int:
-    """k adapters out of a library of n: the one check of that range, for every caller."""
+def check_k(k: int, n: int, flag: str = "--n-selected-modules", holder: str = "the library") -> int:
+    """k adapters out of n: the one check of that range, for every caller (``flag`` names the user's option)."""
     if not 1 <= k <= n:
-        raise LogoError(f"k={k} adapters requested but the library holds {n}; choose 1 <= k <= {n} "
-                        "(--n-selected-modules)")
+        raise LogoError(f"k={k} adapters requested but {holder} holds {n}; choose 1 <= k <= {n} "
+                        f"({flag} must be between 1 and {n})")
     return k
 
 

@@ -57,6 +57,10 @@ def run(
     weighting: Weighting = "normalize",
     weight_temperature: WeightTemp = 1.0,
     calibration: Calibration = "none",
+    ray: Annotated[str | None, typer.Option(
+        "--ray", help="Run on Ray: 'local' (or '') starts a local Ray, HOST:PORT joins a cluster.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="With --ray: worker actors, one engine each.")] = 2,
+    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", help="With --ray: GPUs per worker.")] = 0.0,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Start afresh instead of continuing the results already in the output directory.")] = False,
 ) -> None:
@@ -86,7 +90,12 @@ def run(
                         "weighting": weighting, "temperature": weight_temperature, "calibration": calibration},
         overwrite=overwrite,
     )
-    run_methods(config, methods)
+    if ray is None:
+        run_methods(config, methods)
+        return
+    from logo.eval.distributed import run_methods_ray  # lazy: Ray is an optional extra
+
+    run_methods_ray(config, methods, address=ray, workers=workers, gpus_per_worker=gpus_per_worker)
 
 
 def compare(

@@ -111,64 +111,97 @@ class Runner:
         return {name: self.run_dataset(name) for name in self.config.datasets()}
 
     def run_dataset(self, name: str) -> float:
-        cfg = self.config
-        metric = get_dataset_spec(name).metric
-        instances = load_instances(name, cfg.data_dir, cfg.limit)
-        keys = [instance_key(x.prompt, x.label) for x in instances]
-        store = RecordStore(Path(cfg.output_dir) / cfg.run_name() / name, cfg.settings(), cfg.overwrite)
-        done = store.load(keys)
-        todo = [i for i in range(len(instances)) if i not in done]
-        print(f"Dataset {name}: {len(instances)} sample" + (f" ({len(done)} already done)" if done else ""))
-        if todo:
+        job = DatasetJob.open(self.config, name)
+        if job.todo():
             self.engine  # noqa: B018 - load the model (once) before the progress bar starts
-        bar = None
-        if self.progress and todo:
-            bar = tqdm(total=len(instances), initial=len(done), desc=name, unit="inst")
-        step = cfg.batch_size * CHUNK_BATCHES
-        for start in range(0, len(todo), step):
-            chunk = todo[start : start + step]
+        bar = tqdm(total=len(job.instances), initial=len(job.done), desc=name, unit="inst",
+                   disable=not (self.progress and job.todo()))
+        for chunk in job.shards():
             t0 = time.perf_counter()
-            records = self._predict(chunk, instances, keys, metric)
-            if store.meta["loading_s"] is None:
-                store.set_loading(self.loading_s)
-            store.append(records, time.perf_counter() - t0)
-            done.update((r["index"], r) for r in records)
-            if bar is not None:
-                bar.update(len(chunk))
-        if bar is not None:
-            bar.close()
-        records = [done[i] for i in range(len(instances))]
-        raw = {cfg.selection_strategy: [r["scores"] for r in records]} if cfg.method == "logo" else {}
-        store.write_official(records, raw, store.meta["loading_s"] or self.loading_s)
-        scores = [r["score"] for r in records]
-        print(summary_line(metric, scores))
-        print(store.dir)
-        return headline(metric, scores)[1]
-
-    def _generate(self, prompts: list[str], chunk: list[int]):
-        """Raw continuations, selections (None = base / not recorded) and raw scores, per prompt."""
-        cfg = self.config
-        gens = self.method.generate(self.engine, prompts, chunk, cfg.seed, cfg.generation(), cfg.batch_size)
-        scores = [list(g.route.all_scores) if g.route is not None else [] for g in gens]
-        selections = [g.selection if g.selection.indices else None for g in gens]
-        return [g.text for g in gens], selections, scores
+            records = self._predict(chunk, job.instances, job.keys, job.metric)
+            job.record(records, time.perf_counter() - t0, self.loading_s)
+            bar.update(len(chunk))
+        bar.close()
+        return job.finish(self.loading_s)
 
     def _predict(self, chunk: list[int], instances, keys: list[str], metric: str) -> list[dict]:
-        texts, selections, scores = self._generate([instances[i].prompt for i in chunk], chunk)
-        out = []
-        for i, text, sel, raw in zip(chunk, texts, selections, scores):
-            prediction = first_line(text)
-            names = self.engine.library.names if sel is not None else []
-            out.append({
-                "index": i,
-                "key": keys[i],
-                "prediction": prediction,
-                "score": score_instance(metric, prediction, instances[i].label),
-                "selected": [names[j] for j in sel.indices] if sel is not None else [],
-                "weights": [float(w) for w in sel.weights] if sel is not None else [],
-                "scores": raw,
-            })
-        return out
+        items = [(i, keys[i], instances[i].prompt, instances[i].label) for i in chunk]
+        return predict(self.engine, self.method, self.config, items, metric)
+
+
+@dataclass
+class DatasetJob:
+    """One (run, dataset): its instances, its record store, and what is left to generate, in shards."""
+
+    config: RunConfig
+    name: str
+    metric: str
+    instances: list
+    keys: list[str]
+    store: RecordStore
+    done: dict[int, dict]
+
+    @classmethod
+    def open(cls, config: RunConfig, name: str) -> DatasetJob:
+        metric = get_dataset_spec(name).metric
+        instances = load_instances(name, config.data_dir, config.limit)
+        keys = [instance_key(x.prompt, x.label) for x in instances]
+        store = RecordStore(Path(config.output_dir) / config.run_name() / name, config.settings(), config.overwrite)
+        done = store.load(keys)
+        print(f"Dataset {name}: {len(instances)} sample" + (f" ({len(done)} already done)" if done else ""))
+        return cls(config, name, metric, instances, keys, store, done)
+
+    def todo(self) -> list[int]:
+        return [i for i in range(len(self.instances)) if i not in self.done]
+
+    def shards(self) -> list[list[int]]:
+        """What is left, in checkpoints of ``CHUNK_BATCHES`` batches (the engine sorts each by length)."""
+        todo, step = self.todo(), self.config.batch_size * CHUNK_BATCHES
+        return [todo[start : start + step] for start in range(0, len(todo), step)]
+
+    def items(self, shard: list[int]) -> list[tuple[int, str, str, object]]:
+        """``(index, key, prompt, label)`` of each instance of a shard: all a worker needs."""
+        return [(i, self.keys[i], self.instances[i].prompt, self.instances[i].label) for i in shard]
+
+    def record(self, records: list[dict], inference_s: float, loading_s: float) -> None:
+        """Keep a finished shard (on disk at once)."""
+        if self.store.meta["loading_s"] is None:
+            self.store.set_loading(loading_s)
+        self.store.append(records, inference_s)
+        self.done.update((r["index"], r) for r in records)
+
+    def finish(self, loading_s: float) -> float:
+        """Write the official six files, print the official summary line; the headline score."""
+        records = [self.done[i] for i in range(len(self.instances))]
+        cfg = self.config
+        raw = {cfg.selection_strategy: [r["scores"] for r in records]} if cfg.method == "logo" else {}
+        self.store.write_official(records, raw, self.store.meta["loading_s"] or loading_s)
+        scores = [r["score"] for r in records]
+        print(summary_line(self.metric, scores))
+        print(self.store.dir)
+        return headline(self.metric, scores)[1]
+
+
+def predict(engine, method: Method, config: RunConfig, items: list[tuple[int, str, str, object]],
+            metric: str) -> list[dict]:
+    """The records of ``items`` (``(index, key, prompt, label)``) under ``method``: prediction, score, mixture."""
+    indices = [i for i, _, _, _ in items]
+    gens = method.generate(engine, [prompt for _, _, prompt, _ in items], indices, config.seed, config.generation(),
+                           config.batch_size)
+    out = []
+    for (i, key, _, label), gen in zip(items, gens):
+        prediction = first_line(gen.text)
+        sel = gen.selection
+        out.append({
+            "index": i,
+            "key": key,
+            "prediction": prediction,
+            "score": score_instance(metric, prediction, label),
+            "selected": [engine.library.names[j] for j in sel.indices],
+            "weights": [float(w) for w in sel.weights],
+            "scores": list(gen.route.all_scores) if gen.route is not None else [],
+        })
+    return out
 
 
 def run(config: RunConfig, progress: bool = True) -> dict[str, float]:

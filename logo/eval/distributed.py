@@ -1,0 +1,108 @@
+"""`logo run --ray`: the evaluation spread over Ray actors, each holding one engine.
+
+The unit of work is a (method, dataset shard) pair. Plain actors rather than Ray Data: each worker loads the
+model once and keeps it for every shard it is given (a 7-8B model takes a minute to load), a shard's records
+must reach the one record store of its dataset as soon as they exist (so a rerun resumes), and the driver
+decides what is left from that store. The driver is the only writer: it opens every (method, dataset) record
+store, hands out the missing shards through an :class:`ray.util.ActorPool`, appends each finished shard the
+moment it returns, and writes the official six files when a dataset is complete, exactly as a single-process
+run does. A worker that dies is restarted by Ray (the engine is loaded again) and its shard retried; nothing
+already recorded is redone. Methods that take over the engine's model (Arrow) run after all others.
+
+On a cluster, start Ray on every node (``ray start --head`` / ``ray start --address HEAD:6379``) and run
+``logo run --ray HEAD:6379 --workers N --gpus-per-worker G`` on the head node: results are written where the
+driver runs (``--output-dir``); adapters and the base model must be readable on every node (a shared
+filesystem or the same hub cache).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from tqdm import tqdm
+
+from logo.errors import LogoError
+from logo.eval.datasets import get_dataset_spec
+from logo.eval.runner import DatasetJob, RunConfig, load_engine, predict
+from logo.methods import get_method
+
+try:
+    import ray
+    from ray.exceptions import RayError
+    from ray.util import ActorPool
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise LogoError('`logo run --ray` needs Ray: pip install "lora-on-the-go[ray]"') from err
+
+MAX_RESTARTS = 3
+
+
+class EvalWorker:
+    """One engine, loaded once; predicts shards of any (method, dataset) of the run."""
+
+    def __init__(self, config: RunConfig, methods: list[str], threads: int) -> None:
+        torch.set_num_threads(max(1, threads))
+        self.config = config
+        self.engine, self.loading_s = load_engine(config, methods, progress=False)
+        self.methods = {m: get_method(m, k=config.n_selected_modules) for m in methods}
+
+    def predict(self, method: str, dataset: str, metric: str, items: list) -> tuple:
+        """``(method, dataset, records, seconds, loading seconds)`` of one shard."""
+        start = time.perf_counter()
+        records = predict(self.engine, self.methods[method], replace(self.config, method=method), items, metric)
+        return method, dataset, records, time.perf_counter() - start, self.loading_s
+
+
+def run_methods_ray(config: RunConfig, methods: list[str], address: str = "", workers: int = 2,
+                    gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, progress: bool = True,
+                    on_shard: Callable[[list], None] | None = None) -> dict[str, dict[str, float]]:
+    """As :func:`logo.eval.runner.run_methods`, on Ray actors.
+
+    ``address`` "" or "local" starts a local Ray (or uses the one this process already started); HOST:PORT joins a
+    cluster. ``on_shard(actors)`` is called after every recorded shard (progress hooks, fault-injection tests).
+    """
+    if workers < 1:
+        raise LogoError(f"--workers must be at least 1, got {workers}")
+    if gpus_per_worker < 0 or cpus_per_worker <= 0:
+        raise LogoError("--gpus-per-worker must be >= 0 and the CPUs per worker > 0")
+    takes_over = {m: get_method(m).takes_over_model for m in methods}
+    for name in config.datasets():
+        get_dataset_spec(name)
+    jobs = {(m, name): DatasetJob.open(replace(config, method=m), name) for m in methods for name in config.datasets()}
+    units = [(m, name, shard) for (m, name), job in jobs.items() for shard in job.shards()]
+    if units:
+        if not ray.is_initialized():
+            ray.init(address=None if address in ("", "local") else address)
+        remote = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=MAX_RESTARTS,
+                            max_task_retries=MAX_RESTARTS)(EvalWorker)
+        actors = [remote.remote(config, methods, int(cpus_per_worker)) for _ in range(workers)]
+        bar = tqdm(total=sum(len(s) for _, _, s in units), desc="ray", unit="inst", disable=not progress)
+        try:
+            for phase in (False, True):  # a method that takes over the model runs after every other
+                todo = [u for u in units if takes_over[u[0]] == phase]
+                _run_phase(todo, jobs, ActorPool(actors), actors, bar, on_shard)
+        finally:
+            bar.close()
+            for actor in actors:
+                ray.kill(actor)
+    return {m: {name: jobs[(m, name)].finish(jobs[(m, name)].store.meta["loading_s"] or 0.0)
+                for name in config.datasets()} for m in methods}
+
+
+def _run_phase(units: list, jobs: dict, pool: ActorPool, actors: list, bar, on_shard) -> None:
+    def submit(actor, unit):
+        method, name, shard = unit
+        job = jobs[(method, name)]
+        return actor.predict.remote(method, name, job.metric, job.items(shard))
+
+    try:
+        for method, name, records, seconds, loading_s in pool.map_unordered(submit, units):
+            jobs[(method, name)].record(records, seconds, loading_s)
+            bar.update(len(records))
+            if on_shard is not None:
+                on_shard(actors)
+    except RayError as err:
+        raise LogoError(f"a Ray worker failed {MAX_RESTARTS + 1} times ({type(err).__name__}: {err}); every "
+                        "finished shard is recorded: run the same command again to resume") from err

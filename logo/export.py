@@ -1,0 +1,217 @@
+"""`logo export`: a LoGo mixture as one standard PEFT LoRA adapter, for fleets that already serve with vLLM or PEFT.
+
+A mixture ``sum_i w_i s_i B_i A_i`` of k adapters is itself a LoRA of rank ``sum_i r_i`` per module:
+
+    A = [A_1; ...; A_k]          (rank rows stacked)        [R, d_in]
+    B = [c_1 B_1, ..., c_k B_k]  (columns, c_i = w_i s_i)   [d_out, R]
+
+so ``B A`` is the mixture exactly (``--exact``). Rank pairs that are zero in the library's padded stacks
+(an adapter's rank below the library's largest, or a module it does not train) are dropped, which changes
+nothing. ``--rank R`` compresses each module to its best rank-R approximation in Frobenius norm without ever
+forming the ``d_out x d_in`` delta: QR of ``B`` and ``A^T``, SVD of the small ``R x R`` core, keep the top
+``R`` singular triplets; the relative error ``||delta - delta_R|| / ||delta||`` is reported per module.
+
+Every module is written with the same rank (zero-padded where a module needs fewer), ``lora_alpha`` equal to
+that rank (scaling 1: weights and scalings are folded into B), and ``target_modules`` as the leaf names, which
+is what vLLM's ``--lora-modules`` and PEFT's ``PeftModel.from_pretrained`` load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from safetensors.torch import save_file
+
+from logo.cli_core import read_prompts
+from logo.cli_options import (
+    Adapters,
+    BaseModel,
+    BatchSize,
+    Calibration,
+    Device,
+    Dtype,
+    K,
+    Layer,
+    Module,
+    Position,
+    PostNorm,
+    PromptsFile,
+    Strategy,
+    Weighting,
+    WeightTemp,
+    router_from_options,
+)
+from logo.errors import LogoError
+from logo.library import AdapterLibrary
+
+
+@dataclass
+class ExportedMixture:
+    """What was written: the mixture, the rank, and each module's relative approximation error."""
+
+    names: list[str]
+    weights: list[float]
+    rank: int
+    exact: bool
+    errors: dict[str, float] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def max_error(self) -> float:
+        return max(self.errors.values(), default=0.0)
+
+
+def average_mixture(weight_rows: list[dict[str, float]]) -> dict[str, float]:
+    """The task mixture of several routed prompts: each adapter's mean weight (0 where a prompt did not select it)."""
+    if not weight_rows:
+        raise LogoError("no prompts to average a mixture over")
+    total: dict[str, float] = {}
+    for row in weight_rows:
+        for name, weight in row.items():
+            total[name] = total.get(name, 0.0) + weight / len(weight_rows)
+    return {name: w for name, w in sorted(total.items(), key=lambda item: -item[1]) if w > 0}
+
+
+def parse_mixture(text: str, library: AdapterLibrary) -> dict[str, float]:
+    """``NAME=W,NAME=W`` -> ``{name: weight}``; every name must be in the library and every weight a number."""
+    mixture: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise LogoError(f"--mixture entry {part!r} is not NAME=WEIGHT")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise LogoError(f"--mixture entry {part!r}: {value!r} is not a number") from None
+        library.index(name.strip())  # an unknown adapter is an error that names it
+        mixture[name.strip()] = mixture.get(name.strip(), 0.0) + weight
+    if not mixture or not any(mixture.values()):
+        raise LogoError("--mixture names no adapter with a non-zero weight")
+    return mixture
+
+
+def mixture_factors(library: AdapterLibrary, mixture: dict[str, float]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module, the exact concatenated factors ``(A [R_m, d_in], B [d_out, R_m])`` in fp32 (zero pairs dropped)."""
+    idx = torch.tensor([library.index(name) for name in mixture])
+    weights = torch.tensor(list(mixture.values()), dtype=torch.float32)
+    out = {}
+    for module, stack in library.stacks.items():
+        a = stack.A[idx.to(stack.A.device)].float().cpu()  # [k, r, d_in]
+        b = stack.B[idx.to(stack.B.device)].float().cpu()  # [k, d_out, r]
+        coeff = weights * stack.scaling[idx.to(stack.scaling.device)].float().cpu()  # [k]
+        a = a.reshape(-1, a.shape[-1])  # [k*r, d_in]
+        b = (b * coeff[:, None, None]).permute(1, 0, 2).reshape(b.shape[1], -1)  # [d_out, k*r]
+        keep = (a.abs().sum(1) > 0) & (b.abs().sum(0) > 0)
+        if bool(keep.any()):
+            out[module] = (a[keep].contiguous(), b[:, keep].contiguous())
+    if not out:
+        raise LogoError("the mixture is empty in every module (all weights or scalings are zero)")
+    return out
+
+
+def compress(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-``rank`` factors of ``b @ a`` and the relative Frobenius error, from QR + SVD of a small core."""
+    q_b, r_b = torch.linalg.qr(b.double())  # [d_out, K], [K, K]
+    q_a, r_a = torch.linalg.qr(a.double().T)  # [d_in, K], [K, K]
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    keep = min(rank, s.numel())
+    error = (s[keep:].square().sum() / s.square().sum().clamp(min=1e-300)).sqrt().item()
+    new_b = (q_b @ u[:, :keep]) * s[:keep]
+    new_a = vh[:keep] @ q_a.T
+    return new_a.float(), new_b.float(), error
+
+
+def export_mixture(library: AdapterLibrary, mixture: dict[str, float], output: Path, rank: int | None = None,
+                   base_model: str = "", dtype: torch.dtype | None = None) -> ExportedMixture:
+    """Write ``mixture`` as one PEFT LoRA adapter directory: exact (``rank=None``) or compressed to ``rank``."""
+    if rank is not None and rank < 1:
+        raise LogoError(f"--rank must be at least 1, got {rank}")
+    if output.exists() and any(output.iterdir()):
+        raise LogoError(f"{output} exists and is not empty; choose a new --output directory (nothing was written)")
+    factors = mixture_factors(library, mixture)
+    errors: dict[str, float] = {}
+    if rank is not None:
+        for module, (a, b) in factors.items():
+            new_a, new_b, errors[module] = compress(a, b, rank)
+            factors[module] = (new_a, new_b)
+    width = max(a.shape[0] for a, _ in factors.values()) if rank is None else rank
+    dtype = dtype or next(iter(library.stacks.values())).A.dtype
+    tensors = {}
+    for module, (a, b) in factors.items():
+        padded_a = torch.zeros(width, a.shape[1])
+        padded_b = torch.zeros(b.shape[0], width)
+        padded_a[: a.shape[0]], padded_b[:, : b.shape[1]] = a, b
+        tensors[f"base_model.model.{module}.lora_A.weight"] = padded_a.to(dtype).contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = padded_b.to(dtype).contiguous()
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": width,
+        "lora_alpha": width, "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "fan_in_fan_out": False,
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in factors}), "inference_mode": True,
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(output / "adapter_model.safetensors"))
+    (output / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    record = {"mixture": mixture, "rank": width, "exact": rank is None, "relative_error": errors,
+              "library": library.names}
+    (output / "logo_export.json").write_text(json.dumps(record, indent=1) + "\n")
+    return ExportedMixture(list(mixture), list(mixture.values()), width, rank is None, errors,
+                           [output / "adapter_model.safetensors", output / "adapter_config.json",
+                            output / "logo_export.json"])
+
+
+def export(
+    output: Annotated[Path, typer.Option("--output", help="Directory to write the PEFT adapter to (new or empty).")],
+    base_model: BaseModel = "smollm2-135m",
+    adapters: Adapters = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Export this prompt's routed mixture.")] = None,
+    prompts_file: PromptsFile = None,
+    mixture: Annotated[str | None, typer.Option(
+        "--mixture", help="Export this fixed mixture: NAME=WEIGHT,NAME=WEIGHT,...")] = None,
+    exact: Annotated[bool, typer.Option("--exact", help="Concatenate the factors: rank = sum of the ranks.")] = False,
+    rank: Annotated[int | None, typer.Option("--rank", help="Compress every module to this rank (SVD).")] = None,
+    selection_strategy: Strategy = "norm",
+    n_selected_modules: K = None,
+    signal_layer: Layer = -1,
+    signal_module: Module = "q_proj",
+    post_norm: PostNorm = False,
+    position: Position = "last",
+    weighting: Weighting = "normalize",
+    weight_temperature: WeightTemp = 1.0,
+    calibration: Calibration = "none",
+    device: Device = None,
+    dtype: Dtype = "auto",
+    batch_size: BatchSize = 8,
+) -> None:
+    """Write a mixture (one prompt's, a file of prompts' average, or a named one) as a standard PEFT LoRA adapter."""
+    from logo.spec import EngineSpec  # lazy: keeps `logo --help` free of the transformers import
+
+    if sum(x is not None for x in (prompt, prompts_file, mixture)) != 1:
+        raise LogoError("give exactly one of --prompt, --prompts-file and --mixture")
+    if exact == (rank is not None):
+        raise LogoError("give exactly one of --exact and --rank R")
+    prompts = read_prompts([prompt] if prompt is not None else None, prompts_file) if mixture is None else []
+    router = router_from_options(selection_strategy, n_selected_modules, signal_layer, signal_module, post_norm,
+                                 position, weighting, weight_temperature, calibration)
+    engine = EngineSpec(base_model, adapters, router, device, dtype, fit_k=n_selected_modules is None).build(True)
+    if mixture is not None:
+        chosen = parse_mixture(mixture, engine.library)
+    else:
+        routes = engine.route(prompts, batch_size=batch_size, progress=len(prompts) > batch_size)
+        chosen = average_mixture([dict(zip(r.names, r.weights)) for r in routes])
+    result = export_mixture(engine.library, chosen, output, rank, base_model)
+    engine.close()
+    mix = ", ".join(f"{n} {w:.3f}" for n, w in zip(result.names, result.weights))
+    print(f"wrote {output} (rank {result.rank}, {'exact' if result.exact else 'SVD'}): {mix}")
+    if result.errors:
+        print(f"relative error per module: max {result.max_error:.4f}, mean "
+              f"{sum(result.errors.values()) / len(result.errors):.4f} (all in {output / 'logo_export.json'})")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the export command to ``app``."""
+    app.command()(export)

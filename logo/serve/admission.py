@@ -1,0 +1,139 @@
+"""What a request asks for, checked before it is queued: its mixture, its settings, its limits.
+
+Every refusal is an :class:`ApiError` that names the field (``param``) and what to do; the API turns it
+into OpenAI's error body.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from transformers import PreTrainedTokenizerBase
+
+from logo.errors import LogoError
+from logo.generation import GenerationSettings
+from logo.router import RouterConfig, Selection
+from logo.serve.schemas import LogoOptions
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
+
+
+@dataclass
+class Catalog:
+    """The models a request may name, and the server's limits."""
+
+    routed_id: str
+    base_id: str
+    adapters: list[str]
+    router: RouterConfig
+    max_prompt_tokens: int
+    max_tokens_limit: int
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [self.routed_id, self.base_id, *self.adapters]
+
+
+def choose_mixture(model: str | None, options: LogoOptions | None,
+                   catalog: Catalog) -> tuple[Selection | None, RouterConfig | None]:
+    """``(selection, None)`` for a fixed mixture (empty: the base model) or ``(None, router)`` to route
+    (router None: the server's own)."""
+    options = options or LogoOptions()
+    routed = model is None or model == catalog.routed_id
+    overrides = options.k is not None or options.strategy is not None
+    if options.adapters is not None or options.base:
+        if options.adapters is not None and options.base:
+            raise ApiError(400, "logo.base and logo.adapters ask for different mixtures; give one", "logo")
+        if overrides:
+            raise ApiError(400, "logo.k and logo.strategy apply only when LoGo routes; drop them or "
+                           "logo.adapters / logo.base", "logo")
+        if not routed and model != catalog.base_id:
+            raise ApiError(400, f"model {model!r} names one adapter but logo asks for another mixture; set model "
+                           f"to {catalog.routed_id!r} or leave it unset", "model")
+        return (Selection([], []) if options.base else explicit_mixture(options.adapters, catalog.adapters)), None
+    if routed:
+        if not overrides:
+            return None, None
+        config = catalog.router
+        k = config.k if options.k is None else options.k
+        if k > len(catalog.adapters):
+            raise ApiError(400, f"logo.k={k} but the library holds {len(catalog.adapters)} adapters; choose 1 to "
+                           f"{len(catalog.adapters)}", "logo.k")
+        return None, replace(config, k=k, strategy=options.strategy or config.strategy)
+    if overrides:
+        raise ApiError(400, f"logo.k and logo.strategy apply only when LoGo routes (model {catalog.routed_id!r} "
+                       f"or unset), not to model {model!r}", "logo")
+    if model == catalog.base_id:
+        return Selection([], []), None
+    if model in catalog.adapters:
+        return Selection([catalog.adapters.index(model)], [1.0]), None
+    raise ApiError(400, f"unknown model {model!r}: use {catalog.routed_id!r} (LoGo routes), {catalog.base_id!r} "
+                   f"(the base model) or an adapter's name (GET /v1/models lists them)", "model", "model_not_found")
+
+
+def explicit_mixture(weights: dict[str, float], names: list[str]) -> Selection:
+    if not weights:
+        raise ApiError(400, "logo.adapters is empty; give {adapter name: weight, ...}", "logo.adapters")
+    unknown = [n for n in weights if n not in names]
+    if unknown:
+        raise ApiError(400, f"unknown adapter(s) {unknown} in logo.adapters; GET /v1/adapters lists the "
+                       f"{len(names)} adapters", "logo.adapters", "adapter_not_found")
+    bad = {n: w for n, w in weights.items() if not (math.isfinite(w) and w > 0)}
+    if bad:
+        raise ApiError(400, f"logo.adapters weights must be positive finite numbers, got {bad}", "logo.adapters")
+    return Selection([names.index(n) for n in weights], [float(w) for w in weights.values()])
+
+
+def settings_for(max_tokens: int | None, default_max_tokens: int, temperature: float, top_p: float,
+                 seed: int | None, n: int, catalog: Catalog, param: str = "max_tokens") -> GenerationSettings:
+    """Generation settings (temperature 0 is greedy), checked against the server's ``--max-tokens-limit``."""
+    if n != 1:
+        raise ApiError(400, f"n={n}: this server returns one choice per prompt; use n=1 (send a list of prompts "
+                       "for several)", "n")
+    limit = catalog.max_tokens_limit
+    tokens = min(default_max_tokens, limit) if max_tokens is None else max_tokens
+    if tokens > limit:
+        raise ApiError(400, f"{param}={tokens} is over this server's limit of {limit} (--max-tokens-limit); "
+                       f"ask for at most {limit}", param, "max_tokens_over_limit")
+    try:
+        return GenerationSettings(max_new_tokens=tokens, do_sample=temperature > 0,
+                                  temperature=temperature if temperature > 0 else 1.0, top_p=top_p, seed=seed)
+    except LogoError as err:
+        raise ApiError(400, str(err)) from None
+
+
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"stop has {len(stops)} strings; at most {MAX_STOP_STRINGS}", "stop")
+    if any(not s for s in stops):
+        raise ApiError(400, "stop strings must not be empty", "stop")
+    return stops
+
+
+def prompt_lengths(tokenizer: PreTrainedTokenizerBase, prompts: list[str], catalog: Catalog,
+                   param: str = "prompt") -> list[int]:
+    """Each prompt's token count (as the engine tokenizes it); an empty or over-long prompt is refused."""
+    if not prompts:
+        raise ApiError(400, f"{param} is empty; give at least one prompt", param)
+    for i, prompt in enumerate(prompts):
+        if not prompt.strip():
+            raise ApiError(400, f"{param} {i} is empty; give some text to continue", param)
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    limit = catalog.max_prompt_tokens
+    for i, length in enumerate(lengths):
+        if length > limit:
+            raise ApiError(400, f"{param} {i} has {length} tokens, over this server's limit of {limit} "
+                           "(--max-prompt-tokens); shorten it", param, "prompt_too_long")
+    return lengths

@@ -1,0 +1,388 @@
+"""The HTTP API: OpenAI's completions and chat completions (plain and streamed as server-sent events), the
+model and adapter lists, health, Prometheus metrics, the routing playground, errors in OpenAI's body.
+
+Handlers only check and translate: a request becomes one :class:`~logo.serve.scheduler.Job` per prompt, the
+scheduler's worker thread does all model work, and its events come back onto the event loop in one call per
+step. A client that goes away cancels its jobs, so its rows leave the batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from logo.engine import LoGoEngine
+from logo.errors import LogoError
+from logo.generation import MAX_PROMPT_TOKENS, GenerationSettings
+from logo.router import RouterConfig, Selection
+from logo.serve.admission import (
+    ApiError,
+    Catalog,
+    choose_mixture,
+    prompt_lengths,
+    settings_for,
+    stop_strings,
+)
+from logo.serve.metrics import Metrics
+from logo.serve.scheduler import Event, Job, QueueFull, Scheduler
+from logo.serve.schemas import (
+    AdapterCard,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunk,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    ErrorBody,
+    ErrorDetail,
+    LogoInfo,
+    ModelCard,
+    Usage,
+)
+from logo.serve.text_stream import TextStream
+
+log = logging.getLogger("logo.serve")
+COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default for /v1/completions
+CHAT_DEFAULT_TOKENS = 256
+RETRY_AFTER_S = 1
+DISCONNECT_CHECK_S = 0.5  # how often a non-streamed request looks for its client having gone
+ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/adapters", "/v1/completions", "/v1/chat/completions")
+
+
+@dataclass
+class ServeConfig:
+    """How the server answers: the ids clients name, the batch and queue sizes, the limits, the key."""
+
+    base_id: str
+    routed_id: str = "logo"
+    max_batch_size: int = 32
+    max_queue: int = 256
+    max_prefill_rows: int = 8
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS
+    max_tokens_limit: int = 512
+    api_key: str | None = None
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(message=message, type=kind, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+class Exchange:
+    """One HTTP request's jobs (one per prompt), their events, and their text so far."""
+
+    def __init__(self, prompts: list[str], lengths: list[int], settings: GenerationSettings,
+                 selection: Selection | None, router: RouterConfig | None, stops: list[str], app_state) -> None:
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.jobs = [Job(p, settings, selection, router, on_event=self._listener(i)) for i, p in enumerate(prompts)]
+        self.lengths = lengths
+        self.streams = [TextStream(app_state.tokenizer, stops) for _ in prompts]
+        self.info: list[LogoInfo | None] = [None] * len(prompts)
+        self.reasons: list[str | None] = [None] * len(prompts)
+        self.remaining = set(range(len(prompts)))
+        self.metrics: Metrics = app_state.metrics
+        self.started = time.perf_counter()
+        self.first_token = [True] * len(prompts)
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        try:
+            app_state.scheduler.submit(self.jobs)
+        except QueueFull as err:
+            raise ApiError(429, str(err), code="queue_full", kind="rate_limit_error",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        self.metrics.prompt_tokens.inc(sum(lengths))
+
+    def _listener(self, index: int):
+        return lambda event: self.queue.put_nowait((index, event))
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancelled = True
+
+    async def updates(self, request: Request | None) -> AsyncIterator[tuple[int, str, str | None]]:
+        """``(choice, new text, finish reason or None)`` as events come in; ``request`` given: stop waiting
+        (and cancel) when its client disconnects."""
+        checked = time.perf_counter()
+        while self.remaining:
+            try:
+                index, event = await asyncio.wait_for(self.queue.get(), timeout=DISCONNECT_CHECK_S)
+            except TimeoutError:
+                index, event = -1, None
+            if request is not None and time.perf_counter() - checked >= DISCONNECT_CHECK_S:
+                checked = time.perf_counter()
+                if await request.is_disconnected():
+                    self.cancel()
+                    return
+            if event is None:
+                continue
+            if index not in self.remaining:
+                continue
+            stream = self.streams[index]
+            if event.kind == "routed":
+                self.info[index] = LogoInfo(selected=event.selected, abstained=False)  # abstaining is the router's call
+                yield index, "", None
+            elif event.kind == "token":
+                if self.first_token[index]:
+                    self.first_token[index] = False
+                    self.metrics.ttft_seconds.observe(time.perf_counter() - self.started)
+                text = stream.add(event.token)
+                if stream.stopped:
+                    self.jobs[index].cancelled = True
+                    yield index, text, self._end(index, "stop")
+                elif text:
+                    yield index, text, None
+            elif event.kind == "done":
+                yield index, stream.finish(), self._end(index, event.reason)
+            else:
+                self.cancel()
+                if event.reason == "invalid":
+                    raise ApiError(400, event.message)
+                raise ApiError(500, f"generation failed: {event.message}", kind="server_error")
+
+    def _end(self, index: int, reason: str) -> str:
+        self.remaining.discard(index)
+        self.reasons[index] = reason
+        return reason
+
+    def usage(self) -> Usage:
+        completion = sum(len(s.tokens) for s in self.streams)
+        prompt = sum(self.lengths)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
+    """The FastAPI application; its scheduler (and worker thread) lives as long as the app's lifespan."""
+    if not 1 <= config.max_prompt_tokens <= MAX_PROMPT_TOKENS:
+        raise LogoError(f"--max-prompt-tokens must be between 1 and {MAX_PROMPT_TOKENS}, "
+                        f"got {config.max_prompt_tokens}")
+    if config.max_tokens_limit < 1:
+        raise LogoError(f"--max-tokens-limit must be at least 1, got {config.max_tokens_limit}")
+    metrics = Metrics()
+    catalog = Catalog(config.routed_id, config.base_id, list(engine.library.names), engine.router.config,
+                      config.max_prompt_tokens, config.max_tokens_limit)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+
+        def dispatch(events: list[tuple[Job, Event]]) -> None:
+            for job, event in events:
+                job.on_event(event)
+
+        def deliver(events: list[tuple[Job, Event]]) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(dispatch, events)
+
+        app.state.scheduler = Scheduler(engine, config.max_batch_size, config.max_queue, deliver, metrics,
+                                        config.max_prefill_rows)
+        try:
+            yield
+        finally:
+            app.state.scheduler.close()
+
+    app = FastAPI(title="lora-on-the-go", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.metrics = metrics
+    app.state.tokenizer = copy.deepcopy(engine.tokenizer)  # the worker thread pads with the engine's own
+    app.state.catalog = catalog
+
+    # ------------------------------------------------------------- errors
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, err: ApiError) -> JSONResponse:
+        return error_response(err.status, err.message, err.param, err.code, err.kind, err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the body is not valid JSON: {first.get('msg')}", code="invalid_json")
+        where = ".".join(loc) or "body"
+        return error_response(400, f"{where}: {first.get('msg')}", where, first.get("type"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return error_response(err.status_code, str(err.detail), code=str(err.status_code))
+
+    @app.exception_handler(Exception)
+    async def crash(_request: Request, err: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return error_response(500, f"internal error: {type(err).__name__}: {err}", kind="server_error")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        path = request.url.path
+        if config.api_key and path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+                metrics.requests.labels(endpoint=path if path in ENDPOINTS else "other", status="401").inc()
+                return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                      code="invalid_api_key")
+        response = await call_next(request)
+        metrics.requests.labels(endpoint=path if path in ENDPOINTS else "other", status=str(response.status_code)).inc()
+        return response
+
+    # ---------------------------------------------------------- endpoints
+    @app.get("/", response_class=HTMLResponse)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(resources.files("logo.serve").joinpath("playground.html").read_text())
+
+    @app.get("/health")
+    async def health(request: Request) -> dict:
+        scheduler = request.app.state.scheduler
+        return {"status": "ok", "queue_depth": scheduler.queue_depth, "running": scheduler.running,
+                "max_batch_size": config.max_batch_size, "max_queue": config.max_queue}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        created = int(time.time())
+        cards = [ModelCard(id=config.routed_id, created=created, owned_by="logo (routed)"),
+                 ModelCard(id=config.base_id, created=created, owned_by="base model")]
+        cards += [ModelCard(id=name, created=created, owned_by="adapter") for name in catalog.adapters]
+        return {"object": "list", "data": [c.model_dump() for c in cards]}
+
+    @app.get("/v1/adapters")
+    async def adapters() -> dict:
+        cards = [AdapterCard(name=name, rank=int(cfg.get("r", 0)), targets=sorted(_targets(cfg)))
+                 for name, cfg in zip(engine.library.names, engine.library.configs)]
+        return {"object": "list", "data": [c.model_dump() for c in cards]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        exchange = _exchange(request, body, prompts, body.max_tokens, COMPLETION_DEFAULT_TOKENS, "prompt")
+        model = body.model or config.routed_id
+        if body.stream:
+            return StreamingResponse(_stream_completion(exchange, model), media_type="text/event-stream")
+        texts = [""] * len(prompts)
+        try:
+            async for index, text, _reason in exchange.updates(request):
+                texts[index] += text
+        finally:
+            exchange.cancel()
+        multi = len(prompts) > 1
+        choices = [CompletionChoice(index=i, text=t, finish_reason=exchange.reasons[i],
+                                    logo=exchange.info[i] if multi else None) for i, t in enumerate(texts)]
+        return Completion(id=exchange.id, created=exchange.created, model=model, choices=choices,
+                          usage=exchange.usage(), logo=exchange.info[0]).model_dump(exclude_none=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        prompt = _chat_prompt(request.app.state.tokenizer, body)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        exchange = _exchange(request, body, [prompt], max_tokens, CHAT_DEFAULT_TOKENS, "messages",
+                             "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+        exchange.id = f"chatcmpl-{uuid.uuid4().hex}"
+        model = body.model or config.routed_id
+        if body.stream:
+            return StreamingResponse(_stream_chat(exchange, model), media_type="text/event-stream")
+        text = ""
+        try:
+            async for _index, delta, _reason in exchange.updates(request):
+                text += delta
+        finally:
+            exchange.cancel()
+        choice = ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=exchange.reasons[0])
+        return ChatCompletion(id=exchange.id, created=exchange.created, model=model, choices=[choice],
+                              usage=exchange.usage(), logo=exchange.info[0]).model_dump()
+
+    return app
+
+
+def _exchange(request: Request, body, prompts: list[str], max_tokens: int | None, default_tokens: int,
+              param: str, tokens_param: str = "max_tokens") -> Exchange:
+    state = request.app.state
+    catalog: Catalog = state.catalog
+    selection, router = choose_mixture(body.model, body.logo, catalog)
+    settings = settings_for(max_tokens, default_tokens, body.temperature, body.top_p, body.seed, body.n, catalog,
+                            tokens_param)
+    stops = stop_strings(body.stop)
+    lengths = prompt_lengths(state.tokenizer, prompts, catalog, param)
+    return Exchange(prompts, lengths, settings, selection, router, stops, state)
+
+
+def _targets(config: dict) -> set[str]:
+    targets = config.get("target_modules") or []
+    return {targets} if isinstance(targets, str) else set(targets)
+
+
+def _chat_prompt(tokenizer, body: ChatRequest) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
+    messages = []
+    for i, message in enumerate(body.messages):
+        content = message.content if isinstance(message.content, str) else "".join(p.text for p in message.content)
+        if not content.strip() and message.role == "user":
+            raise ApiError(400, f"messages {i} (user) is empty; give some text", "messages")
+        messages.append({"role": message.role, "content": content})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+async def _stream_completion(exchange: Exchange, model: str) -> AsyncIterator[str]:
+    def chunk(index: int, text: str, reason: str | None, info: LogoInfo | None = None) -> str:
+        choice = CompletionChoice(index=index, text=text, finish_reason=reason)
+        return sse(Completion(id=exchange.id, created=exchange.created, model=model, choices=[choice],
+                              logo=info).model_dump())
+
+    try:
+        async for index, text, reason in exchange.updates(None):
+            first = exchange.info[index] is not None and not text and reason is None
+            yield chunk(index, text, reason, exchange.info[index] if first else None)
+        yield sse(Completion(id=exchange.id, created=exchange.created, model=model, choices=[],
+                             usage=exchange.usage()).model_dump())
+    except ApiError as err:
+        yield sse(ErrorBody(error=ErrorDetail(message=err.message, type=err.kind)).model_dump())
+    finally:
+        exchange.cancel()
+    yield sse("[DONE]")
+
+
+async def _stream_chat(exchange: Exchange, model: str) -> AsyncIterator[str]:
+    def chunk(delta: Delta, reason: str | None = None, info: LogoInfo | None = None) -> str:
+        choice = ChatChunkChoice(index=0, delta=delta, finish_reason=reason)
+        return sse(ChatChunk(id=exchange.id, created=exchange.created, model=model, choices=[choice],
+                             logo=info).model_dump())
+
+    try:
+        async for _index, text, reason in exchange.updates(None):
+            if not text and reason is None:
+                yield chunk(Delta(role="assistant", content=""), info=exchange.info[0])
+                continue
+            if text:
+                yield chunk(Delta(content=text))
+            if reason is not None:
+                yield chunk(Delta(), reason)
+        yield sse(ChatChunk(id=exchange.id, created=exchange.created, model=model, choices=[],
+                            usage=exchange.usage()).model_dump())
+    except ApiError as err:
+        yield sse(ErrorBody(error=ErrorDetail(message=err.message, type=err.kind)).model_dump())
+    finally:
+        exchange.cancel()
+    yield sse("[DONE]")

@@ -1,0 +1,115 @@
+"""`logo serve` (the OpenAI-compatible server) and `logo loadtest` (a bounded load test against it)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from logo.cli_options import (
+    Adapters,
+    BaseModel,
+    Calibration,
+    Decode,
+    Device,
+    Dtype,
+    K,
+    Layer,
+    Module,
+    Position,
+    PostNorm,
+    Strategy,
+    Weighting,
+    WeightTemp,
+)
+from logo.errors import LogoError
+from logo.generation import MAX_PROMPT_TOKENS
+
+SERVE_DECODE = ("eager",)
+"""The server decodes with its own continuous-batching loop on a dynamic KV cache (``logo.serve.scheduler``);
+the engine's static/compiled paths fix the batch for a whole generation, so they do not fit it yet."""
+
+
+def serve(
+    base_model: BaseModel = "smollm2-135m",
+    adapters: Adapters = None,
+    selection_strategy: Strategy = "norm",
+    n_selected_modules: K = None,
+    signal_layer: Layer = -1,
+    signal_module: Module = "q_proj",
+    post_norm: PostNorm = False,
+    position: Position = "last",
+    weighting: Weighting = "normalize",
+    weight_temperature: WeightTemp = 1.0,
+    calibration: Calibration = "none",
+    device: Device = None,
+    dtype: Dtype = "auto",
+    decode: Decode = "eager",
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Rows decoded together at most.")] = 32,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Waiting requests at most; then 429.")] = 256,
+    max_prefill_rows: Annotated[int, typer.Option("--max-prefill-rows", help="New requests prefilled together at "
+                                                  "most, between two decode steps.")] = 8,
+    max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", help="Longest prompt, in tokens.")] = (
+        MAX_PROMPT_TOKENS),
+    max_tokens_limit: Annotated[int, typer.Option("--max-tokens-limit", help="Largest max_tokens a request may "
+                                                  "ask for.")] = 512,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="LOGO_API_KEY", help="Require 'Authorization: "
+                                                "Bearer KEY' on /v1/* (default: $LOGO_API_KEY, else open).")] = None,
+    model_id: Annotated[str, typer.Option("--model-id", help="The model id clients send to have LoGo route.")] = (
+        "logo"),
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for the model (torch's default: "
+                                                "one per core; 1 can be faster on a busy, shared machine).")] = None,
+) -> None:
+    """Serve an OpenAI-compatible API that routes every request with LoGo, batches requests and streams."""
+    import torch  # lazy (as uvicorn): keeps `logo --help` fast
+    import uvicorn  # lazy: keeps `logo --help` free of the server stack
+
+    from logo.cli_core import build_engine
+    from logo.serve.api import ServeConfig, create_app
+
+    if decode not in SERVE_DECODE:
+        raise LogoError(f"--decode {decode} is not supported by logo serve: it batches requests continuously on a "
+                        f"dynamic KV cache; use --decode eager")
+    # checked here as well as by create_app, so a typo fails before the model loads
+    if not 1 <= max_prompt_tokens <= MAX_PROMPT_TOKENS:
+        raise LogoError(f"--max-prompt-tokens must be between 1 and {MAX_PROMPT_TOKENS}, got {max_prompt_tokens}")
+    if max_tokens_limit < 1:
+        raise LogoError(f"--max-tokens-limit must be at least 1, got {max_tokens_limit}")
+    if threads is not None:
+        if threads < 1:
+            raise LogoError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    # The router comes from the shared router flags; a router file (saved RouterConfig) would be read here.
+    engine = build_engine(base_model, adapters, selection_strategy, n_selected_modules, signal_layer, signal_module,
+                          post_norm, position, weighting, weight_temperature, calibration, device, dtype, decode)
+    config = ServeConfig(base_id=base_model, routed_id=model_id, max_batch_size=max_batch_size, max_queue=max_queue,
+                         max_prefill_rows=max_prefill_rows,
+                         max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit, api_key=api_key)
+    app = create_app(engine, config)
+    print(f"logo serve: {len(engine.library)} adapters, k={engine.router.config.k}; http://{host}:{port}/ "
+          f"(playground), /v1/completions, /v1/chat/completions")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def loadtest(
+    url: Annotated[str, typer.Option("--url", help="The server (loopback only).")] = "http://127.0.0.1:8000",
+    concurrency: Annotated[str, typer.Option("--concurrency", help="Comma-separated client counts.")] = "1,8,32",
+    requests: Annotated[int, typer.Option("--requests-per-client", help="Requests each client sends, one after "
+                                          "the other (a level sends clients x this many).")] = 8,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="max_tokens of every request.")] = 32,
+    time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds per level at most.")] = 120.0,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="LOGO_API_KEY")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per level.")] = False,
+) -> None:
+    """Send a bounded number of streamed completions to a loopback server at several concurrency levels."""
+    from logo.serve.loadtest import run_levels
+
+    levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    run_levels(url, levels, requests, max_tokens, time_limit, api_key, json_out)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)
+    app.command()(loadtest)

@@ -1,0 +1,149 @@
+"""A bounded load test of a loopback server: streamed completions from N concurrent clients.
+
+Each level has ``concurrency`` clients send ``requests`` streamed greedy completions each, one after the
+other (prompts from the calibration set, cycled), within ``time_limit`` seconds, and reports aggregate output
+tokens per second, time to first token and latency (p50 / p95), errors, and lost requests (sent but never
+finished: no ``[DONE]``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from urllib.parse import urlparse
+
+import httpx
+
+from logo.calibration import default_prompts
+from logo.errors import LogoError
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    requests: int
+    ok: int
+    errors: int
+    lost: int
+    seconds: float
+    output_tokens: int
+    tokens_per_s: float
+    ttft_p50_s: float
+    ttft_p95_s: float
+    latency_p50_s: float
+    latency_p95_s: float
+
+
+def check_loopback(url: str) -> str:
+    host = urlparse(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise LogoError(f"logo loadtest sends only to loopback (127.0.0.1, ::1, localhost), not {host!r}")
+    return url.rstrip("/")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1]
+
+
+async def _one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, headers: dict) -> tuple:
+    """``(status, ttft, latency, tokens)``; status "ok", "error" or "lost"."""
+    body = {"model": "logo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    start = time.perf_counter()
+    ttft, tokens, done = None, 0, False
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return "error", None, time.perf_counter() - start, 0
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    return "error", None, time.perf_counter() - start, 0
+                if ttft is None and any(c.get("text") for c in chunk.get("choices", [])):
+                    ttft = time.perf_counter() - start
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except (httpx.HTTPError, asyncio.TimeoutError):
+        return "lost", None, time.perf_counter() - start, 0
+    return ("ok" if done else "lost"), ttft, time.perf_counter() - start, tokens
+
+
+async def run_level(url: str, concurrency: int, requests: int, max_tokens: int, time_limit: float,
+                    api_key: str | None) -> LevelResult:
+    prompts = default_prompts()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    results: list[tuple] = []
+    total = requests * concurrency
+    next_index = 0
+    deadline = time.perf_counter() + time_limit
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal next_index
+        while next_index < total and time.perf_counter() < deadline:
+            i = next_index
+            next_index += 1
+            results.append(await _one(client, url, prompts[i % len(prompts)], max_tokens, headers))
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(time_limit), limits=limits) as client:
+        tasks = [asyncio.create_task(client_loop(client)) for _ in range(concurrency)]
+        try:
+            await asyncio.wait_for(asyncio.gather(*tasks), timeout=time_limit + 30)
+        except asyncio.TimeoutError:
+            pass
+    seconds = time.perf_counter() - start
+    sent = next_index
+    ok = [r for r in results if r[0] == "ok"]
+    tokens = sum(r[3] for r in ok)
+    return LevelResult(
+        concurrency=concurrency, requests=sent, ok=len(ok), errors=sum(r[0] == "error" for r in results),
+        lost=sent - len(ok) - sum(r[0] == "error" for r in results), seconds=round(seconds, 2),
+        output_tokens=tokens, tokens_per_s=round(tokens / seconds, 2),
+        ttft_p50_s=round(percentile([r[1] for r in ok if r[1] is not None], 50), 3),
+        ttft_p95_s=round(percentile([r[1] for r in ok if r[1] is not None], 95), 3),
+        latency_p50_s=round(percentile([r[2] for r in ok], 50), 3),
+        latency_p95_s=round(percentile([r[2] for r in ok], 95), 3),
+    )
+
+
+def run_levels(url: str, levels: list[int], requests: int, max_tokens: int, time_limit: float,
+               api_key: str | None, json_out: bool) -> list[LevelResult]:
+    url = check_loopback(url)
+    if not levels or any(c < 1 for c in levels):
+        raise LogoError(f"--concurrency needs positive client counts, got {levels}")
+    if requests < 1 or max_tokens < 1 or time_limit <= 0:
+        raise LogoError("--requests-per-client and --max-tokens must be at least 1 and --time-limit positive")
+    out = []
+    if not json_out:
+        print("| clients | requests | ok | errors | lost | s | out tok | tok/s | TTFT p50 | TTFT p95 | "
+              "latency p50 | latency p95 |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for level in levels:
+        result = asyncio.run(run_level(url, level, requests, max_tokens, time_limit, api_key))
+        out.append(result)
+        if json_out:
+            print(json.dumps(asdict(result)))
+        else:
+            r = result
+            print(f"| {r.concurrency} | {r.requests} | {r.ok} | {r.errors} | {r.lost} | {r.seconds} | "
+                  f"{r.output_tokens} | {r.tokens_per_s} | {r.ttft_p50_s} | {r.ttft_p95_s} | {r.latency_p50_s} | "
+                  f"{r.latency_p95_s} |", flush=True)
+    return out

@@ -1,0 +1,62 @@
+"""`logo serve --replicas N`: the same HTTP API from N Ray Serve replicas, each holding its own engine.
+
+Every replica builds the engine from one :class:`~logo.spec.EngineSpec` and runs the very app of
+:func:`logo.serve.api.create_app` (its scheduler batches the requests that reach it, continuously, as a single
+server does); Ray Serve's HTTP proxy spreads requests over the replicas and keeps the API, streaming included.
+``--min-replicas``/``--max-replicas`` let Ray Serve scale between the two by ongoing requests instead.
+``/metrics`` is answered by whichever replica the proxy picks, so it reports that replica's counters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from logo.errors import LogoError
+from logo.serve.api import ServeConfig, create_app
+from logo.spec import EngineSpec
+
+try:
+    import ray
+    from ray import serve
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise LogoError('logo serve --replicas needs Ray Serve: pip install "lora-on-the-go[ray]"') from err
+
+TARGET_ONGOING_REQUESTS = 16
+"""Autoscaling target per replica: about half a full batch (``--max-batch-size`` 32) in flight."""
+
+
+@serve.deployment
+@serve.ingress()
+class LogoReplica:
+    """One replica: an engine and the server app (with its own batching scheduler) on top of it."""
+
+    def __init__(self, spec: EngineSpec, config: ServeConfig, threads: int) -> None:
+        torch.set_num_threads(max(1, threads))
+        self.server = create_app(spec.build(), config)
+
+    def __serve_build_asgi_app__(self):
+        return self.server
+
+
+def replica_options(replicas: int, min_replicas: int | None, max_replicas: int | None, threads: int) -> dict:
+    """Ray Serve deployment options: a fixed count, or autoscaling between a minimum and a maximum."""
+    actor = {"ray_actor_options": {"num_cpus": threads}, "max_ongoing_requests": 1024}
+    if min_replicas is None and max_replicas is None:
+        if replicas < 1:
+            raise LogoError(f"--replicas must be at least 1, got {replicas}")
+        return {**actor, "num_replicas": replicas}
+    low, high = min_replicas or 1, max_replicas or max(replicas, min_replicas or 1)
+    if not 1 <= low <= high:
+        raise LogoError(f"autoscaling needs 1 <= --min-replicas <= --max-replicas, got {low} and {high}")
+    return {**actor, "autoscaling_config": {"min_replicas": low, "max_replicas": high,
+                                            "target_ongoing_requests": TARGET_ONGOING_REQUESTS}}
+
+
+def run_replicas(spec: EngineSpec, config: ServeConfig, host: str, port: int, options: dict, threads: int,
+                 address: str = "", blocking: bool = True) -> None:
+    """Start (or join) Ray, then serve the app from the replicas on ``host:port`` (blocks unless told not to)."""
+    if not ray.is_initialized():
+        ray.init(address=None if address in ("", "local") else address, include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port})
+    deployment = LogoReplica.options(**options).bind(spec, config, threads)
+    serve.run(deployment, name="logo", route_prefix="/", blocking=blocking)

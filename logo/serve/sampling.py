@@ -1,0 +1,74 @@
+"""Per-row token choice for a batch whose rows each have their own settings, with no loop over rows.
+
+Each row is greedy (temperature 0) or samples with its own temperature and top-p. A sampling row draws its
+uniform number from a counter-based hash of ``(seed, step)``, so a seeded request gives the same tokens
+whatever else shares its batch, and no generator object per row is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """``x * constant mod 2**32`` for int64 ``x < 2**32``, split in 16-bit halves so int64 never overflows."""
+    low, high = constant & 0xFFFF, constant >> 16
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser: a bijection on 32-bit integers that scatters nearby inputs."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """One number in [0, 1) per row from int64 ``seed`` and ``step`` (``[B]`` each), 24 bits of resolution."""
+    seed = seed & ((1 << 62) - 1)
+    state = _mix32(_mix32(seed >> 32) ^ (seed & _MASK32))
+    state = _mix32(state ^ _mul32(step & _MASK32, 0x9E3779B9))
+    return (state >> 8).double() / float(1 << 24)
+
+
+@dataclass
+class RowSettings:
+    """The sampling settings of every row of the running batch, as tensors ``[B]``."""
+
+    greedy: torch.Tensor  # bool
+    temperature: torch.Tensor  # float32 (1.0 for greedy rows)
+    top_p: torch.Tensor  # float32
+    seed: torch.Tensor  # int64
+
+    def select(self, keep: torch.Tensor) -> RowSettings:
+        return RowSettings(self.greedy[keep], self.temperature[keep], self.top_p[keep], self.seed[keep])
+
+    @staticmethod
+    def cat(parts: list[RowSettings]) -> RowSettings:
+        return RowSettings(*(torch.cat([getattr(p, f) for p in parts]) for f in ("greedy", "temperature",
+                                                                                  "top_p", "seed")))
+
+
+def choose(logits: torch.Tensor, rows: RowSettings, step: torch.Tensor) -> torch.Tensor:
+    """The next token of every row ``[B]``: argmax for greedy rows; for the others a draw after temperature and
+    top-p filtering (the smallest set of most likely tokens whose mass reaches ``top_p`` is kept)."""
+    greedy_tokens = logits.argmax(-1)
+    if bool(rows.greedy.all()):
+        return greedy_tokens
+    scores = logits.float() / rows.temperature[:, None].to(logits.device)
+    sorted_scores, order = scores.sort(-1, descending=True)
+    probs = sorted_scores.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass of the tokens more likely than each one
+    probs = probs * (before < rows.top_p[:, None].to(probs.device))  # the most likely token is always kept
+    cdf = probs.cumsum(-1)
+    u = uniform(rows.seed, step).to(cdf.device)[:, None] * cdf[:, -1:].double()
+    pick = torch.searchsorted(cdf.double(), u, right=True).clamp(max=cdf.shape[-1] - 1)
+    sampled = order.gather(1, pick)[:, 0]
+    return torch.where(rows.greedy.to(logits.device), greedy_tokens, sampled)

@@ -1,0 +1,167 @@
+"""Request and response bodies of the OpenAI-compatible API (pydantic), plus the ``logo`` extension.
+
+Requests are strict: a wrong type is refused rather than coerced, and an unknown field is refused by name
+(OpenAI's own API does the same), so a typo never silently changes a request.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class LogoOptions(_Strict):
+    """The ``logo`` extension object (the ``openai`` client sends it through ``extra_body={"logo": {...}}``)."""
+
+    k: int | None = Field(None, ge=1, description="Adapters per request when LoGo routes it.")
+    strategy: Literal["norm", "entropy"] | None = Field(None, description="LoGo's scoring strategy.")
+    base: bool = Field(False, description="Answer with the base model, no adapter.")
+    adapters: dict[str, float] | None = Field(None, description="An explicit mixture {adapter name: weight}.")
+
+
+class _Generation(_Strict):
+    """The sampling fields both endpoints share (OpenAI's names and defaults)."""
+
+    model: str | None = None
+    """``logo`` (or unset): LoGo routes; the base model's id: no adapter; an adapter's name: that adapter."""
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    """0 is greedy."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: dict[str, bool] | None = None
+    user: str | None = None
+    logo: LogoOptions | None = None
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str]
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class ChatRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+# ----------------------------------------------------------------- responses
+class SelectedAdapter(BaseModel):
+    name: str
+    weight: float
+    score: float | None = None
+    """LoGo's score (None when the client fixed the mixture)."""
+
+
+class LogoInfo(BaseModel):
+    selected: list[SelectedAdapter]
+    abstained: bool = False
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+    logo: LogoInfo | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    logo: LogoInfo | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    logo: LogoInfo
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    logo: LogoInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class AdapterCard(BaseModel):
+    name: str
+    rank: int
+    targets: list[str]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

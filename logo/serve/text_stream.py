@@ -1,0 +1,51 @@
+"""Token ids to text as they arrive, for one choice: incremental detokenizing and OpenAI ``stop`` strings.
+
+Each new token re-decodes the choice's tokens and hands out only the text that is final: not an incomplete
+UTF-8 sequence (shown as U+FFFD until its last byte comes) and not a tail that could still grow into a stop
+string. A stop string ends the choice; neither it nor anything after it is returned.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+
+class TextStream:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.tokens: list[int] = []
+        self.sent = 0  # characters handed out so far
+        self.stopped = False  # a stop string was seen
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        """Take one token; return the newly final text (possibly empty)."""
+        if self.stopped:
+            return ""
+        self.tokens.append(token)
+        text = self.text
+        cut = min((i for i in (text.find(s, max(0, self.sent - self.hold)) for s in self.stop) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            self.stopped = True
+            return self._take(text[:cut])
+        final = len(text) - self.hold
+        if text.endswith("\ufffd"):
+            final = min(final, len(text.rstrip("\ufffd")))
+        return self._take(text[: max(final, self.sent)])
+
+    def finish(self) -> str:
+        """The rest of the text once the choice has ended (nothing after a stop string)."""
+        if self.stopped:
+            return ""
+        return self._take(self.text)
+
+    def _take(self, text: str) -> str:
+        delta = text[self.sent :]
+        self.sent = len(text)
+        return delta

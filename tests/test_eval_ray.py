@@ -1,0 +1,74 @@
+"""`logo run --ray`: the same predictions and files as the plain run; a killed worker is restarted and its shard
+retried, and every instance is recorded exactly once. One local Ray (2 CPUs) is shared by the module's tests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from logo.eval.records import RECORDS  # noqa: E402
+from logo.eval.runner import run_methods  # noqa: E402
+from tests.test_eval_runner import config, read  # noqa: E402
+from tests.test_eval_runner import setup as setup  # noqa: E402, F401 - the module fixture
+
+distributed = pytest.importorskip("logo.eval.distributed")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_run_equals_the_plain_run(setup, local_ray, tmp_path):
+    methods = ["logo", "base", "random"]
+    plain = run_methods(config(setup, tmp_path / "plain", batch_size=2), methods, progress=False)
+    spread = distributed.run_methods_ray(config(setup, tmp_path / "ray", batch_size=2), methods, workers=2,
+                                         progress=False)
+    assert spread == plain
+    for method in methods:
+        cfg = config(setup, tmp_path, method=method, batch_size=2)
+        for name in ("predictions.json", "selected_loras.json", "eval_results.json", "metric_dict.json"):
+            ours, theirs = read(tmp_path / "ray", cfg, name), read(tmp_path / "plain", cfg, name)
+            if name == "metric_dict.json" and method == "logo":
+                assert ours["norm"] == [pytest.approx(row, abs=1e-5) for row in theirs["norm"]]
+            else:
+                assert ours == theirs
+
+
+def test_a_killed_worker_is_restarted_and_nothing_is_lost_or_doubled(setup, local_ray, tmp_path):
+    killed = []
+
+    def kill_once(actors):
+        if not killed:  # after the first recorded shard, kill a worker: Ray restarts it and retries its shard
+            ray.kill(actors[0], no_restart=False)
+            killed.append(True)
+
+    cfg = config(setup, tmp_path, batch_size=1)  # 9 instances in shards of 4 (batch 1 x 4 batches)
+    scores = distributed.run_methods_ray(cfg, ["logo"], workers=2, progress=False, on_shard=kill_once)
+    assert killed and set(scores) == {"logo"}
+    lines = (tmp_path / cfg.run_name() / "bbh.toy" / RECORDS).read_text().splitlines()
+    indices = [json.loads(line)["index"] for line in lines]
+    assert sorted(indices) == list(range(9))
+    assert len(read(tmp_path, cfg, "predictions.json")) == 9
+
+
+def test_cli_passes_ray_options(monkeypatch, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from logo.eval import cli as eval_cli
+
+    calls = []
+    monkeypatch.setattr(distributed, "run_methods_ray", lambda config, methods, **kw: calls.append((methods, kw)))
+    monkeypatch.chdir(tmp_path)
+    app = typer.Typer()
+    eval_cli.register(app)
+    result = CliRunner().invoke(app, ["run", "--method", "logo,base", "--ray", "local", "--workers", "3",
+                                      "--gpus-per-worker", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert calls == [(["logo", "base"], {"address": "local", "workers": 3, "gpus_per_worker": 0.5})]
