@@ -67,6 +67,7 @@ def serve(
     import uvicorn  # lazy: keeps `logo --help` free of the server stack
 
     from logo.cli_core import build_engine
+    from logo.router import router_overrides
     from logo.serve.api import ServeConfig, create_app
 
     if decode not in SERVE_DECODE:
@@ -81,9 +82,11 @@ def serve(
         if threads < 1:
             raise LogoError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
-    # The router comes from the shared router flags; a router file (saved RouterConfig) would be read here.
-    engine = build_engine(base_model, adapters, selection_strategy, n_selected_modules, signal_layer, signal_module,
-                          post_norm, position, weighting, weight_temperature, calibration, device, dtype, decode)
+    # The router comes from the shared router flags over the official one; the library's fitted router file
+    # (`--router auto`, as `logo route/generate` take it) is not wired into the server yet.
+    overrides = router_overrides(selection_strategy, n_selected_modules, signal_layer, signal_module, post_norm,
+                                 position, weighting, weight_temperature, calibration)
+    engine = build_engine(base_model, adapters, overrides, "official", device, dtype, decode)
     config = ServeConfig(base_id=base_model, routed_id=model_id, max_batch_size=max_batch_size, max_queue=max_queue,
                          max_prefill_rows=max_prefill_rows,
                          max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit, api_key=api_key)
