@@ -143,7 +143,7 @@ class Exchange:
                 continue
             stream = self.streams[index]
             if event.kind == "routed":
-                self.info[index] = LogoInfo(selected=event.selected, abstained=False)  # abstaining is the router's call
+                self.info[index] = LogoInfo(selected=event.selected, abstained=event.abstained)
                 yield index, "", None
             elif event.kind == "token":
                 if self.first_token[index]:

@@ -18,6 +18,7 @@ from logo.cli_options import (
     Module,
     Position,
     PostNorm,
+    Router,
     Strategy,
     Weighting,
     WeightTemp,
@@ -33,15 +34,16 @@ the engine's static/compiled paths fix the batch for a whole generation, so they
 def serve(
     base_model: BaseModel = "smollm2-135m",
     adapters: Adapters = None,
-    selection_strategy: Strategy = "norm",
+    router: Router = "auto",
+    selection_strategy: Strategy = None,
     n_selected_modules: K = None,
-    signal_layer: Layer = -1,
-    signal_module: Module = "q_proj",
-    post_norm: PostNorm = False,
-    position: Position = "last",
-    weighting: Weighting = "normalize",
-    weight_temperature: WeightTemp = 1.0,
-    calibration: Calibration = "none",
+    signal_layer: Layer = None,
+    signal_module: Module = None,
+    post_norm: PostNorm = None,
+    position: Position = None,
+    weighting: Weighting = None,
+    weight_temperature: WeightTemp = None,
+    calibration: Calibration = None,
     device: Device = None,
     dtype: Dtype = "auto",
     decode: Decode = "eager",
@@ -82,11 +84,10 @@ def serve(
         if threads < 1:
             raise LogoError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
-    # The router comes from the shared router flags over the official one; the library's fitted router file
-    # (`--router auto`, as `logo route/generate` take it) is not wired into the server yet.
+    # The router: the library's fitted router file (or --router's), the router flags over it, as `logo generate`.
     overrides = router_overrides(selection_strategy, n_selected_modules, signal_layer, signal_module, post_norm,
                                  position, weighting, weight_temperature, calibration)
-    engine = build_engine(base_model, adapters, overrides, "official", device, dtype, decode)
+    engine = build_engine(base_model, adapters, overrides, router, device, dtype, decode)
     config = ServeConfig(base_id=base_model, routed_id=model_id, max_batch_size=max_batch_size, max_queue=max_queue,
                          max_prefill_rows=max_prefill_rows,
                          max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit, api_key=api_key)

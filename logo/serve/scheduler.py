@@ -45,6 +45,8 @@ class Event:
     kind: str
     token: int = 0
     selected: list[dict] = field(default_factory=list)
+    abstained: bool = False
+    """``routed``: the router sent the prompt to the base model (``selected`` is empty)."""
     reason: str = ""
     message: str = ""
 
@@ -205,7 +207,9 @@ class Scheduler:
         start = time.perf_counter()
         selections = self._select(jobs, ids, mask)
         self.metrics.route_seconds.observe(time.perf_counter() - start)
-        self.deliver([(job, Event("routed", selected=self._describe(sel))) for job, sel in zip(jobs, selections)])
+        self.deliver([(job, Event("routed", selected=self._describe(sel),
+                                  abstained=isinstance(sel, Route) and sel.abstained))
+                      for job, sel in zip(jobs, selections)])
         engine.set_mixture(selections)
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
         cache = DynamicCache()
