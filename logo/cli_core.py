@@ -53,14 +53,18 @@ def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[s
     return out
 
 
-def build_engine(base_model, adapters, overrides: dict, router_file: str, device, dtype, decode="eager"):
-    """The engine the flags describe: the library's fitted router (or ``--router``'s) with the router flags over
-    it, checked by :class:`EngineSpec` before the slow model load."""
+def engine_spec(base_model, adapters, overrides: dict, router_file: str, device, dtype, decode="eager"):
+    """The :class:`EngineSpec` the flags describe: the library's fitted router (or ``--router``'s) with the router
+    flags over it, checked before any model loads."""
     from logo.spec import EngineSpec  # lazy: keeps `logo --help` free of the transformers import
 
-    spec = EngineSpec(base_model, adapters, None, device, dtype, decode, fit_k="k" not in overrides,
+    return EngineSpec(base_model, adapters, None, device, dtype, decode, fit_k="k" not in overrides,
                       router_file=router_file, router_overrides=overrides)
-    return spec.build(progress=True)
+
+
+def build_engine(base_model, adapters, overrides: dict, router_file: str, device, dtype, decode="eager"):
+    """The engine the flags describe (see :func:`engine_spec`)."""
+    return engine_spec(base_model, adapters, overrides, router_file, device, dtype, decode).build(progress=True)
 
 
 def route_record(prompt: str, route, names: list[str]) -> dict:

@@ -63,12 +63,19 @@ def serve(
         "logo"),
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for the model (torch's default: "
                                                 "one per core; 1 can be faster on a busy, shared machine).")] = None,
+    replicas: Annotated[int, typer.Option("--replicas", help="Serve from N Ray Serve replicas, each with its own "
+                                          "engine (0: one process, no Ray).")] = 0,
+    min_replicas: Annotated[int | None, typer.Option("--min-replicas", help="With Ray Serve: autoscale from this "
+                                                     "many replicas...")] = None,
+    max_replicas: Annotated[int | None, typer.Option("--max-replicas", help="...up to this many.")] = None,
+    ray_address: Annotated[str, typer.Option("--ray-address", help="With replicas: 'local' starts a local Ray, "
+                                             "HOST:PORT joins a cluster.")] = "local",
 ) -> None:
     """Serve an OpenAI-compatible API that routes every request with LoGo, batches requests and streams."""
     import torch  # lazy (as uvicorn): keeps `logo --help` fast
     import uvicorn  # lazy: keeps `logo --help` free of the server stack
 
-    from logo.cli_core import build_engine
+    from logo.cli_core import engine_spec
     from logo.router import router_overrides
     from logo.serve.api import ServeConfig, create_app
 
@@ -87,10 +94,19 @@ def serve(
     # The router: the library's fitted router file (or --router's), the router flags over it, as `logo generate`.
     overrides = router_overrides(selection_strategy, n_selected_modules, signal_layer, signal_module, post_norm,
                                  position, weighting, weight_temperature, calibration)
-    engine = build_engine(base_model, adapters, overrides, router, device, dtype, decode)
+    spec = engine_spec(base_model, adapters, overrides, router, device, dtype, decode)
     config = ServeConfig(base_id=base_model, routed_id=model_id, max_batch_size=max_batch_size, max_queue=max_queue,
                          max_prefill_rows=max_prefill_rows,
                          max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit, api_key=api_key)
+    if replicas or min_replicas is not None or max_replicas is not None:
+        from logo.serve.replicas import replica_options, run_replicas  # lazy: Ray is an optional extra
+
+        options = replica_options(replicas, min_replicas, max_replicas, threads or 1)
+        print(f"logo serve: Ray Serve replicas ({options.get('num_replicas') or options['autoscaling_config']}) on "
+              f"http://{host}:{port}/ (playground), /v1/completions, /v1/chat/completions", flush=True)
+        run_replicas(spec, config, host, port, options, threads or 1, ray_address)
+        return
+    engine = spec.build(progress=True)
     app = create_app(engine, config)
     print(f"logo serve: {len(engine.library)} adapters, k={engine.router.config.k}; http://{host}:{port}/ "
           f"(playground), /v1/completions, /v1/chat/completions")

@@ -9,6 +9,9 @@ server does); Ray Serve's HTTP proxy spreads requests over the replicas and keep
 
 from __future__ import annotations
 
+import signal
+import sys
+
 import torch
 
 from logo.errors import LogoError
@@ -54,9 +57,18 @@ def replica_options(replicas: int, min_replicas: int | None, max_replicas: int |
 
 def run_replicas(spec: EngineSpec, config: ServeConfig, host: str, port: int, options: dict, threads: int,
                  address: str = "", blocking: bool = True) -> None:
-    """Start (or join) Ray, then serve the app from the replicas on ``host:port`` (blocks unless told not to)."""
+    """Start (or join) Ray, then serve the app from the replicas on ``host:port``. Blocking, it runs until it is
+    interrupted or terminated (SIGTERM), then shuts Ray Serve down and leaves Ray."""
     if not ray.is_initialized():
         ray.init(address=None if address in ("", "local") else address, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
     deployment = LogoReplica.options(**options).bind(spec, config, threads)
-    serve.run(deployment, name="logo", route_prefix="/", blocking=blocking)
+    if not blocking:
+        serve.run(deployment, name="logo", route_prefix="/", blocking=False)
+        return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so a terminated server still shuts its replicas down
+    try:
+        serve.run(deployment, name="logo", route_prefix="/", blocking=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
