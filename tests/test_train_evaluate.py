@@ -7,7 +7,7 @@ import torch
 from logo.engine import LoGoEngine
 from logo.library import AdapterLibrary
 from logo.router import RouterConfig, Selection
-from logo.train.evaluate import first_line, peft_accuracy, peft_predictions
+from logo.train.evaluate import first_line, peft_accuracy, peft_predictions, task_accuracy
 from logo.train.tasks import get_task
 from logo.train.trainer import TrainConfig, train_lora
 from tests.helpers import make_tiny_model, make_tokenizer
@@ -34,7 +34,9 @@ def test_peft_and_engine_predictions_agree(tmp_path):
             outs = engine.generate(prompts, selections=[sel] * len(prompts), max_new_tokens=6, early_stop=True,
                                    batch_size=4)
             assert [first_line(o.text) for o in outs] == via_peft[adapter]
+        pairs = task.examples(0, 6, split="eval")
+        for sel, adapter in ((None, None), (Selection([0], [1.0]), tmp_path / "parity")):  # two independent paths
+            assert peft_accuracy(model, tok, task, adapter, pairs) == task_accuracy(engine, task, sel, pairs)
     finally:
         engine.close()
     assert via_peft[None] != via_peft[tmp_path / "parity"], "the adapter should change something"
-    assert 0.0 <= peft_accuracy(model, tok, task, None, n=4) <= 1.0

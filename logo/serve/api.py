@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -345,18 +345,12 @@ def _chat_prompt(tokenizer, body: ChatRequest) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-async def _stream_completion(exchange: Exchange, model: str) -> AsyncIterator[str]:
-    def chunk(index: int, text: str, reason: str | None, info: LogoInfo | None = None) -> str:
-        choice = CompletionChoice(index=index, text=text, finish_reason=reason)
-        return sse(Completion(id=exchange.id, created=exchange.created, model=model, choices=[choice],
-                              logo=info).model_dump())
-
+async def _stream(exchange: Exchange, chunks: AsyncIterator[str], final: Callable[[], dict]) -> AsyncIterator[str]:
+    """SSE lines: the chunks, then ``final()`` (the usage chunk); an error chunk instead on failure; ``[DONE]``."""
     try:
-        async for index, text, reason in exchange.updates(None):
-            first = exchange.info[index] is not None and not text and reason is None
-            yield chunk(index, text, reason, exchange.info[index] if first else None)
-        yield sse(Completion(id=exchange.id, created=exchange.created, model=model, choices=[],
-                             usage=exchange.usage()).model_dump())
+        async for line in chunks:
+            yield line
+        yield sse(final())
     except ApiError as err:
         yield sse(ErrorBody(error=ErrorDetail(message=err.message, type=err.kind)).model_dump())
     finally:
@@ -364,13 +358,28 @@ async def _stream_completion(exchange: Exchange, model: str) -> AsyncIterator[st
     yield sse("[DONE]")
 
 
-async def _stream_chat(exchange: Exchange, model: str) -> AsyncIterator[str]:
+def _stream_completion(exchange: Exchange, model: str) -> AsyncIterator[str]:
+    def chunk(index: int, text: str, reason: str | None, info: LogoInfo | None = None) -> str:
+        choice = CompletionChoice(index=index, text=text, finish_reason=reason)
+        return sse(Completion(id=exchange.id, created=exchange.created, model=model, choices=[choice],
+                              logo=info).model_dump())
+
+    async def chunks() -> AsyncIterator[str]:
+        async for index, text, reason in exchange.updates(None):
+            first = exchange.info[index] is not None and not text and reason is None
+            yield chunk(index, text, reason, exchange.info[index] if first else None)
+
+    return _stream(exchange, chunks(), lambda: Completion(id=exchange.id, created=exchange.created, model=model,
+                                                          choices=[], usage=exchange.usage()).model_dump())
+
+
+def _stream_chat(exchange: Exchange, model: str) -> AsyncIterator[str]:
     def chunk(delta: Delta, reason: str | None = None, info: LogoInfo | None = None) -> str:
         choice = ChatChunkChoice(index=0, delta=delta, finish_reason=reason)
         return sse(ChatChunk(id=exchange.id, created=exchange.created, model=model, choices=[choice],
                              logo=info).model_dump())
 
-    try:
+    async def chunks() -> AsyncIterator[str]:
         async for _index, text, reason in exchange.updates(None):
             if not text and reason is None:
                 yield chunk(Delta(role="assistant", content=""), info=exchange.info[0])
@@ -379,10 +388,6 @@ async def _stream_chat(exchange: Exchange, model: str) -> AsyncIterator[str]:
                 yield chunk(Delta(content=text))
             if reason is not None:
                 yield chunk(Delta(), reason)
-        yield sse(ChatChunk(id=exchange.id, created=exchange.created, model=model, choices=[],
-                            usage=exchange.usage()).model_dump())
-    except ApiError as err:
-        yield sse(ErrorBody(error=ErrorDetail(message=err.message, type=err.kind)).model_dump())
-    finally:
-        exchange.cancel()
-    yield sse("[DONE]")
+
+    return _stream(exchange, chunks(), lambda: ChatChunk(id=exchange.id, created=exchange.created, model=model,
+                                                         choices=[], usage=exchange.usage()).model_dump())

@@ -18,22 +18,18 @@ from logo.router import Selection
 from logo.train.tasks import Task
 
 
-def task_accuracy(
-    engine: LoGoEngine,
-    task: Task,
-    selection: Selection | None,
-    n: int = 50,
-    split: str = "eval",
-    seed: int = 0,
-    batch_size: int = 32,
-    max_new_tokens: int = 24,
-) -> float:
-    """Greedy accuracy of ``selection`` (None = base model) on ``n`` instances of ``task`` in ``split``'s templates."""
-    pairs = task.examples(seed, n, split=split)
-    prompts = [prompt for prompt, _ in pairs]
-    outs = engine.generate(prompts, selections=[selection] * n, max_new_tokens=max_new_tokens, early_stop=True,
-                           batch_size=batch_size)
-    return sum(task.score(first_line(o.text), a) for o, (_, a) in zip(outs, pairs)) / n
+def accuracy(task: Task, pairs: list[tuple[str, str]], predictions: list[str]) -> float:
+    """Share of ``(prompt, answer)`` pairs whose prediction the task scores right."""
+    return sum(task.score(p, a) for p, (_, a) in zip(predictions, pairs)) / len(pairs)
+
+
+def task_accuracy(engine: LoGoEngine, task: Task, selection: Selection | None, pairs: list[tuple[str, str]],
+                  batch_size: int = 32, max_new_tokens: int = 24) -> float:
+    """Greedy accuracy of ``selection`` (None = base model) on ``(prompt, answer)`` pairs, e.g.
+    ``task.examples(seed, n, split="eval")`` (held-out instances in that split's templates)."""
+    outs = engine.generate([prompt for prompt, _ in pairs], selections=[selection] * len(pairs),
+                           max_new_tokens=max_new_tokens, early_stop=True, batch_size=batch_size)
+    return accuracy(task, pairs, [first_line(o.text) for o in outs])
 
 
 @torch.no_grad()
@@ -67,17 +63,7 @@ def peft_predictions(
     return out
 
 
-def peft_accuracy(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    task: Task,
-    adapter_dir: Path | None,
-    n: int = 50,
-    split: str = "eval",
-    seed: int = 0,
-    batch_size: int = 16,
-) -> float:
-    """Greedy accuracy of one PEFT adapter (None = the base model) on ``n`` instances of ``task``."""
-    pairs = task.examples(seed, n, split=split)
-    preds = peft_predictions(model, tokenizer, [prompt for prompt, _ in pairs], adapter_dir, batch_size)
-    return sum(task.score(p, a) for p, (_, a) in zip(preds, pairs)) / n
+def peft_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, adapter_dir: Path | None,
+                  pairs: list[tuple[str, str]], batch_size: int = 16) -> float:
+    """Greedy accuracy of one PEFT adapter (None = the base model) on ``(prompt, answer)`` pairs."""
+    return accuracy(task, pairs, peft_predictions(model, tokenizer, [p for p, _ in pairs], adapter_dir, batch_size))

@@ -80,8 +80,9 @@ def build_library(
     engine = LoGoEngine(model, tokenizer, library, RouterConfig(k=1))
     adapters = []
     for task in tasks:
-        base = task_accuracy(engine, task, None, n=n_eval, split="eval")
-        own = task_accuracy(engine, task, Selection([library.names.index(task.name)], [1.0]), n=n_eval, split="eval")
+        held_out = task.examples(0, n_eval, split="eval")
+        base = task_accuracy(engine, task, None, held_out)
+        own = task_accuracy(engine, task, Selection([library.names.index(task.name)], [1.0]), held_out)
         rec = records[task.name]
         adapters.append({
             "name": task.name,
