@@ -83,7 +83,8 @@ class ModuleMixture:
         used = indices[coeff != 0]
         self.union_ids = torch.unique(used)
         self._rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._union: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._union: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self._choices: dict[int, str] = {}  # tokens per row -> formulation
 
     # ---------------------------------------------------------------- choice
     def choose(self, tokens: int) -> str:
@@ -99,28 +100,35 @@ class ModuleMixture:
     # --------------------------------------------------------------- factors
     @torch.no_grad()
     def row_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``a [B, k*r, d_in]``, ``bt [B, k*r, d_out]`` and fp32 ``c [B, 1, k*r]`` (gathered once per mixture)."""
+        """``a [B, k*r, d_in]``, ``bt [B, k*r, d_out]`` and ``c [B, 1, k*r]`` (gathered once per mixture)."""
         if self._rows is None:
             flat = self.indices.reshape(-1)
             a = gather(self.stack.A, flat, self.workspace, (self.key, "rows", "A"))
             bt = gather(self.stack.Bt, flat, self.workspace, (self.key, "rows", "Bt"))
-            c = self.coeff.repeat_interleave(self.rank, 1)[:, None, :]
+            c = self.coeff.repeat_interleave(self.rank, 1)[:, None, :].to(bt.dtype)
             self._rows = (a.view(self.rows, self.k * self.rank, -1), bt.view(self.rows, self.k * self.rank, -1), c)
         return self._rows
 
     @torch.no_grad()
-    def union_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``a [U*r, d_in]``, ``bt [U*r, d_out]`` and fp32 ``C [B, 1, U*r]`` (gathered once per mixture)."""
+    def union_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``a [U*r, d_in]``, ``bt [U*r, d_out]`` and ``C [B, 1, U*r]`` (gathered once per mixture).
+
+        With one row (a shared mixture) its coefficients are folded into ``bt`` instead and ``C`` is None.
+        """
         if self._union is None:
             ids = self.union_ids
-            a = gather(self.stack.A, ids, self.workspace, (self.key, "union", "A"))
-            bt = gather(self.stack.Bt, ids, self.workspace, (self.key, "union", "Bt"))
+            a = gather(self.stack.A, ids, self.workspace, (self.key, "union", "A")).view(-1, self.stack.A.shape[2])
+            bt = gather(self.stack.Bt, ids, self.workspace, (self.key, "union", "Bt")).view(-1, self.stack.Bt.shape[2])
             position = torch.searchsorted(ids, self.indices).clamp(max=max(ids.numel() - 1, 0))
             matrix = torch.zeros(self.rows, ids.numel(), dtype=torch.float32, device=self.coeff.device)
             if ids.numel():  # an adapter twice in one row: its coefficients add up; unused slots add 0
                 matrix.scatter_add_(1, position, self.coeff.float())
             c = matrix.repeat_interleave(self.rank, 1)[:, None, :]
-            self._union = (a.view(-1, a.shape[-1]), bt.view(-1, bt.shape[-1]), c)
+            if self.rows == 1:
+                bt.mul_(c[0, 0, :, None])
+                self._union = (a, bt, None)
+            else:
+                self._union = (a, bt, c.to(bt.dtype))
         return self._union
 
     # ------------------------------------------------------------------ apply
@@ -129,27 +137,37 @@ class ModuleMixture:
 
         ``B'`` may be a multiple of the mixture's rows (``generate`` repeats rows for ``num_return_sequences``).
         """
-        inplace = output.is_contiguous() and not output.requires_grad and not x.requires_grad
+        inplace = not (output.requires_grad or x.requires_grad) and output.is_contiguous()
         tokens = x.shape[1] if x.dim() == 3 else 1
+        kind = self._choices.get(tokens)
+        if kind is None:
+            kind = self._choices[tokens] = self.choose(tokens)
+        if kind == "union":
+            return self._add_union(x, output, inplace)
+        return self._add_rows(x, output, inplace)
+
+    def _add_union(self, x: torch.Tensor, output: torch.Tensor, inplace: bool) -> torch.Tensor:
+        a, bt, c = self._union or self.union_factors()
+        low = x.reshape(-1, x.shape[-1]) @ a.T  # [B' * T, U*r]
+        if c is not None:
+            if x.shape[0] != c.shape[0]:
+                c = c.repeat_interleave(x.shape[0] // c.shape[0], 0)
+            low3 = low.view(x.shape[0], -1, low.shape[-1])
+            low = (low3.mul_(c) if inplace else low3 * c).view(low.shape)
+        if inplace:
+            output.view(-1, output.shape[-1]).addmm_(low, bt)
+            return output
+        return torch.addmm(output.reshape(-1, output.shape[-1]), low, bt).view(output.shape)
+
+    def _add_rows(self, x: torch.Tensor, output: torch.Tensor, inplace: bool) -> torch.Tensor:
+        a, bt, c = self._rows or self.row_factors()
+        if x.shape[0] != a.shape[0]:
+            repeat = x.shape[0] // a.shape[0]
+            a, bt, c = (t.repeat_interleave(repeat, 0) for t in (a, bt, c))
         x3 = x if x.dim() == 3 else x[:, None]
         out3 = output if output.dim() == 3 else output[:, None]
-        repeat = x3.shape[0] // self.rows
-        if self.choose(tokens) == "union":
-            a, bt, c = self.union_factors()
-            if repeat > 1 and c.shape[0] > 1:
-                c = c.repeat_interleave(repeat, 0)
-            low = (x3.reshape(-1, x3.shape[-1]) @ a.T).view(x3.shape[0], x3.shape[1], -1)
-            low = low.mul_(c.to(low.dtype)) if inplace else low * c.to(low.dtype)
-            flat_low = low.view(-1, low.shape[-1])
-            if inplace:
-                out3.view(-1, out3.shape[-1]).addmm_(flat_low, bt)
-                return output
-            return torch.addmm(out3.reshape(-1, out3.shape[-1]), flat_low, bt).view(output.shape)
-        a, bt, c = self.row_factors()
-        if repeat > 1:
-            a, bt, c = (t.repeat_interleave(repeat, 0) for t in (a, bt, c))
         low = torch.bmm(x3, a.transpose(1, 2))
-        low = low.mul_(c.to(low.dtype)) if inplace else low * c.to(low.dtype)
+        low = low.mul_(c) if inplace else low * c
         if inplace:
             out3.baddbmm_(low, bt)
             return output
