@@ -2,8 +2,11 @@
 
 Everything is measured in one process on a random-weight model of a real shape with a random adapter
 library written to disk in PEFT format. Variants (base, one adapter, LoGo with a different mixture per
-row, the official PEFT path at batch 1) are interleaved within each repeat and each figure is the median
-over repeats; ratios (variant / base) are computed within the run, since shared machines are noisy.
+row; the same with the signal at the middle layer, ``logo_mid_signal``: time to first token per signal
+layer; LoGo whose rows draw their k adapters from a pool of 2k, ``logo_shared_pool``: rows that share
+adapters, as similar prompts do; the official PEFT path at batch 1) are interleaved within each repeat and
+each figure is the median over repeats; ratios (variant / base) are computed within the run, since shared
+machines are noisy.
 Decode tokens/s is the batch over the median decode step of one ``generate`` forced to exactly T
 tokens (see ``logo.perf.timing``; the all-steps mean is reported too), so prefill and routing are
 excluded: they are in the time to first token.
@@ -34,7 +37,7 @@ from logo.perf.report import print_table, ratios
 from logo.perf.timing import GenerationTiming, time_generate, time_static, timed
 from logo.router import Router, RouterConfig, Selection, check_k
 
-VARIANTS = ("base", "one_adapter", "logo", "official")
+VARIANTS = ("base", "one_adapter", "logo", "logo_mid_signal", "logo_shared_pool", "official")
 FAST_VARIANTS = ("base", "one_adapter", "logo")
 FAST_PATHS = ("static", "compiled")
 OFFICIAL_BATCHES = (1,)
@@ -53,6 +56,12 @@ def distinct_picks(n: int, k: int, rows: int, seed: int) -> list[list[int]]:
         seen.add(frozenset(pick))
         picks.append(pick)
     return picks
+
+
+def pooled_picks(n: int, k: int, rows: int, seed: int) -> list[list[int]]:
+    """As :func:`distinct_picks`, every row drawing from one pool of ``min(n, 2k)`` adapters."""
+    pool = random.Random(seed + 1).sample(range(n), min(n, 2 * k))
+    return [[pool[i] for i in pick] for pick in distinct_picks(len(pool), k, rows, seed)]
 
 
 class Bench:
@@ -80,6 +89,8 @@ class Bench:
         vocab = self.model.config.vocab_size
         self.ids = torch.randint(3, vocab, (max_batch, prompt_len), generator=gen).to(self.device)
         self.picks = distinct_picks(n_adapters, k, max_batch, seed)
+        self.pool_picks = pooled_picks(n_adapters, k, max_batch, seed)
+        self.mid_engine = self.engine.with_router(RouterConfig(k=k, layer=self.engine.num_layers // 2))
         first = self.engine.route_batch(*self.inputs(1))[0]
         self.official = OfficialPeft(self.model, [self.paths[i] for i in self.picks[0]], first.weights)
 
@@ -87,14 +98,16 @@ class Bench:
         ids = self.ids[:batch]
         return ids, torch.ones_like(ids)
 
-    def _set_logo(self, engine, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    def _set_logo(self, engine, ids: torch.Tensor, mask: torch.Tensor, picks: list[list[int]] | None = None) -> None:
         """Route every row (probe, score, select), then give each row its own mixture of k adapters.
 
-        A random model routes similar prompts alike, so each row takes a distinct pick of adapters with
-        the weights LoGo computed for it: the measured work is LoGo's, the mixtures are all different.
+        A random model routes similar prompts alike, so each row takes a distinct pick of adapters (from
+        ``picks``, default: out of all N) with the weights LoGo computed for it: the measured work is LoGo's,
+        the mixtures are all different.
         """
         routes = engine.route_batch(ids, mask)
-        engine.set_mixture([Selection(self.picks[row], r.weights) for row, r in enumerate(routes)])
+        picks = picks or self.picks
+        engine.set_mixture([Selection(picks[row], r.weights) for row, r in enumerate(routes)])
 
     def _setup(self, engine, variant: str, batch: int):
         ids, mask = self.inputs(batch)
@@ -102,6 +115,8 @@ class Bench:
             "base": None,
             "one_adapter": lambda: engine.set_mixture([Selection([0], [1.0])] * batch),
             "logo": lambda: self._set_logo(engine, ids, mask),
+            "logo_mid_signal": lambda: self._set_logo(self.mid_engine, ids, mask),
+            "logo_shared_pool": lambda: self._set_logo(engine, ids, mask, self.pool_picks),
             "official": None,
         }[variant]
 
@@ -211,7 +226,9 @@ def run_bench(shape: str, device: str, n_adapters: int, rank: int, k: int, targe
         if fast is not None:
             result["fast"] = bench.fast_decode(fast, batch_sizes, repeats)
         result.update({"official_attach_s": round(bench.official.attach_s, 3),
-                       "distinct_mixtures": len({frozenset(p) for p in bench.picks})})
+                       "distinct_mixtures": len({frozenset(p) for p in bench.picks}),
+                       "union_adapters": {"logo": len({i for p in bench.picks for i in p}),
+                                          "logo_shared_pool": len({i for p in bench.pool_picks for i in p})}})
     if device == "cuda":
         result["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["peak_mem_label"] = "peak GPU memory allocated"

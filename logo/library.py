@@ -1,7 +1,9 @@
 """The adapter library: load PEFT LoRA adapters, validate them against the base model, stack them.
 
 For every target module the library holds, once, ``A [N, r_max, d_in]``, ``B [N, d_out, r_max]`` and
-``scaling [N]``. Ranks that differ are zero-padded (exact: padded rows of A meet padded columns of B).
+``scaling [N]``. ``B`` is stored transposed (``Bt [N, r_max, d_out]``, contiguous) and exposed as a view: a
+mixture then gathers its adapters' rows of ``A`` and ``Bt`` with one contiguous copy each, no transpose.
+Ranks that differ are zero-padded (exact: padded rows of A meet padded columns of B).
 An adapter that does not target a module has zeros there (it contributes nothing).
 """
 
@@ -59,8 +61,13 @@ class ModuleStack:
     """All adapters' LoRA factors for one target module."""
 
     A: torch.Tensor  # [N, r_max, d_in]
-    B: torch.Tensor  # [N, d_out, r_max]
+    Bt: torch.Tensor  # [N, r_max, d_out]: B transposed, contiguous (the layout the mixture gathers from)
     scaling: torch.Tensor  # [N] fp32, 0 where an adapter lacks this module
+
+    @property
+    def B(self) -> torch.Tensor:
+        """``[N, d_out, r_max]``, a view of :attr:`Bt`."""
+        return self.Bt.transpose(1, 2)
 
 
 @dataclass
@@ -256,14 +263,14 @@ def stack_adapters(
         linear = linears[module]
         r_max = max(info.weights[module][0].shape[0] for info in infos if module in info.weights)
         a = torch.zeros(n, r_max, linear.in_features, dtype=dtype)
-        b = torch.zeros(n, linear.out_features, r_max, dtype=dtype)
+        bt = torch.zeros(n, r_max, linear.out_features, dtype=dtype)
         s = torch.zeros(n, dtype=torch.float32)
         for i, info in enumerate(infos):
             if module in info.weights:
                 ai, bi = info.weights[module]
                 r = ai.shape[0]
                 a[i, :r] = ai
-                b[i, :, :r] = bi
+                bt[i, :r] = bi.t()
                 s[i] = info.scaling[module]
-        stacks[module] = ModuleStack(a.to(device), b.to(device), s.to(device))
+        stacks[module] = ModuleStack(a.to(device), bt.to(device), s.to(device))
     return stacks

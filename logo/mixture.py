@@ -1,12 +1,11 @@
 """Per-row weighted LoRA mixtures inside the model.
 
 Every target linear layer computes ``W x + sum_i w_i * scaling_i * B_i A_i x`` where each row of the
-batch has its own selection ``(indices, weights)``. When a batch is set, the selected factors are
-gathered once from the stacked library and folded into one rank-``k*r`` pair per module and row:
-``A_row = [A_i1; ...; A_ik]`` and ``B_row = [c_1 B_i1, ..., c_k B_ik]`` with ``c = w * scaling``.
-Each forward then adds ``(x A_row^T) B_row^T`` in place: two batched matmuls per module (the add is
-fused into the second), no Python loop over adapters or rows. When every row shares one mixture (batch
-of one, or a shared baseline) the factors are 2-D and one matmul plus one in-place ``addmm`` are used.
+batch has its own selection ``(indices, weights)``. The arithmetic of one module lives in
+``logo.mixture_ops`` (two formulations, per-row factors or the union of the batch's adapters, chosen by cost
+on every call; gathered from the stacked library into reused buffers); ``logo.mixture_ref`` is the formula
+written out, the oracle the tests compare against. When every row shares one mixture it is kept once and
+broadcast.
 
 Hooks are attached only while a mixture is set, and only to modules that a selected adapter targets:
 the base model (and the LoGo probe) run hook-free. No base weight is ever modified.
@@ -16,46 +15,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from logo.library import AdapterLibrary, ModuleStack
-
-
-@dataclass
-class ModuleMixture:
-    """One module's share of the current mixture: rank-``k*r`` factors, coefficients folded into ``b``."""
-
-    a: torch.Tensor  # [d_in, k*r] when all rows share the mixture, else [B, d_in, k*r]
-    b: torch.Tensor  # [k*r, d_out] or [B, k*r, d_out]
-
-    def add_to(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """``output + mixture(x)``, written into ``output`` when autograd allows it."""
-        inplace = output.is_contiguous() and not output.requires_grad
-        if self.a.dim() == 2:  # one mixture for all rows
-            low = x.reshape(-1, x.shape[-1]) @ self.a
-            if inplace:
-                output.view(-1, output.shape[-1]).addmm_(low, self.b)
-                return output
-            return torch.addmm(output.reshape(-1, output.shape[-1]), low, self.b).view(output.shape)
-        a, b = self.a, self.b
-        if x.shape[0] != a.shape[0]:  # e.g. num_return_sequences: generate repeated the rows
-            repeat = x.shape[0] // a.shape[0]
-            a, b = a.repeat_interleave(repeat, 0), b.repeat_interleave(repeat, 0)
-        if x.dim() == 2:
-            return output + torch.bmm(torch.bmm(x[:, None], a), b)[:, 0]
-        if inplace:
-            return output.baddbmm_(torch.bmm(x, a), b)
-        return torch.baddbmm(output, torch.bmm(x, a), b)
+from logo.library import AdapterLibrary
+from logo.mixture_ops import ModuleMixture, Workspace, coefficients, gather
 
 
 class Mixture:
     """The current batch's per-row LoRA mixture, added by forward hooks to the target modules."""
 
-    def __init__(self, model: nn.Module, library: AdapterLibrary) -> None:
+    def __init__(self, model: nn.Module, library: AdapterLibrary, formulation: str = "auto") -> None:
         self.library = library
+        self.formulation = formulation  # auto | rows | union (see logo.mixture_ops)
+        self.workspace = Workspace()  # gathered factors of the current mixture; reused by the next one
         self.factors: dict[str, ModuleMixture] = {}
         self._modules = {name: m for name, m in model.named_modules() if name in library.stacks}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -94,14 +68,16 @@ class Mixture:
         if shared:
             indices, weights = indices[:1], weights[:1]
         for name, stack in self.library.stacks.items():
-            factors = _module_mixture(stack, indices.to(stack.A.device), weights.to(stack.A.device), shared)
-            if factors is not None:
-                self.factors[name] = factors
+            idx = indices.to(stack.A.device)
+            coeff = coefficients(stack, idx, weights.to(stack.A.device))
+            if bool((coeff != 0).any()):  # else no selected adapter touches the module
+                self.factors[name] = ModuleMixture(stack, idx, coeff, self.formulation, self.workspace, name)
         self._attach()
 
     def remove(self) -> None:
-        """Detach from the model."""
+        """Detach from the model and free the gathered factors."""
         self.clear()
+        self.workspace.release()
 
     def _attach(self) -> None:
         self._detach()
@@ -126,22 +102,6 @@ def _hook(factors: ModuleMixture):
     return add_mixture
 
 
-def _module_mixture(stack: ModuleStack, indices: torch.Tensor, weights: torch.Tensor,
-                    shared: bool) -> ModuleMixture | None:
-    """Gather one module's per-row factors once; None if no selected adapter touches the module."""
-    coeff = weights.float() * stack.scaling[indices]  # [B, k]
-    if not bool((coeff != 0).any()):
-        return None
-    rows, k = indices.shape
-    r = stack.A.shape[1]
-    a = stack.A[indices].reshape(rows, k * r, -1).transpose(1, 2)  # [B, d_in, k*r]
-    b = (stack.B[indices].float() * coeff[:, :, None, None]).to(stack.B.dtype)  # [B, k, d_out, r]
-    b = b.permute(0, 1, 3, 2).reshape(rows, k * r, -1)  # [B, k*r, d_out]
-    if shared:
-        return ModuleMixture(a[0].contiguous(), b[0].contiguous())
-    return ModuleMixture(a.contiguous(), b.contiguous())
-
-
 class _Switch:
     """Shared on/off state of a :class:`StaticMixture`'s hooks (a plain bool, so compiled graphs guard on it)."""
 
@@ -155,14 +115,14 @@ class _StaticSlot:
     def __init__(self, switch: _Switch) -> None:
         self.switch = switch
         self.buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.a: torch.Tensor | None = None  # [B, d_in, width]
-        self.b: torch.Tensor | None = None  # [B, width, d_out]
+        self.a: torch.Tensor | None = None  # [B, width, d_in]
+        self.b: torch.Tensor | None = None  # [B, width, d_out], coefficients folded in
 
     def __call__(self, _module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if not self.switch.on:
             return output
         x = args[0]
-        return torch.baddbmm(output, torch.bmm(x, self.a), self.b)
+        return torch.baddbmm(output, torch.bmm(x, self.a.transpose(1, 2)), self.b)
 
 
 class StaticMixture:
@@ -215,24 +175,27 @@ class StaticMixture:
         if k == 0 or not bool((weights != 0).any()):
             return
         self.k_cap = max(self.k_cap, k)
+        flat = indices.reshape(-1)
         for name, stack in self.library.stacks.items():
             slot = self.slots[name]
             r = stack.A.shape[1]
             width = self.k_cap * r
             key = (rows, width)
             if key not in slot.buffers:
-                a = stack.A.new_zeros(rows, stack.A.shape[2], width)
-                b = stack.B.new_zeros(rows, width, stack.B.shape[1])
+                a = stack.A.new_zeros(rows, width, stack.A.shape[2])
+                b = stack.Bt.new_zeros(rows, width, stack.Bt.shape[2])
                 torch._dynamo.mark_static_address(a)
                 torch._dynamo.mark_static_address(b)
                 slot.buffers[key] = (a, b)
             a, b = slot.buffers[key]
-            factors = _module_mixture(stack, indices.to(stack.A.device), weights.to(stack.A.device), shared=False)
-            used = 0 if factors is None else k * r
-            if factors is not None:
-                a[:, :, :used].copy_(factors.a)
-                b[:, :used].copy_(factors.b)
-            a[:, :, used:].zero_()  # unused slots (and modules no selected adapter touches) add nothing
+            idx = flat.to(stack.A.device)
+            coeff = coefficients(stack, idx.view(rows, k), weights.to(stack.A.device))
+            used = k * r if bool((coeff != 0).any()) else 0
+            if used:
+                a[:, :used].copy_(gather(stack.A, idx, None, ()).view(rows, used, -1))
+                bt = gather(stack.Bt, idx, None, ()).view(rows, used, -1)
+                b[:, :used].copy_(bt.float() * coeff.repeat_interleave(r, 1)[:, :, None])
+            a[:, used:].zero_()  # unused slots (and modules no selected adapter touches) add nothing
             b[:, used:].zero_()
             slot.a, slot.b = a, b
         self.switch.on = True

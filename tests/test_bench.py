@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from logo.bench import distinct_picks, run_bench
+from logo.bench import distinct_picks, pooled_picks, run_bench
 from logo.errors import LogoError
 from logo.library import AdapterLibrary
 from logo.mixture import Mixture
@@ -30,11 +30,13 @@ def test_bench_json_contract():
         "cpu", "tiny", 4, 4, 2)
     for table in ("decode_tok_s", "decode_tok_s_mean", "ttft_ms"):
         rows = result[table]
-        assert set(rows) == {"base", "one_adapter", "logo", "official"}
+        assert set(rows) == {"base", "one_adapter", "logo", "logo_mid_signal", "logo_shared_pool", "official"}
         assert set(rows["logo"]) == {"1", "2"} and set(rows["official"]) == {"1"}
         assert all(v > 0 for row in rows.values() for v in row.values())
-    assert set(result["ratios"]["decode_over_base"]) == {"one_adapter", "logo", "official"}
+    assert set(result["ratios"]["decode_over_base"]) == {"one_adapter", "logo", "logo_mid_signal",
+                                                         "logo_shared_pool", "official"}
     assert result["distinct_mixtures"] == 2
+    assert result["union_adapters"]["logo_shared_pool"] <= result["union_adapters"]["logo"] <= 4
     json.dumps(result)  # JSON-ready
 
 
@@ -90,6 +92,8 @@ def test_time_generate_counts_every_token_and_distinct_picks():
         time_generate(model, ids, torch.ones_like(ids), 1)
     picks = distinct_picks(16, 3, 16, seed=0)
     assert len({frozenset(p) for p in picks}) == 16 and all(len(set(p)) == 3 for p in picks)
+    pooled = pooled_picks(260, 20, 16, seed=0)
+    assert len({frozenset(p) for p in pooled}) == 16 and len({i for p in pooled for i in p}) <= 40
 
 
 def test_base_model_runs_hook_free_outside_a_mixture(tmp_path):

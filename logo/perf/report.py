@@ -52,6 +52,11 @@ def print_table(result: dict) -> None:
     console.print(f"official path: PEFT with the {result['k']} selected adapters attached in "
                   f"{result['official_attach_s']:.2f} s; LoGo rows carry {result['distinct_mixtures']} distinct "
                   "mixtures at the largest batch")
+    union = result.get("union_adapters")
+    if union:
+        console.print(f"adapters in the union of the largest batch's mixtures: logo {union['logo']}, "
+                      f"logo_shared_pool {union['logo_shared_pool']} (of {result['n_adapters']}); "
+                      f"logo_mid_signal routes at layer {result['probe_mid_layer']}")
 
 
 def _decode_table(title: str, result: dict, over: dict):

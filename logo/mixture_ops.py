@@ -1,0 +1,175 @@
+"""One target module's share of a batch of per-row LoRA mixtures: two formulations, chosen by cost.
+
+Every row ``b`` adds ``sum_j c_bj B_{i_bj} A_{i_bj} x`` with ``c = weight * scaling`` (``logo.mixture_ref``
+writes it out). Both formulations gather factors straight from the library's stacks (``A [N, r, d_in]`` and
+``Bt [N, r, d_out]``) with one contiguous ``index_select`` each, into buffers that are reused from batch to
+batch (a fresh gigabyte-sized allocation per batch costs more in page faults than the copy itself), and
+apply the coefficients to the rank-space activations instead of to copies of ``B``:
+
+- ``rows``: each row's own k adapters, ``a [B, k*r, d_in]``, ``bt [B, k*r, d_out]``;
+  ``y += ((x a^T) * c_row) bt`` with batched matmuls. Work and factor reads grow with ``B * k``.
+- ``union``: the union U of the batch's adapters, gathered once, ``a [U*r, d_in]``, ``bt [U*r, d_out]``, and a
+  coefficient matrix ``C [B, U*r]`` (0 where a row does not use an adapter); ``y += ((x a^T) * C) bt`` with
+  2-D GEMMs over all ``B*T`` tokens. Factor reads grow with ``U`` only, work with ``B * U``. A shared mixture
+  (one row for the whole batch) is the union with ``U = k``; its coefficient row broadcasts.
+
+Which is cheaper depends on the tokens per row ``T`` of each forward (prompt prefill or one decode token), so
+it is chosen per call: in units of one factor value, ``rows = B*k*(READ_COST + T)`` and
+``union = U*(READ_COST + B*T)``, where ``READ_COST`` is how many multiply-adds take as long as reading one
+value from memory. Each formulation's factors are gathered the first time it is used for a mixture.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from logo.library import ModuleStack
+
+READ_COST = 16
+"""Multiply-adds per factor value read, at equal time: an estimate for a 2-core CPU (about 40 G multiply-adds/s
+against 10 GB/s), not a fit. ``BENCHMARKS.md`` (rows vs union over the 60 modules of the smollm2-135m shape)
+checks the choices it makes: union at a shared pool of 40 adapters, rows at 16 disjoint rows (U = 178)."""
+
+FORMULATIONS = ("auto", "rows", "union")
+
+
+class Workspace:
+    """Reusable flat buffers, one per key, grown as needed and never shrunk (until :meth:`release`)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def take(self, key: tuple, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A contiguous ``shape`` tensor of ``like``'s dtype and device; its old contents are garbage."""
+        numel = math.prod(shape)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self._buffers[key] = buf
+        return buf[:numel].view(shape)
+
+    def release(self) -> None:
+        self._buffers = {}
+
+
+def gather(source: torch.Tensor, ids: torch.Tensor, workspace: Workspace | None, key: tuple) -> torch.Tensor:
+    """``source[ids]`` (``[n, r, d]``) in one copy, written into the workspace's buffer for ``key`` if given."""
+    if workspace is None:
+        return source.index_select(0, ids)
+    out = workspace.take(key, (ids.numel(), *source.shape[1:]), source)
+    return torch.index_select(source, 0, ids, out=out)
+
+
+def coefficients(stack: ModuleStack, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``c = weight * scaling`` per row and slot, fp32 ``[B, k]`` (0 for unused slots and absent modules)."""
+    return weights.float() * stack.scaling[indices]
+
+
+class ModuleMixture:
+    """Per-row mixtures ``(indices [B, k], coefficients [B, k])`` at one module; ``add_to`` is the hook's work.
+
+    ``formulation``: ``auto`` (by cost, per call), ``rows`` or ``union`` (forced: for tests and measurements).
+    """
+
+    def __init__(self, stack: ModuleStack, indices: torch.Tensor, coeff: torch.Tensor, formulation: str = "auto",
+                 workspace: Workspace | None = None, key: object = None) -> None:
+        if formulation not in FORMULATIONS:
+            raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+        self.stack, self.indices, self.coeff = stack, indices, coeff
+        self.formulation, self.workspace, self.key = formulation, workspace, key
+        self.rows, self.k = indices.shape
+        self.rank = stack.A.shape[1]
+        used = indices[coeff != 0]
+        self.union_ids = torch.unique(used)
+        self._rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._union: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self._choices: dict[int, str] = {}  # tokens per row -> formulation
+
+    # ---------------------------------------------------------------- choice
+    def choose(self, tokens: int) -> str:
+        """The cheaper formulation for a forward with ``tokens`` tokens per row (``rows`` or ``union``)."""
+        if self.formulation != "auto":
+            return self.formulation
+        if self.rows == 1:
+            return "union"  # one mixture for every row: U <= k, and the coefficient row broadcasts
+        union = self.union_ids.numel() * (READ_COST + self.rows * tokens)
+        rows = self.rows * self.k * (READ_COST + tokens)
+        return "union" if union <= rows else "rows"
+
+    # --------------------------------------------------------------- factors
+    @torch.no_grad()
+    def row_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``a [B, k*r, d_in]``, ``bt [B, k*r, d_out]`` and ``c [B, 1, k*r]`` (gathered once per mixture)."""
+        if self._rows is None:
+            flat = self.indices.reshape(-1)
+            a = gather(self.stack.A, flat, self.workspace, (self.key, "rows", "A"))
+            bt = gather(self.stack.Bt, flat, self.workspace, (self.key, "rows", "Bt"))
+            c = self.coeff.repeat_interleave(self.rank, 1)[:, None, :].to(bt.dtype)
+            self._rows = (a.view(self.rows, self.k * self.rank, -1), bt.view(self.rows, self.k * self.rank, -1), c)
+        return self._rows
+
+    @torch.no_grad()
+    def union_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``a [U*r, d_in]``, ``bt [U*r, d_out]`` and ``C [B, 1, U*r]`` (gathered once per mixture).
+
+        With one row (a shared mixture) its coefficients are folded into ``bt`` instead and ``C`` is None.
+        """
+        if self._union is None:
+            ids = self.union_ids
+            a = gather(self.stack.A, ids, self.workspace, (self.key, "union", "A")).view(-1, self.stack.A.shape[2])
+            bt = gather(self.stack.Bt, ids, self.workspace, (self.key, "union", "Bt")).view(-1, self.stack.Bt.shape[2])
+            position = torch.searchsorted(ids, self.indices).clamp(max=max(ids.numel() - 1, 0))
+            matrix = torch.zeros(self.rows, ids.numel(), dtype=torch.float32, device=self.coeff.device)
+            if ids.numel():  # an adapter twice in one row: its coefficients add up; unused slots add 0
+                matrix.scatter_add_(1, position, self.coeff.float())
+            c = matrix.repeat_interleave(self.rank, 1)[:, None, :]
+            if self.rows == 1:
+                bt.mul_(c[0, 0, :, None])
+                self._union = (a, bt, None)
+            else:
+                self._union = (a, bt, c.to(bt.dtype))
+        return self._union
+
+    # ------------------------------------------------------------------ apply
+    def add_to(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """``output + mixture(x)`` for ``x [B', T, d_in]`` or ``[B', d_in]``, in place when autograd allows it.
+
+        ``B'`` may be a multiple of the mixture's rows (``generate`` repeats rows for ``num_return_sequences``).
+        """
+        inplace = not (output.requires_grad or x.requires_grad) and output.is_contiguous()
+        tokens = x.shape[1] if x.dim() == 3 else 1
+        kind = self._choices.get(tokens)
+        if kind is None:
+            kind = self._choices[tokens] = self.choose(tokens)
+        if kind == "union":
+            return self._add_union(x, output, inplace)
+        return self._add_rows(x, output, inplace)
+
+    def _add_union(self, x: torch.Tensor, output: torch.Tensor, inplace: bool) -> torch.Tensor:
+        a, bt, c = self._union or self.union_factors()
+        low = x.reshape(-1, x.shape[-1]) @ a.T  # [B' * T, U*r]
+        if c is not None:
+            if x.shape[0] != c.shape[0]:
+                c = c.repeat_interleave(x.shape[0] // c.shape[0], 0)
+            low3 = low.view(x.shape[0], -1, low.shape[-1])
+            low = (low3.mul_(c) if inplace else low3 * c).view(low.shape)
+        if inplace:
+            output.view(-1, output.shape[-1]).addmm_(low, bt)
+            return output
+        return torch.addmm(output.reshape(-1, output.shape[-1]), low, bt).view(output.shape)
+
+    def _add_rows(self, x: torch.Tensor, output: torch.Tensor, inplace: bool) -> torch.Tensor:
+        a, bt, c = self._rows or self.row_factors()
+        if x.shape[0] != a.shape[0]:
+            repeat = x.shape[0] // a.shape[0]
+            a, bt, c = (t.repeat_interleave(repeat, 0) for t in (a, bt, c))
+        x3 = x if x.dim() == 3 else x[:, None]
+        out3 = output if output.dim() == 3 else output[:, None]
+        low = torch.bmm(x3, a.transpose(1, 2))
+        low = low.mul_(c) if inplace else low * c
+        if inplace:
+            out3.baddbmm_(low, bt)
+            return output
+        return torch.baddbmm(out3, low, bt).view(output.shape)

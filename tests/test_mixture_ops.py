@@ -1,0 +1,169 @@
+"""Each mixture formulation (per-row, union, chosen by cost) and the hooks against ``mixture_ref``, the formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from logo.library import AdapterLibrary, ModuleStack
+from logo.mixture import Mixture
+from logo.mixture_ops import ModuleMixture, Workspace, coefficients
+from logo.mixture_ref import mixture_ref
+
+N, D_IN, D_OUT, R_MAX = 6, 24, 16, 4
+RANKS = [4, 1, 3, 2, 4, 2]  # mixed ranks: zero-padded to R_MAX, as the library stacks them
+
+
+def make_stack(dtype=torch.float32, seed=0) -> ModuleStack:
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.zeros(N, R_MAX, D_IN)
+    bt = torch.zeros(N, R_MAX, D_OUT)
+    for i, r in enumerate(RANKS):
+        a[i, :r] = torch.randn(r, D_IN, generator=gen) * 0.3
+        bt[i, :r] = torch.randn(r, D_OUT, generator=gen) * 0.3
+    scaling = torch.rand(N, generator=gen) + 0.5
+    scaling[5] = 0.0  # adapter 5 does not target this module
+    return ModuleStack(a.to(dtype), bt.to(dtype), scaling)
+
+
+def make_linear(dtype=torch.float32, seed=1) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(D_IN, D_OUT).to(dtype)
+
+
+CASES = {
+    "shared_rows": ([[0, 2, 3]] * 3, [[0.5, 0.3, 0.2]] * 3),
+    "disjoint_rows": ([[0, 1], [2, 3], [4, 5]], [[0.6, 0.4], [0.7, 0.3], [0.9, 0.1]]),
+    "overlapping_rows": ([[0, 1, 2], [1, 2, 3], [2, 0, 4]], [[0.2, 0.3, 0.5], [0.4, 0.4, 0.2], [1.0, 0.5, 0.25]]),
+    "k1": ([[3], [0], [3]], [[1.0], [1.0], [0.5]]),
+    "k_equals_n": ([list(range(N)), list(reversed(range(N)))], [[1 / N] * N, [0.3, 0.1, 0.2, 0.1, 0.2, 0.1]]),
+    "repeat_unused_and_base_row": ([[1, 1, 0], [2, 0, 0], [4, 3, 0]], [[0.5, 0.25, 0.0], [0.0, 0.0, 0.0],
+                                                                        [0.7, 0.3, 0.0]]),
+}
+
+
+def _selection(case: str):
+    indices, weights = CASES[case]
+    return torch.tensor(indices), torch.tensor(weights)
+
+
+def _ours(linear, stack, x, indices, weights, formulation, workspace=None):
+    mix = ModuleMixture(stack, indices, coefficients(stack, indices, weights), formulation, workspace, "m")
+    return mix.add_to(x, linear(x))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("formulation", ["rows", "union", "auto"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_formulation_equals_formula(case, formulation, dims):
+    stack, linear = make_stack(), make_linear()
+    indices, weights = _selection(case)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(indices.shape[0], 5, D_IN, generator=gen) if dims == 3 else torch.randn(indices.shape[0], D_IN,
+                                                                                             generator=gen)
+    with torch.no_grad():
+        got = _ours(linear, stack, x, indices, weights, formulation, Workspace())
+        want = mixture_ref(x, linear.weight, linear.bias, stack.A, stack.B, stack.scaling, indices, weights)
+        base = linear(x)
+    assert got.shape == base.shape
+    assert (want - base).abs().max() > 0.1, "the mixture must visibly change the output for this test to bite"
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("formulation", ["rows", "union"])
+def test_bf16_within_stated_tolerance(formulation):
+    """bf16 factors and activations (8-bit mantissa): within 3e-2 of the fp32 formula on the same bf16 values."""
+    stack, linear = make_stack(torch.bfloat16), make_linear(torch.bfloat16)
+    indices, weights = _selection("overlapping_rows")
+    x = torch.randn(3, 5, D_IN, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    with torch.no_grad():
+        got = _ours(linear, stack, x, indices, weights, formulation)
+        want = mixture_ref(x, linear.weight, linear.bias, stack.A, stack.B, stack.scaling, indices, weights)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("formulation", ["rows", "union"])
+def test_repeated_rows_follow_their_mixture(formulation):
+    """generate repeats each row for num_return_sequences: row b's copies keep row b's mixture."""
+    stack, linear = make_stack(), make_linear()
+    indices, weights = _selection("disjoint_rows")
+    x = torch.randn(6, 4, D_IN, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = _ours(linear, stack, x, indices, weights, formulation)
+        want = mixture_ref(x, linear.weight, linear.bias, stack.A, stack.B, stack.scaling,
+                           indices.repeat_interleave(2, 0), weights.repeat_interleave(2, 0))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("formulation", ["rows", "union"])
+def test_requires_grad_gives_the_formulas_gradient(formulation):
+    stack, linear = make_stack(), make_linear()
+    indices, weights = _selection("overlapping_rows")
+    x = torch.randn(3, 5, D_IN, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    got = _ours(linear, stack, x, indices, weights, formulation)
+    (got ** 2).sum().backward()
+    grad, x.grad = x.grad.clone(), None
+    want = mixture_ref(x, linear.weight, linear.bias, stack.A, stack.B, stack.scaling, indices, weights)
+    (want ** 2).sum().backward()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, x.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_cost_choice():
+    stack = make_stack()
+    coeff = lambda idx: coefficients(stack, idx, torch.ones(idx.shape))  # noqa: E731
+    disjoint = torch.tensor([[0, 1], [2, 3], [4, 0]])
+    shared = torch.tensor([[0, 1]] * 3)
+    assert ModuleMixture(stack, shared[:1], coeff(shared[:1])).choose(64) == "union"  # one broadcast row
+    assert ModuleMixture(stack, shared, coeff(shared)).choose(64) == "union"  # U = k: same work, fewer reads
+    assert ModuleMixture(stack, disjoint, coeff(disjoint)).choose(64) == "rows"  # prefill: union does 3x work
+    assert ModuleMixture(stack, disjoint, coeff(disjoint), "union").choose(64) == "union"  # forced
+    with pytest.raises(ValueError, match="formulation"):
+        ModuleMixture(stack, shared, coeff(shared), "merged")
+
+
+def test_workspace_is_reused_without_stale_factors():
+    stack, linear, ws = make_stack(), make_linear(), Workspace()
+    x = torch.randn(3, 5, D_IN, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        pointers = set()
+        for case in ("overlapping_rows", "disjoint_rows", "k1"):  # the first is the largest
+            indices, weights = _selection(case)
+            mix = ModuleMixture(stack, indices, coefficients(stack, indices, weights), "rows", ws, "m")
+            got = mix.add_to(x, linear(x))
+            pointers.add(mix.row_factors()[0].data_ptr())
+            want = mixture_ref(x, linear.weight, linear.bias, stack.A, stack.B, stack.scaling, indices, weights)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(pointers) == 1
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = make_linear()
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("case", ["shared_rows", "disjoint_rows", "repeat_unused_and_base_row"])
+def test_mixture_hooks_equal_formula_and_base_comes_back(case):
+    net, stack = _Net(), make_stack()
+    library = AdapterLibrary(names=[f"a{i}" for i in range(N)], paths=[], configs=[], stacks={"lin": stack})
+    mixture = Mixture(net, library)
+    indices, weights = _selection(case)
+    x = torch.randn(indices.shape[0], 5, D_IN, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        base = net(x)
+        mixture.set(indices, weights)
+        got = net(x)
+        with mixture.suspended():
+            torch.testing.assert_close(net(x), base, atol=0, rtol=0)
+        mixture.clear()
+        after = net(x)
+    want = mixture_ref(x, net.lin.weight, net.lin.bias, stack.A, stack.B, stack.scaling, indices, weights)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after, base, atol=0, rtol=0)
+    mixture.remove()
