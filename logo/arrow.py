@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import ArrowConfig, create_arrow_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList
 
 from logo.engine import NewlineStop, newline_token
@@ -25,6 +24,8 @@ class ArrowGenerator:
 
     def __init__(self, base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, adapter_paths: list[Path],
                  top_k: int = 3, temperature: float = 1.0, seed: int = 0) -> None:
+        from peft import ArrowConfig, create_arrow_model  # lazy: importing PEFT takes seconds, only Arrow needs it
+
         check_k(top_k, len(adapter_paths))
         config = ArrowConfig(top_k=top_k, router_temperature=temperature, rng_seed=seed)
         try:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from logo.errors import LogoError
-from logo.models import cache_dir
+from logo.paths import cache_dir
 
 FILE_NAME = "logo_calibration.json"
 DEFAULT_PROMPTS = Path(__file__).parent / "assets" / "calibration_prompts.txt"

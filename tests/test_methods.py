@@ -31,6 +31,12 @@ def test_names_resolve_to_registered_objects():
     ("fixed:", "write it as fixed:NAME"),
     ("base:x", "takes no ':' argument"),
 ])
+def test_the_cli_help_lists_the_registry():
+    from logo.eval.cli import METHOD_HELP
+
+    assert METHOD_HELP == " | ".join(method_names())
+
+
 def test_unknown_or_misspelled_methods(spec, message):
     with pytest.raises(LogoError) as err:
         get_method(spec)

@@ -9,10 +9,12 @@ import typer
 
 from logo.cli_options import Calibration, Layer, Module, Position, PostNorm, Weighting, WeightTemp
 from logo.errors import LogoError
-from logo.methods import method_names
 from logo.presets import default_adapters, get_preset
 
-OFFICIAL_DATA_DIR = Path("data")  # the official --data_dir default, used when it exists
+OFFICIAL_DATA_DIR = Path("data")
+METHOD_HELP = "logo | fitted | base | uniform | random | fixed:NAME | arrow"
+"""The registry's names (logo.methods.method_names(); a test keeps the two equal): spelled out here so that
+`logo --help` need not import the model stack."""  # the official --data_dir default, used when it exists
 
 
 def run(
@@ -38,7 +40,7 @@ def run(
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first N instances of each dataset.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "--max_new_tokens")] = 256,
     method: Annotated[str, typer.Option(
-        "--method", help=f"{' | '.join(method_names())}, or a comma-separated list (one model load for all).")
+        "--method", help=f"{METHOD_HELP}, or a comma-separated list (one model load for all).")
     ] = "logo",
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if any)")] = None,
     gpu: Annotated[int | None, typer.Option("--gpu", help="Official: CUDA device index (= --device cuda:N)")] = None,
@@ -80,7 +82,7 @@ def run(
         print(f"--data-dir {OFFICIAL_DATA_DIR} (the official default; datasets not found there come from the hub)")
     methods = [m.strip() for m in method.split(",") if m.strip()]
     if not methods:
-        raise LogoError(f"--method is empty; give one or more of {', '.join(method_names())}")
+        raise LogoError(f"--method is empty; give one or more of {METHOD_HELP}")
     config = RunConfig(
         base_model=base_model, dataset=dataset, selection_strategy=selection_strategy,
         n_selected_modules=n_selected_modules, seed=seed, generation_early_stop=generation_early_stop,
