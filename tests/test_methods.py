@@ -23,6 +23,12 @@ def test_names_resolve_to_registered_objects():
     assert get_method("arrow").takes_over_model and not get_method("logo").takes_over_model
 
 
+def test_the_cli_help_lists_the_registry():
+    from logo.eval.cli import METHOD_HELP
+
+    assert METHOD_HELP == " | ".join(method_names())
+
+
 @pytest.mark.parametrize("spec, message", [
     ("unifrom", "unknown method 'unifrom'; did you mean 'uniform'? known methods: logo, fitted, base, uniform, "
                 "random, fixed:NAME, arrow"),
@@ -31,12 +37,6 @@ def test_names_resolve_to_registered_objects():
     ("fixed:", "write it as fixed:NAME"),
     ("base:x", "takes no ':' argument"),
 ])
-def test_the_cli_help_lists_the_registry():
-    from logo.eval.cli import METHOD_HELP
-
-    assert METHOD_HELP == " | ".join(method_names())
-
-
 def test_unknown_or_misspelled_methods(spec, message):
     with pytest.raises(LogoError) as err:
         get_method(spec)
