@@ -115,15 +115,22 @@ def test_calibrate_then_route_calibrated(model_and_lib, tmp_path):
         (["-p", "x", "-m", "smolm2"], "did you mean 'smollm2-135m'?"),
     ],
 )
-def test_user_mistakes_are_one_clear_line(model_and_lib, args, message):
+def test_user_mistakes_are_one_clear_line(model_and_lib, args, message, monkeypatch, capsys):
+    """In process (every mistake is caught before a model loads); the process exit path is
+    test_bad_model_path_is_a_clear_error's."""
+    from logo import cli
+
     model_dir, lib = model_and_lib
     base = ["generate" if "--decode" in args else "route", "-m", str(model_dir)]
     if "-a" not in args:
         base += ["-a", str(lib)]
-    res = run_logo(*base, *args)
-    assert res.returncode == 2
-    assert message in res.stderr and "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1].startswith("error: ")
+    monkeypatch.setattr(sys, "argv", ["logo", *base, *args])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    stderr = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert message in stderr and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: ")
 
 
 def test_bad_model_path_is_a_clear_error(tmp_path, model_and_lib):
