@@ -16,7 +16,7 @@ import copy
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -49,7 +49,6 @@ class Timings:
     probe_s: float = 0.0
     generate_s: float = 0.0
     batches: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class NewlineStop(StoppingCriteria):
@@ -143,7 +142,6 @@ class LoGoEngine:
     # ----------------------------------------------------------------- inputs
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize with left padding (as generation needs); a prompt over 2048 tokens is refused."""
-        check_prompts(prompts)
         self.tokenizer.padding_side = "left"
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
         check_prompts(prompts, batch["attention_mask"].sum(1).tolist(), MAX_PROMPT_TOKENS)
