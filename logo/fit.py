@@ -11,7 +11,12 @@ by precision@1 on the examples:
 2. k and the weighting, by the mean weight the mixture gives the right adapter;
 3. an abstain rule (top score or top-1/top-2 margin below a threshold) when examples with no adapter (prompts
    of tasks outside the library) are given: it maximises the number of example prompts handled right (seen
-   prompts routed to their adapter, unseen prompts sent to the base model).
+   prompts routed to their adapter, unseen prompts sent to the base model). The rule reads the routing scores
+   or any single signal of the table: the one that tells the adapters apart best is not always the one that
+   tells an unseen task best (a near neighbour of an adapter's task can look like it to the routing signal).
+   With ``abstain_from="any"`` it may read any single signal instead, each judged on templates it was not fitted
+   on when the examples name their templates (not the default: on the demo library no such choice carried over
+   from the validation templates to the test ones).
 
 The result is a :class:`~logo.router_file.RouterFile`, stored next to the library.
 """
@@ -19,6 +24,7 @@ The result is a :class:`~logo.router_file.RouterFile`, stored next to the librar
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,7 +33,17 @@ import torch
 from logo.calibration import score_statistics
 from logo.engine import LoGoEngine
 from logo.errors import LogoError
-from logo.router import POSITIONS, Router, RouterConfig, SignalPoint, confidence, score, select, signal_module_name
+from logo.router import (
+    POSITIONS,
+    AbstainSignal,
+    Router,
+    RouterConfig,
+    SignalPoint,
+    confidence,
+    score,
+    select,
+    signal_module_name,
+)
 from logo.router_file import RouterFile, model_fingerprint
 from logo.train.tasks import get_task
 
@@ -42,6 +58,9 @@ class Example:
 
     prompt: str
     adapter: str | None
+    template: str | None = None
+    """The template (wording) the prompt was written from, if known: the abstain rule is chosen by how well it
+    carries over from some templates to others (see :func:`template_folds`)."""
 
 
 @dataclass(frozen=True)
@@ -108,14 +127,15 @@ def examples_from_manifest(manifest_file: Path, split: str = "valid", n_per_temp
         task = get_task(entry["name"])
         instances = task.make(seed, n_per_template * len(templates), instance_split)
         for i, (fields, _) in enumerate(instances):
-            out.append(Example(task.prompt(fields, templates[i % len(templates)]), adapter))
+            which = i % len(templates)
+            out.append(Example(task.prompt(fields, templates[which]), adapter, f"{entry['name']}#{which}"))
     return out
 
 
 def examples_from_jsonl(folder: Path) -> list[Example]:
     """Example prompts from ``*.jsonl`` files: one ``{"prompt": ...}`` per line, for the adapter the line names
     (``"adapter"``) or else the one the file is named after; ``"adapter": null`` or a file ``none.jsonl``: a
-    prompt no adapter is for."""
+    prompt no adapter is for. An optional ``"template"`` names the wording the prompt was written from."""
     folder = Path(folder)
     files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
     if not files:
@@ -132,7 +152,9 @@ def examples_from_jsonl(folder: Path) -> list[Example]:
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 raise LogoError(f'{file}:{number} needs a "prompt" string')
             default = None if file.stem == "none" else file.stem
-            out.append(Example(record["prompt"], record.get("adapter", default)))
+            template = record.get("template")
+            out.append(Example(record["prompt"], record.get("adapter", default),
+                               None if template is None else f"{record.get('adapter', default)}#{template}"))
     return out
 
 
@@ -159,22 +181,21 @@ class SignalTable:
         self.stats = {key: score_statistics(raw) for key, raw in self.raw.items()}
         self._calibrated: dict[tuple, torch.Tensor] = {}
 
-    def calibrated(self, key: tuple, calibration: str) -> torch.Tensor:
-        """One signal's scores calibrated as the router does it (:func:`logo.calibration.calibrate_scores`)."""
+    def calibrated(self, key: tuple, calibration: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One signal's scores calibrated as the router does it (:func:`logo.calibration.calibrate_scores`), with
+        statistics over every example prompt or, given ``rows`` (a mask), over those only."""
+        if rows is not None:
+            return _calibrate(self.raw[key], score_statistics(self.raw[key][rows]), calibration)
         if (key, calibration) not in self._calibrated:
-            raw = self.raw[key]
-            mean = torch.tensor(self.stats[key]["values"], dtype=torch.float32)
-            std = torch.tensor(self.stats[key]["std"], dtype=torch.float32)
-            out = {"none": raw, "mean": raw / mean.clamp(min=1e-12), "zscore": (raw - mean) / std.clamp(min=1e-12)}
-            self._calibrated[(key, calibration)] = out[calibration]
+            self._calibrated[(key, calibration)] = _calibrate(self.raw[key], self.stats[key], calibration)
         return self._calibrated[(key, calibration)]
 
-    def scores(self, candidate: Candidate) -> torch.Tensor:
+    def scores(self, candidate: Candidate, rows: torch.Tensor | None = None) -> torch.Tensor:
         total = None
         for layer in candidate.layers:
             for module in candidate.modules:
                 key = (layer, module, candidate.post_norm, candidate.position, candidate.strategy)
-                part = self.calibrated(key, candidate.calibration)
+                part = self.calibrated(key, candidate.calibration, rows)
                 total = part if total is None else total + part
         return total
 
@@ -199,6 +220,15 @@ class SignalTable:
                             for calibration in ("mean", "zscore"):
                                 out.append(Candidate(layers, modules, post_norm, position, strategy, calibration))
         return out
+
+
+def _calibrate(raw: torch.Tensor, stats: dict, calibration: str) -> torch.Tensor:
+    if calibration == "none":
+        return raw
+    mean = torch.tensor(stats["values"], dtype=torch.float32)
+    if calibration == "mean":
+        return raw / mean.clamp(min=1e-12)
+    return (raw - mean) / torch.tensor(stats["std"], dtype=torch.float32).clamp(min=1e-12)
 
 
 def precision_at_1(scores: torch.Tensor, targets: torch.Tensor) -> float:
@@ -227,31 +257,112 @@ def choose_mixture(scores: torch.Tensor, targets: torch.Tensor, calibration: str
     return best
 
 
-def choose_abstain(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor) -> dict:
-    """The rule and threshold that get the most example prompts right: a seen prompt routed to its adapter, an
-    unseen prompt sent to the base model (each prompt counts once, so a rule that abstains on many seen prompts to
-    catch a few unseen ones loses)."""
-    correct = scores.argmax(1) == targets
+Scorer = Callable[[torch.Tensor | None], torch.Tensor]
+"""Calibrated scores ``[n, N]`` of every example prompt, with statistics over the given rows (None: all)."""
+
+
+ABSTAIN_FROM = ("routing", "any")
+
+
+def abstain_options(table: SignalTable, routing: Candidate, source: str = "any"
+                    ) -> list[tuple[AbstainSignal | None, Scorer]]:
+    """What an abstain rule may read: the routing scores (first: they cost nothing more and win ties), then, with
+    ``source="any"``, every single signal of the table with every calibration."""
+    if source not in ABSTAIN_FROM:
+        raise LogoError(f"unknown abstain signal source {source!r}; choose one of {', '.join(ABSTAIN_FROM)}")
+    out: list[tuple[AbstainSignal | None, Scorer]] = [(None, lambda rows: table.scores(routing, rows))]
+    if source == "routing":
+        return out
+    for key in table.raw:
+        layer, module, post_norm, position, strategy = key
+        for calibration in ("none", "mean", "zscore"):
+            signal = AbstainSignal(layer - table.num_layers, module, post_norm, position, strategy, calibration)
+            out.append((signal, lambda rows, key=key, calibration=calibration: table.calibrated(key, calibration,
+                                                                                                rows)))
+    return out
+
+
+def template_folds(examples: list[Example]) -> torch.Tensor | None:
+    """Fold 0 or 1 per example prompt, splitting each adapter's templates (and the unseen prompts' templates)
+    into two halves; None when some adapter's prompts carry no template or come from a single one."""
+    groups: dict[str | None, set[str]] = {}
+    for x in examples:
+        if x.template is None:
+            return None
+        groups.setdefault(x.adapter, set()).add(x.template)
+    if any(len(templates) < 2 for templates in groups.values()):
+        return None
+    fold = {(label, t): i % 2 for label, templates in groups.items() for i, t in enumerate(sorted(templates))}
+    return torch.tensor([fold[(x.adapter, x.template)] for x in examples])
+
+
+def best_threshold(conf: torch.Tensor, keep: torch.Tensor, drop: torch.Tensor) -> tuple[int, float]:
+    """The threshold on ``conf`` that gets the most prompts right, ``keep`` ones routed (``conf >= t``) plus
+    ``drop`` ones abstained (``conf < t``); ties go to the lowest threshold. Returns (prompts right, threshold)."""
+    order = torch.argsort(conf)
+    values, keep, drop = conf[order], keep[order].long(), drop[order].long()
+    # abstaining on the first i prompts (i = 0..n) gets right: drop among them + keep among the rest
+    right = torch.cat([torch.zeros(1, dtype=torch.long), drop.cumsum(0)]) + \
+        torch.cat([keep.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.long)])
+    cut = torch.ones(len(values) + 1, dtype=torch.bool)  # a threshold falls between two different values only
+    cut[1:-1] = values[1:] > values[:-1]
+    right = torch.where(cut, right, torch.full_like(right, -1))
+    i = int(torch.argmax(right))  # first maximum: the fewest abstentions
+    if i == 0:
+        threshold = values[0].item() - 1.0
+    elif i == len(values):
+        threshold = values[-1].item() + 1.0
+    else:
+        threshold = (values[i - 1].item() + values[i].item()) / 2
+    return int(right[i]), threshold
+
+
+def choose_abstain(options: list[tuple[AbstainSignal | None, Scorer]], correct: torch.Tensor, seen: torch.Tensor,
+                   folds: torch.Tensor | None = None) -> dict:
+    """The signal, rule and threshold that get the most example prompts right: a seen prompt routed to its adapter
+    (``correct``: by the routing scores), an unseen prompt sent to the base model. Each prompt counts once, so a
+    rule that abstains on many seen prompts to catch a few unseen ones loses; ties keep the earlier option.
+
+    With template ``folds`` (:func:`template_folds`) each option is judged on templates it was not fitted on:
+    statistics and threshold from one half of the templates, prompts right counted on the other, both ways. A
+    signal that only tells the fit's own wordings apart loses there. The chosen option's threshold is then
+    fitted on every example prompt."""
     n_seen, n_unseen = max(1, int(seen.sum())), max(1, int((~seen).sum()))
+    keep, drop = correct & seen, ~seen
     best: dict = {}
-    for rule in ("top", "margin"):
-        conf = confidence(scores, rule)
-        values = torch.sort(torch.unique(conf)).values
-        thresholds = torch.cat([values[:1] - 1.0, (values[1:] + values[:-1]) / 2, values[-1:] + 1.0])
-        for t in thresholds.tolist():
-            routed = conf >= t
-            right = int((routed & correct & seen).sum()) + int((~routed & ~seen).sum())
-            if not best or right > best["prompts_right"]:
-                best = {"rule": rule, "threshold": t, "prompts_right": right,
-                        "seen_routed_right": int((routed & correct & seen).sum()) / n_seen,
-                        "unseen_abstained": int((~routed & ~seen).sum()) / n_unseen,
-                        "seen_abstained": int((~routed & seen).sum()) / n_seen}
+    for signal, scorer in options:
+        for rule in ("top", "margin"):
+            conf = confidence(scorer(None), rule)
+            right, threshold = best_threshold(conf, keep, drop)
+            held_out = None
+            if folds is not None:
+                held_out = 0
+                for fold in (0, 1):
+                    fit, test = folds != fold, folds == fold
+                    fold_conf = confidence(scorer(fit), rule)
+                    _, t = best_threshold(fold_conf[fit], keep[fit], drop[fit])
+                    routed = fold_conf[test] >= t
+                    held_out += int((routed & keep[test]).sum()) + int((~routed & drop[test]).sum())
+            rank = (held_out, right) if held_out is not None else (right,)
+            if best and rank <= best["rank"]:
+                continue
+            routed = conf >= threshold
+            best = {"rank": rank, "signal": signal, "rule": rule, "threshold": threshold, "prompts_right": right,
+                    "prompts_right_on_other_templates": held_out,
+                    "seen_routed_right": int((routed & correct & seen).sum()) / n_seen,
+                    "unseen_abstained": int((~routed & ~seen).sum()) / n_unseen,
+                    "seen_abstained": int((~routed & seen).sum()) / n_seen}
+    best.pop("rank", None)
     return best
 
 
 def fit_router(engine: LoGoEngine, examples: list[Example], base_model: str = "", batch_size: int = 16,
-               source: str = "", abstain: bool = True) -> RouterFile:
-    """Choose the signal, calibration, k, weighting and abstain rule for ``engine``'s library (see the module doc)."""
+               source: str = "", abstain: bool = True, abstain_from: str = "routing") -> RouterFile:
+    """Choose the signal, calibration, k, weighting and abstain rule for ``engine``'s library (see the module doc).
+
+    ``abstain_from``: ``routing`` (default) fits the abstain rule on the routing scores, in-sample; ``any`` lets it
+    read any single signal, each judged on templates it was not fitted on when the examples name them. On the demo
+    library ``any`` did not carry over from the validation templates to the test ones (``BENCHMARKS.md``)."""
     names = engine.library.names
     check_examples(examples, names)
     table = SignalTable(engine, [x.prompt for x in examples], batch_size)
@@ -270,8 +381,12 @@ def fit_router(engine: LoGoEngine, examples: list[Example], base_model: str = ""
     config = replace(best.config(table.num_layers, k), weighting=weighting, temperature=temperature)
     abstain_fit = {}
     if abstain and (~seen).any():
-        abstain_fit = choose_abstain(scores, targets, seen)
-        config = replace(config, abstain=abstain_fit["rule"], abstain_below=round(abstain_fit["threshold"], 6))
+        abstain_fit = choose_abstain(abstain_options(table, best, abstain_from), scores.argmax(1) == targets, seen,
+                                     template_folds(examples) if abstain_from == "any" else None)
+        config = replace(config, abstain=abstain_fit["rule"], abstain_below=round(abstain_fit["threshold"], 6),
+                         abstain_signal=abstain_fit["signal"])
+        own = abstain_fit.pop("signal")
+        abstain_fit["signal"] = own.describe() if own is not None else "the routing scores"
     router = Router(engine.model, engine.library, config)
     statistics = {}
     if config.calibration != "none":
@@ -279,6 +394,11 @@ def fit_router(engine: LoGoEngine, examples: list[Example], base_model: str = ""
             module = signal.module.rsplit(".", 1)[-1]
             key = (signal.point.layer, module, config.post_norm, config.position, config.strategy)
             statistics[signal.key] = {"method": "fit", **table.stats[key], "source": source or "fit prompts"}
+    own = config.abstain_signal
+    if own is not None and own.calibration in ("mean", "zscore"):
+        key = (own.layer % table.num_layers, own.module, own.post_norm, own.position, own.strategy)
+        statistics[own.key(table.num_layers)] = {"method": "fit", **table.stats[key],
+                                                 "source": source or "fit prompts"}
     official = Candidate((table.num_layers - 1,), ("q_proj",), False, "last", "norm", "none")
     fit = {
         "source": source, "n_prompts": len(examples), "n_seen": int(seen.sum()), "n_unseen": int((~seen).sum()),

@@ -23,6 +23,9 @@ def fit_router_command(
     out: Annotated[Path | None, typer.Option(
         "--out", help="Where to write the router file. Default: logo_router.json next to the adapters.")] = None,
     no_abstain: Annotated[bool, typer.Option("--no-abstain", help="Never abstain to the base model.")] = False,
+    abstain_from: Annotated[str, typer.Option(
+        "--abstain-from", help="routing: the abstain rule reads the routing scores (default); any: it may read any "
+        "single signal, judged on templates it was not fitted on.")] = "routing",
     device: Device = None,
     dtype: Dtype = "auto",
     batch_size: BatchSize = 16,
@@ -35,6 +38,8 @@ def fit_router_command(
     from logo.router_file import FILE_NAME
     from logo.spec import EngineSpec
 
+    if abstain_from not in ("routing", "any"):
+        raise LogoError(f"--abstain-from must be routing or any, got {abstain_from!r}")
     if n_per_template < 1:
         raise LogoError(f"--n-per-template must be at least 1, got {n_per_template}")
     spec = EngineSpec(base_model, adapters, RouterConfig(k=1), device, dtype)
@@ -57,7 +62,7 @@ def fit_router_command(
     engine = spec.build(progress=True)
     try:
         fitted = fit_router(engine, examples, base_model=base_model, batch_size=batch_size, source=source,
-                            abstain=not no_abstain)
+                            abstain=not no_abstain, abstain_from=abstain_from)
     finally:
         engine.close()
     fitted.save(out)
@@ -67,7 +72,8 @@ def fit_router_command(
           f"precision@1 on {fit['n_seen']} example prompts {fit['precision_at_1']:.3f} "
           f"(official signal {fit['official_precision_at_1'] or float('nan'):.3f})")
     if abstain:
-        print(f"abstain: {abstain['rule']} below {abstain['threshold']:.4g}: {abstain['unseen_abstained']:.2f} of "
+        print(f"abstain: {abstain['rule']} of {abstain['signal']} below {abstain['threshold']:.4g}: "
+              f"{abstain['unseen_abstained']:.2f} of "
               f"{fit['n_unseen']} prompts with no adapter abstain, {abstain['seen_abstained']:.2f} of the others")
     print(f"wrote {out}")
 

@@ -10,7 +10,9 @@ Beyond the paper (all off by default): the signal can pool evidence over several
 (``layers``, ``modules``: the calibrated scores of every (layer, module) are summed), scores can be
 calibrated per adapter (``mean``, ``zscore``, ``weight-norm``; see :mod:`logo.calibration`), and the router
 can abstain to the base model when it is not confident (``abstain``: the top score, or the top-1/top-2
-margin, below ``abstain_below``).
+margin, below ``abstain_below``), read from the routing scores or from a signal of its own
+(``abstain_signal``: the signal that best tells prompts of no adapter's task apart need not be the one
+that best tells the adapters apart).
 """
 
 from __future__ import annotations
@@ -30,6 +32,43 @@ WEIGHTINGS = ("normalize", "softmax")
 CALIBRATIONS = ("none", "mean", "zscore", "weight-norm")
 ABSTAIN_RULES = ("none", "top", "margin")
 STATISTICS = ("default", "fit")
+
+
+def signal_key(strategy: str, layer: int, module: str, post_norm: bool, position: str, statistics: str,
+               num_layers: int) -> str:
+    """Identifies one signal (for calibration statistics): strategy, layer, module, input, position, source."""
+    key = (f"{strategy}|layer={layer % num_layers}|module={module}|post_norm={post_norm}|position={position}")
+    return key if statistics == "default" else f"{key}|statistics={statistics}"
+
+
+@dataclass(frozen=True)
+class AbstainSignal:
+    """The single signal an abstain rule reads when it is not the routing signal (a fitted router's choice).
+
+    Its calibration statistics are the router file's own (``statistics="fit"``)."""
+
+    layer: int
+    """Negative from the end, like :attr:`RouterConfig.layer`."""
+    module: str
+    post_norm: bool
+    position: str
+    strategy: str
+    calibration: str
+
+    def __post_init__(self) -> None:
+        for value, allowed, what in ((self.strategy, STRATEGIES, "abstain signal strategy"),
+                                     (self.position, POSITIONS, "abstain signal position"),
+                                     (self.calibration, CALIBRATIONS, "abstain signal calibration")):
+            if value not in allowed:
+                raise LogoError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+
+    def key(self, num_layers: int) -> str:
+        return signal_key(self.strategy, self.layer, self.module, self.post_norm, self.position,
+                          "default" if self.calibration in ("none", "weight-norm") else "fit", num_layers)
+
+    def describe(self) -> str:
+        return (f"layer {self.layer}, {self.module}, {'post-norm' if self.post_norm else 'residual'}, "
+                f"{self.position}, {self.strategy}, {self.calibration}")
 
 
 @dataclass
@@ -59,6 +98,8 @@ class RouterConfig:
     """``none`` | ``top`` (the top calibrated score) | ``margin`` (top-1 minus top-2): below ``abstain_below``
     the prompt runs on the base model (an empty selection)."""
     abstain_below: float = 0.0
+    abstain_signal: AbstainSignal | None = None
+    """The signal ``abstain`` reads; None: the routing scores."""
 
     def __post_init__(self) -> None:
         for value, allowed, what in (
@@ -85,6 +126,14 @@ class RouterConfig:
                 raise LogoError("modules is empty; give at least one signal module (or none for the single module)")
         if self.calibration == "zscore" and self.weighting == "normalize" and self.k > 1:
             raise LogoError("z-scores can be negative, so k > 1 with --calibration zscore needs --weighting softmax")
+        if isinstance(self.abstain_signal, dict):
+            known = {f.name for f in fields(AbstainSignal)}
+            unknown = sorted(set(self.abstain_signal) - known)
+            missing = sorted(known - set(self.abstain_signal))
+            if unknown or missing:
+                wrong = (f"; unknown: {unknown}" if unknown else "") + (f"; missing: {missing}" if missing else "")
+                raise LogoError(f"abstain_signal needs the fields {', '.join(sorted(known))}{wrong}")
+            self.abstain_signal = AbstainSignal(**self.abstain_signal)
         if self.abstain == "margin" and self.abstain_below < 0:
             raise LogoError(f"an abstain margin cannot be negative, got {self.abstain_below}")
 
@@ -103,10 +152,8 @@ class RouterConfig:
 
     def signal_key(self, num_layers: int, layer: int | None = None, module: str | None = None) -> str:
         """Identifies one signal (for calibration statistics): strategy, layer, module, input, position, source."""
-        layer = (self.layer if layer is None else layer) % num_layers
-        key = (f"{self.strategy}|layer={layer}|module={module or self.module}|post_norm={self.post_norm}"
-               f"|position={self.position}")
-        return key if self.statistics == "default" else f"{key}|statistics={self.statistics}"
+        return signal_key(self.strategy, self.layer if layer is None else layer, module or self.module,
+                          self.post_norm, self.position, self.statistics, num_layers)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -344,6 +391,15 @@ class Router:
                 signals.append(Signal(point, name, self.config.signal_key(self.num_layers, layer, module)))
         self.signals: list[Signal] = signals
         self.signal_module = signals[0].module
+        self.abstain_signal: Signal | None = None
+        """The signal the abstain rule reads when it has its own (``config.abstain_signal``)."""
+        own = self.config.abstain_signal
+        if own is not None and self.config.abstain != "none":
+            name = signal_module_name(model, replace(self.config, layer=own.layer, module=own.module))
+            if name not in library.stacks:
+                raise LogoError(f"no adapter targets the abstain signal's module {name}; fit the router again")
+            point = SignalPoint(own.layer % self.num_layers, own.post_norm, own.position)
+            self.abstain_signal = Signal(point, name, own.key(self.num_layers))
 
     @property
     def point(self) -> SignalPoint:
@@ -352,8 +408,9 @@ class Router:
 
     @property
     def points(self) -> list[SignalPoint]:
-        """Every distinct point this router reads (one per layer)."""
-        return list(dict.fromkeys(s.point for s in self.signals))
+        """Every distinct point this router reads (one per layer, and the abstain signal's)."""
+        extra = [self.abstain_signal.point] if self.abstain_signal is not None else []
+        return list(dict.fromkeys([s.point for s in self.signals] + extra))
 
     @property
     def signal_key(self) -> str:
@@ -389,14 +446,30 @@ class Router:
                                              signal.key)
         return total
 
-    def routes(self, raw: torch.Tensor) -> list[Route]:
+    def abstain_confidence(self, found: dict[SignalPoint, torch.Tensor]) -> torch.Tensor:
+        """Per-row confidence ``[B]`` of the abstain rule on its own signal, from the probed vectors."""
+        own, sig = self.config.abstain_signal, self.abstain_signal
+        if sig is None:
+            raise LogoError("this router's abstain rule reads the routing scores; it has no signal of its own")
+        raw = score(found[sig.point], self.library, sig.module, own.strategy)
+        return confidence(calibrate_scores(raw, self.library, own.calibration, sig.module, sig.key),
+                          self.config.abstain)
+
+    def routes(self, raw: torch.Tensor, abstain_confidence: torch.Tensor | None = None) -> list[Route]:
         """Top-k selections and weights from raw scores (``[B, N]``, or ``[B, S, N]`` per signal), calibrated
-        first; rows whose confidence is below the abstain threshold get an empty selection (the base model)."""
+        first; rows whose confidence is below the abstain threshold get an empty selection (the base model).
+        A router whose abstain rule has a signal of its own takes that signal's confidence
+        (:meth:`abstain_confidence`)."""
         scores = self.calibrated(raw)
         summed_raw = raw if raw.dim() == 2 else raw.sum(1)
         top, idx, weights = select(scores, self.config.k, self.config.weighting, self.config.temperature)
         abstain = torch.zeros(raw.shape[0], dtype=torch.bool)
-        if self.config.abstain != "none":
+        if self.abstain_signal is not None:
+            if abstain_confidence is None:
+                raise LogoError("this router abstains on a signal of its own: pass abstain_confidence "
+                                "(Router.route does)")
+            abstain = (abstain_confidence < self.config.abstain_below).cpu()
+        elif self.config.abstain != "none":
             abstain = (confidence(scores, self.config.abstain) < self.config.abstain_below).cpu()
         routes = []
         for row in range(raw.shape[0]):
@@ -413,7 +486,7 @@ class Router:
         """Probe, score, calibrate and select for one batch of token ids."""
         found = self.probe_all(input_ids, attention_mask)
         raw = self.raw_scores(found[self.point]) if len(self.signals) == 1 else self.signal_scores(found)
-        return self.routes(raw)
+        return self.routes(raw, self.abstain_confidence(found) if self.abstain_signal is not None else None)
 
     def mean_statistics(self, h: torch.Tensor) -> torch.Tensor:
         """``mean`` calibration statistics from signal vectors of unlabeled prompts: each adapter's mean raw score."""

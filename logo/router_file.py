@@ -93,7 +93,10 @@ class RouterFile:
                                 f"{'; '.join(diff)}")
         if library_modules is not None:
             short = {m.rsplit(".", 1)[-1] for m in library_modules}
-            foreign = [m for m in self.config.signal_modules if m not in short]
+            used = list(self.config.signal_modules)
+            if self.config.abstain_signal is not None:
+                used.append(self.config.abstain_signal.module)
+            foreign = [m for m in dict.fromkeys(used) if m not in short]
             if foreign:
                 raise LogoError(f"{where} routes on signal module(s) {foreign}, which no adapter of the library "
                                 f"targets (they target {sorted(short)})")
@@ -109,7 +112,7 @@ class RouterFile:
 
     def without_abstain(self) -> RouterConfig:
         """The fitted router with its confidence rule off (always routes)."""
-        return replace(self.config, abstain="none", abstain_below=0.0)
+        return replace(self.config, abstain="none", abstain_below=0.0, abstain_signal=None)
 
 
 def library_router_file(adapter_dirs: list[Path]) -> Path | None:

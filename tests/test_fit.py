@@ -79,11 +79,11 @@ def test_abstain_runs_the_base_model(lib_copy, tokenizer):
     always.close()
 
 
-def fitted(model, tokenizer, root, examples) -> RouterFile:
+def fitted(model, tokenizer, root, examples, abstain_from="routing") -> RouterFile:
     lib = AdapterLibrary.load(root, model)
     engine = LoGoEngine(model, tokenizer, lib, RouterConfig(k=1))
     try:
-        return fit_router(engine, examples, base_model="tiny", batch_size=8)
+        return fit_router(engine, examples, base_model="tiny", batch_size=8, abstain_from=abstain_from)
     finally:
         engine.close()
 
@@ -215,6 +215,124 @@ def test_abstain_threshold_counts_every_example_prompt():
     scores = torch.tensor([[5.0, 0.0], [0.0, 6.0], [4.0, 1.0], [1.0, 5.0], [1.0, 1.2], [1.1, 1.0], [1.0, 1.3]])
     targets = torch.tensor([0, 1, 0, 1, 0, -1, -1])
     seen = torch.tensor([True, True, True, True, True, False, False])
-    best = choose_abstain(scores, targets, seen)
+    best = choose_abstain([(None, lambda rows: scores)], scores.argmax(1) == targets, seen)
     assert best["rule"] == "top" and 1.3 < best["threshold"] < 4.0  # the wrong seen prompt and both unseen abstain
     assert best["prompts_right"] == 6 and best["unseen_abstained"] == 1.0 and best["seen_abstained"] == 0.2
+
+
+def test_abstain_on_its_own_signal_is_the_formula_written_out(lib_copy, tokenizer):
+    """The abstain rule reads another signal than the routing one: mean-calibrated raw norms at layer -2."""
+    from logo.router import AbstainSignal
+
+    model, root = lib_copy
+    lib = AdapterLibrary.load(root, model)
+    own = AbstainSignal(layer=-2, module="q_proj", post_norm=False, position="last", strategy="norm",
+                        calibration="mean")
+    raw = torch.tensor([reference_scores(model, root, lib.names, tokenizer, p, "norm", layer=-2) for p in PROMPTS],
+                       dtype=torch.float64)
+    lib.calibration[own.key(3)] = {"values": raw.mean(0).tolist(), "std": [1.0] * len(lib)}
+    conf = (raw / raw.mean(0)).max(1).values
+    threshold = float(conf.median())
+    config = RouterConfig(k=1, abstain="top", abstain_below=threshold, abstain_signal=own)
+    engine = LoGoEngine(model, tokenizer, lib, config)
+    assert own.key(3).endswith("|statistics=fit") and engine.router.abstain_signal.point.layer == 1
+    routes = engine.route(PROMPTS, batch_size=4)
+    assert [r.abstained for r in routes] == (conf < threshold).tolist() and 0 < sum(conf < threshold) < len(PROMPTS)
+    plain = engine.with_router(replace(config, abstain_signal=None, abstain="none")).route(PROMPTS, batch_size=4)
+    for r, p in zip(routes, plain):
+        assert r.abstained or r.indices == p.indices, "the abstain signal must not change the routing"
+    with pytest.raises(LogoError, match="pass abstain_confidence"):
+        engine.router.routes(raw.float())
+    engine.close()
+    assert RouterConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(LogoError, match=r"abstain_signal needs the fields .*unknown: \['layr'\]"):
+        RouterConfig.from_dict({**config.to_dict(), "abstain_signal": {**config.to_dict()["abstain_signal"],
+                                                                       "layr": 1}})
+    foreign = RouterFile(replace(config, abstain_signal=replace(own, module="gate_proj")), list(lib.names),
+                         model_fingerprint(model), {})
+    with pytest.raises(LogoError, match=r"signal module\(s\) \['gate_proj'\], which no adapter"):
+        foreign.check(lib.names, model, lib.modules)
+    assert RouterFile(config, list(lib.names), {}, {}).without_abstain().abstain_signal is None
+
+
+def test_best_threshold_is_the_brute_force_count():
+    from logo.fit import best_threshold
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        conf = torch.randint(0, 6, (12,), generator=g).float()
+        keep = torch.rand(12, generator=g) < 0.5
+        drop = ~keep & (torch.rand(12, generator=g) < 0.6)
+        right, threshold = best_threshold(conf, keep, drop)
+        counts = [int((keep & (conf >= t)).sum() + (drop & (conf < t)).sum()) for t in torch.arange(-1, 7, 0.5)]
+        assert right == max(counts)
+        assert right == int((keep & (conf >= threshold)).sum() + (drop & (conf < threshold)).sum())
+
+
+def test_abstain_takes_the_signal_that_tells_unseen_prompts_apart():
+    from logo.fit import choose_abstain
+    from logo.router import AbstainSignal
+
+    # routing scores: confident everywhere (a near-neighbour unseen task looks like adapter 0); another signal
+    # is low on the unseen prompts
+    routing = torch.tensor([[5.0, 0.0], [0.0, 6.0], [4.0, 1.0], [5.0, 0.0], [5.5, 0.0]])
+    other = torch.tensor([[3.0, 0.0], [0.0, 3.0], [2.5, 1.0], [0.5, 0.0], [0.2, 0.1]])
+    targets = torch.tensor([0, 1, 0, -1, -1])
+    seen = targets >= 0
+    own = AbstainSignal(-3, "v_proj", False, "last", "norm", "mean")
+    alone = choose_abstain([(None, lambda rows: routing)], routing.argmax(1) == targets, seen)
+    assert alone["prompts_right"] == 3 and alone["unseen_abstained"] == 0.0
+    best = choose_abstain([(None, lambda rows: routing), (own, lambda rows: other)], routing.argmax(1) == targets,
+                          seen)
+    assert best["signal"] == own and best["prompts_right"] == 5 and best["seen_abstained"] == 0.0
+    assert 0.5 < best["threshold"] < 2.5 and best["rule"] == "top"
+
+
+def test_abstain_is_judged_on_templates_it_was_not_fitted_on():
+    """In-sample, signal P separates every unseen prompt; but its threshold from one template half misses the other
+    half's unseen prompts. Q loses one seen prompt in-sample, yet carries over from template to template."""
+    from logo.fit import choose_abstain, template_folds
+    from logo.router import AbstainSignal
+
+    examples = [Example(f"s{i}", "a", f"a#{i % 2}") for i in range(8)]
+    examples += [Example(f"u{i}", None, f"u#{i % 2}") for i in range(4)]
+    folds = template_folds(examples)
+    assert folds.tolist() == [0, 1] * 6
+    assert template_folds(examples[:-1] + [Example("u", None)]) is None, "a prompt without a template: no folds"
+    assert template_folds([x for x in examples if x.template != "u#1"]) is None, "one unseen template: no folds"
+    seen = torch.tensor([x.adapter is not None for x in examples])
+    p_conf = torch.tensor([5.0] * 8 + [1.0, 4.0, 1.0, 4.0])  # unseen template u#1 sits just below the seen ones
+    q_conf = torch.tensor([5.0] * 7 + [1.5] + [2.0] * 4)  # one seen prompt (template a#1) is unsure
+    p, q = (AbstainSignal(-1, "q_proj", False, "last", "norm", c) for c in ("none", "mean"))
+    options = [(p, lambda rows: torch.stack([p_conf, torch.zeros(12)], 1)),
+               (q, lambda rows: torch.stack([q_conf, torch.zeros(12)], 1))]
+    correct = seen.clone()
+    in_sample = choose_abstain(options, correct, seen)
+    assert in_sample["signal"] == p and in_sample["prompts_right"] == 12
+    judged = choose_abstain(options, correct, seen, folds)
+    assert judged["signal"] == q and judged["prompts_right_on_other_templates"] == 11
+    assert judged["prompts_right"] == 11 and 2.0 < judged["threshold"] < 5.0
+
+
+def test_fit_with_an_abstain_signal_of_its_own_round_trips(lib_copy, tokenizer):
+    model, root = lib_copy
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    examples = [Example(f"{name} example {i}: " + "abc " * (j + i), name, f"{name}#{i % 2}")
+                for j, name in enumerate(names) for i in range(4)]
+    examples += [Example(f"no adapter for this one {i}" + "!" * i, None, f"none#{i % 2}") for i in range(4)]
+    file = fitted(model, tokenizer, root, examples, abstain_from="any")
+    fit = file.fit["abstain"]
+    assert 0 <= fit["prompts_right_on_other_templates"] <= len(examples) and 0 <= fit["prompts_right"] <= len(examples)
+    own = file.config.abstain_signal
+    if own is not None:  # statistics for a calibrated abstain signal travel with the file
+        assert own.calibration == "none" or own.key(3) in file.statistics
+    path = file.save(root / FILE_NAME)
+    loaded = RouterFile.load(path)
+    assert loaded.config == file.config
+    lib = AdapterLibrary.load(root, model)
+    engine = LoGoEngine(model, tokenizer, lib, loaded.apply(lib))
+    routes = engine.route([x.prompt for x in examples], batch_size=8)
+    assert len(routes) == len(examples) and all(r.abstained == (not r.indices) for r in routes)
+    engine.close()
+    with pytest.raises(LogoError, match="unknown abstain signal source 'all'"):
+        fitted(model, tokenizer, root, examples, abstain_from="all")
