@@ -105,10 +105,18 @@ def calibrate_scores(raw: torch.Tensor, library, calibration: str, module_name: 
             f"no '{calibration}' calibration statistics for signal {key}; fit a router with `logo fit-router` or "
             "compute them with `logo calibrate --base-model ... --adapters ...` (same router options)"
         )
-    mean = torch.tensor(entry["values"], dtype=torch.float32, device=raw.device)
-    if mean.shape[0] != raw.shape[-1]:
-        raise LogoError(f"calibration statistics for {key} cover {mean.shape[0]} adapters, the library holds "
+    if len(entry["values"]) != raw.shape[-1]:
+        raise LogoError(f"calibration statistics for {key} cover {len(entry['values'])} adapters, the library holds "
                         f"{raw.shape[-1]}; recalibrate")
+    return apply_statistics(raw, entry, calibration)
+
+
+def apply_statistics(raw: torch.Tensor, entry: dict, calibration: str) -> torch.Tensor:
+    """Raw scores ``[B, N]`` calibrated with one signal's statistics (:func:`score_statistics`): ``none``,
+    ``mean`` (divided by the mean) or ``zscore`` (``(raw - mean) / std``)."""
+    if calibration == "none":
+        return raw
+    mean = torch.tensor(entry["values"], dtype=torch.float32, device=raw.device)
     if calibration == "mean":
         return raw / mean.clamp(min=1e-12)
     std = torch.tensor(entry["std"], dtype=torch.float32, device=raw.device)

@@ -11,12 +11,11 @@ by precision@1 on the examples:
 2. k and the weighting, by the mean weight the mixture gives the right adapter;
 3. an abstain rule (top score or top-1/top-2 margin below a threshold) when examples with no adapter (prompts
    of tasks outside the library) are given: it maximises the number of example prompts handled right (seen
-   prompts routed to their adapter, unseen prompts sent to the base model). The rule reads the routing scores
-   or any single signal of the table: the one that tells the adapters apart best is not always the one that
-   tells an unseen task best (a near neighbour of an adapter's task can look like it to the routing signal).
-   With ``abstain_from="any"`` it may read any single signal instead, each judged on templates it was not fitted
-   on when the examples name their templates (not the default: on the demo library no such choice carried over
-   from the validation templates to the test ones).
+   prompts routed to their adapter, unseen prompts sent to the base model). The rule reads the routing scores;
+   with ``abstain_from="any"`` it may read any single signal of the table instead (the one that tells the
+   adapters apart best is not always the one that tells an unseen task best), each judged on templates it was
+   not fitted on when the examples name their templates. Not the default: on the demo library no such choice
+   carried over from the validation templates to the test ones.
 
 The result is a :class:`~logo.router_file.RouterFile`, stored next to the library.
 """
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from logo.calibration import score_statistics
+from logo.calibration import apply_statistics, score_statistics
 from logo.engine import LoGoEngine
 from logo.errors import LogoError
 from logo.router import (
@@ -182,12 +181,12 @@ class SignalTable:
         self._calibrated: dict[tuple, torch.Tensor] = {}
 
     def calibrated(self, key: tuple, calibration: str, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """One signal's scores calibrated as the router does it (:func:`logo.calibration.calibrate_scores`), with
+        """One signal's scores calibrated as the router does it (:func:`logo.calibration.apply_statistics`), with
         statistics over every example prompt or, given ``rows`` (a mask), over those only."""
         if rows is not None:
-            return _calibrate(self.raw[key], score_statistics(self.raw[key][rows]), calibration)
+            return apply_statistics(self.raw[key], score_statistics(self.raw[key][rows]), calibration)
         if (key, calibration) not in self._calibrated:
-            self._calibrated[(key, calibration)] = _calibrate(self.raw[key], self.stats[key], calibration)
+            self._calibrated[(key, calibration)] = apply_statistics(self.raw[key], self.stats[key], calibration)
         return self._calibrated[(key, calibration)]
 
     def scores(self, candidate: Candidate, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,15 +219,6 @@ class SignalTable:
                             for calibration in ("mean", "zscore"):
                                 out.append(Candidate(layers, modules, post_norm, position, strategy, calibration))
         return out
-
-
-def _calibrate(raw: torch.Tensor, stats: dict, calibration: str) -> torch.Tensor:
-    if calibration == "none":
-        return raw
-    mean = torch.tensor(stats["values"], dtype=torch.float32)
-    if calibration == "mean":
-        return raw / mean.clamp(min=1e-12)
-    return (raw - mean) / torch.tensor(stats["std"], dtype=torch.float32).clamp(min=1e-12)
 
 
 def precision_at_1(scores: torch.Tensor, targets: torch.Tensor) -> float:

@@ -33,13 +33,13 @@ def fit_router_command(
     """Fit a router to a library (signal, calibration, k, weighting, abstain rule) on a few example prompts per
     adapter, chosen by precision@1; `logo route/generate/demo`, the lm-eval backend and `logo run --method fitted`
     then use it (router flags override its fields)."""
-    from logo.fit import examples_from_jsonl, examples_from_manifest, fit_router  # lazy: keeps --help fast
+    from logo.fit import ABSTAIN_FROM, examples_from_jsonl, examples_from_manifest, fit_router  # lazy: fast --help
     from logo.router import RouterConfig
     from logo.router_file import FILE_NAME
     from logo.spec import EngineSpec
 
-    if abstain_from not in ("routing", "any"):
-        raise LogoError(f"--abstain-from must be routing or any, got {abstain_from!r}")
+    if abstain_from not in ABSTAIN_FROM:
+        raise LogoError(f"--abstain-from must be one of {', '.join(ABSTAIN_FROM)}, got {abstain_from!r}")
     if n_per_template < 1:
         raise LogoError(f"--n-per-template must be at least 1, got {n_per_template}")
     spec = EngineSpec(base_model, adapters, RouterConfig(k=1), device, dtype)
