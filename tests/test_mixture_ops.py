@@ -55,13 +55,13 @@ def _ours(linear, stack, x, indices, weights, formulation, workspace=None):
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("formulation", ["rows", "union", "auto"])
-@pytest.mark.parametrize("dims", [2, 3])
-def test_formulation_equals_formula(case, formulation, dims):
+@pytest.mark.parametrize("tokens", [None, 1, 5], ids=["2d", "3d_one_token", "3d_five_tokens"])
+def test_formulation_equals_formula(case, formulation, tokens):
     stack, linear = make_stack(), make_linear()
     indices, weights = _selection(case)
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(indices.shape[0], 5, D_IN, generator=gen) if dims == 3 else torch.randn(indices.shape[0], D_IN,
-                                                                                             generator=gen)
+    shape = (indices.shape[0], D_IN) if tokens is None else (indices.shape[0], tokens, D_IN)
+    x = torch.randn(*shape, generator=gen)  # one token per row (decoding) takes the a x^T path of ``rows``
     with torch.no_grad():
         got = _ours(linear, stack, x, indices, weights, formulation, Workspace())
         want = mixture_ref(x, linear.weight, linear.bias, stack.A, stack.B, stack.scaling, indices, weights)
