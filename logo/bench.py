@@ -2,11 +2,12 @@
 
 Everything is measured in one process on a random-weight model of a real shape with a random adapter
 library written to disk in PEFT format. Variants (base, one adapter, LoGo with a different mixture per
-row; the same with the signal at the middle layer, ``logo_mid_signal``: time to first token per signal
-layer; LoGo whose rows draw their k adapters from a pool of 2k, ``logo_shared_pool``: rows that share
-adapters, as similar prompts do; the official PEFT path at batch 1) are interleaved within each repeat and
-each figure is the median over repeats; ratios (variant / base) are computed within the run, since shared
-machines are noisy.
+row; the same with the signal at the middle layer, ``logo_mid_signal``; LoGo whose rows draw their k
+adapters from a pool of 2k, ``logo_shared_pool``: rows that share adapters, as similar prompts do; the
+official PEFT path at batch 1) are interleaved within each repeat and each figure is the median over
+repeats; ratios (variant / base) are computed within the run, since shared machines are noisy.
+Time to the first token per signal layer (a quarter, half, three quarters deep and the last) is measured
+at batch 1 apart from ``generate``: route, set the mixture, prefill, against a plain prefill.
 Decode tokens/s is the batch over the median decode step of one ``generate`` forced to exactly T
 tokens (see ``logo.perf.timing``; the all-steps mean is reported too), so prefill and routing are
 excluded: they are in the time to first token.
@@ -151,6 +152,37 @@ class Bench:
         result = {key: round(statistics.median(v), 2) for key, v in runs.items()}
         return {**result, "probe_mid_layer": mid.config.layer}
 
+    def signal_layers(self) -> list[int]:
+        """The signal layers of the first-token sweep: a quarter, half and three quarters deep, and the last."""
+        n = self.engine.num_layers
+        return sorted({max(0, n // 4 - 1), n // 2, (3 * n) // 4, n - 1})
+
+    @torch.no_grad()
+    def first_token_by_layer(self, repeats: int) -> dict:
+        """Batch-1 time to the first token's logits per signal layer: route (probe up to the layer, score,
+        select), set the row's mixture, prefill under it; against the plain prefill (interleaved, medians)."""
+        ids, mask = self.inputs(1)
+        engines = {layer: self.engine.with_router(RouterConfig(k=self.k, layer=layer - self.engine.num_layers))
+                   for layer in self.signal_layers()}  # they share this engine's mixture hooks: none is closed
+
+        def first_token(engine) -> None:
+            self._set_logo(engine, ids, mask)
+            try:
+                self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+            finally:
+                engine.clear_mixture()
+
+        jobs = {"prefill": lambda: self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)}
+        jobs.update({str(layer): (lambda e=engine: first_token(e)) for layer, engine in engines.items()})
+        runs: dict[str, list[float]] = {key: [] for key in jobs}
+        for fn in jobs.values():  # warm-up
+            fn()
+        for _ in range(max(3, repeats)):
+            for key, fn in jobs.items():
+                runs[key].append(1000 * timed(fn, self.device))
+        med = {key: round(statistics.median(v), 2) for key, v in runs.items()}
+        return {"prefill_ms": med.pop("prefill"), "by_layer_ms": med}
+
     def decode(self, batch_sizes: list[int], repeats: int) -> dict[str, dict]:
         """Median decode tokens/s (median step; all-steps mean) and TTFT (ms) per variant and batch size."""
         jobs = [(v, b) for b in batch_sizes for v in VARIANTS if v != "official" or b in OFFICIAL_BATCHES]
@@ -222,6 +254,7 @@ def run_bench(shape: str, device: str, n_adapters: int, rank: int, k: int, targe
             "load_s": round(bench.load_s, 3), "library_write_s": round(bench.write_s, 3),
         }
         result.update(bench.probe_vs_prefill(repeats))
+        result["first_token_by_layer"] = bench.first_token_by_layer(repeats)
         result.update(bench.decode(batch_sizes, repeats))
         if fast is not None:
             result["fast"] = bench.fast_decode(fast, batch_sizes, repeats)

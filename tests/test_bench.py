@@ -36,6 +36,9 @@ def test_bench_json_contract():
     assert set(result["ratios"]["decode_over_base"]) == {"one_adapter", "logo", "logo_mid_signal",
                                                          "logo_shared_pool", "official"}
     assert result["distinct_mixtures"] == 2
+    by_layer = result["first_token_by_layer"]
+    assert by_layer["prefill_ms"] > 0 and list(by_layer["by_layer_ms"]) == ["0", "1"]  # tiny: 2 layers
+    assert set(result["ratios"]["first_token_by_layer_over_prefill"]) == {"0", "1"}
     assert result["union_adapters"]["logo_shared_pool"] <= result["union_adapters"]["logo"] <= 4
     json.dumps(result)  # JSON-ready
 

@@ -22,6 +22,10 @@ def ratios(result: dict) -> dict:
         eager_base = result["decode_tok_s"]["base"]
         out["fast_logo_over_eager_base"] = {b: round(v / eager_base[b], 3) for b, v in fast["logo"].items()
                                             if eager_base.get(b)}
+    by_layer = result.get("first_token_by_layer")
+    if by_layer:
+        out["first_token_by_layer_over_prefill"] = {layer: round(ms / by_layer["prefill_ms"], 3)
+                                                    for layer, ms in by_layer["by_layer_ms"].items()}
     if result.get("probe_mid_layer_ms") is not None:
         out["probe_mid_layer_over_prefill"] = round(result["probe_mid_layer_ms"] / result["prefill_ms"], 3)
     return out
@@ -41,6 +45,12 @@ def print_table(result: dict) -> None:
                   f"({r['probe_over_prefill']:.2f}x prefill); probe at layer {result['probe_mid_layer']} "
                   f"{result['probe_mid_layer_ms']:.1f} ms ({r['probe_mid_layer_over_prefill']:.2f}x); "
                   f"{result['peak_mem_label']} {result['peak_mem_gb']} GB")
+    if "first_token_by_layer_over_prefill" in r:
+        by_layer = result["first_token_by_layer"]
+        cells = ", ".join(f"layer {layer} {ms:.1f} ms ({r['first_token_by_layer_over_prefill'][layer]:.2f}x)"
+                          for layer, ms in by_layer["by_layer_ms"].items())
+        console.print(f"first token at batch 1 by signal layer (route + mixture + prefill, x plain prefill "
+                      f"{by_layer['prefill_ms']:.1f} ms): {cells}")
     console.print(_decode_table("decode tokens/s, transformers generate (x base at the same batch) "
                                 "[time to first token, ms]", result, r["decode_over_base"]))
     if "fast" in result:
