@@ -138,19 +138,22 @@ class Bench:
         the LoGo probe with routing (official signal: last layer) and a probe at the middle layer."""
         ids, mask = self.inputs(1)
         mid = Router(self.model, self.library, RouterConfig(k=self.k, layer=self.model.config.num_hidden_layers // 2))
-        runs: dict[str, list[float]] = {"prefill_ms": [], "probe_ms": [], "probe_mid_layer_ms": []}
         jobs = {
             "prefill_ms": lambda: self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1),
             "probe_ms": lambda: self.engine.route_batch(ids, mask),
             "probe_mid_layer_ms": lambda: mid.probe(ids, mask),
         }
-        for fn in jobs.values():  # warm-up
+        return {**self._median_ms(jobs, repeats), "probe_mid_layer": mid.config.layer}
+
+    def _median_ms(self, jobs: dict, repeats: int) -> dict[str, float]:
+        """Each job's median time in ms over ``max(3, repeats)`` interleaved rounds, after one warm-up round."""
+        runs: dict[str, list[float]] = {key: [] for key in jobs}
+        for fn in jobs.values():
             fn()
         for _ in range(max(3, repeats)):
             for key, fn in jobs.items():
                 runs[key].append(1000 * timed(fn, self.device))
-        result = {key: round(statistics.median(v), 2) for key, v in runs.items()}
-        return {**result, "probe_mid_layer": mid.config.layer}
+        return {key: round(statistics.median(v), 2) for key, v in runs.items()}
 
     def signal_layers(self) -> list[int]:
         """The signal layers of the first-token sweep: a quarter, half and three quarters deep, and the last."""
@@ -174,13 +177,7 @@ class Bench:
 
         jobs = {"prefill": lambda: self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)}
         jobs.update({str(layer): (lambda e=engine: first_token(e)) for layer, engine in engines.items()})
-        runs: dict[str, list[float]] = {key: [] for key in jobs}
-        for fn in jobs.values():  # warm-up
-            fn()
-        for _ in range(max(3, repeats)):
-            for key, fn in jobs.items():
-                runs[key].append(1000 * timed(fn, self.device))
-        med = {key: round(statistics.median(v), 2) for key, v in runs.items()}
+        med = self._median_ms(jobs, repeats)
         return {"prefill_ms": med.pop("prefill"), "by_layer_ms": med}
 
     def decode(self, batch_sizes: list[int], repeats: int) -> dict[str, dict]:

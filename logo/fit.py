@@ -321,8 +321,9 @@ def choose_abstain(options: list[tuple[AbstainSignal | None, Scorer]], correct: 
     keep, drop = correct & seen, ~seen
     best: dict = {}
     for signal, scorer in options:
+        scores = scorer(None)
         for rule in ("top", "margin"):
-            conf = confidence(scorer(None), rule)
+            conf = confidence(scores, rule)
             right, threshold = best_threshold(conf, keep, drop)
             held_out = None
             if folds is not None:
