@@ -128,3 +128,19 @@ def test_unseen_tasks_are_asked_few_shot_and_plainly():
         for split in ("valid", "eval"):
             counts = [t.count("\n\n") for t in task.templates_for(split)]
             assert max(counts) >= 2 and min(counts) == 0, f"{task.name} {split}: a few-shot and a plain template"
+
+
+def test_tasks_command_lists_every_task():
+    import typer
+    from typer.testing import CliRunner
+
+    from logo.train import cli as train_cli
+
+    app = typer.Typer()
+    train_cli.register(app)
+    result = CliRunner().invoke(app, ["tasks"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == len(TASKS)
+    for line, task in zip(lines, TASKS.values()):
+        assert line.split()[:2] == [task.name, "seen" if task.seen else "unseen"] and task.held_out in line

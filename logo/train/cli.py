@@ -56,7 +56,8 @@ def tasks() -> None:
     from logo.train.tasks import TASKS
 
     for task in TASKS.values():
-        print(f"{task.name:24s} {'seen  ' if task.seen else 'unseen'} {task.source}:{task.generator} {task.args or ''}")
+        kind = "seen" if task.seen else "unseen"
+        print(f"{task.name:24s} {kind:8s} {task.generator:24s} held out by {task.held_out}")
 
 
 def register(app: typer.Typer) -> None:
