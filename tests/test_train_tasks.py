@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import typer
+from typer.testing import CliRunner
 
 from logo.errors import LogoError
+from logo.train import cli as train_cli
 from logo.train.tasks import (
     EVAL_SEED_OFFSET,
     SPLIT_OFFSETS,
@@ -131,11 +134,6 @@ def test_unseen_tasks_are_asked_few_shot_and_plainly():
 
 
 def test_tasks_command_lists_every_task():
-    import typer
-    from typer.testing import CliRunner
-
-    from logo.train import cli as train_cli
-
     app = typer.Typer()
     train_cli.register(app)
     result = CliRunner().invoke(app, ["tasks"])
