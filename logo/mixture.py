@@ -8,7 +8,10 @@ written out, the oracle the tests compare against. When every row shares one mix
 broadcast.
 
 Hooks are attached only while a mixture is set, and only to modules that a selected adapter targets:
-the base model (and the LoGo probe) run hook-free. No base weight is ever modified.
+the base model (and the LoGo probe) run hook-free. A mixture shared by every row of an fp32 linear layer is merged
+into a copy of its weight once the ski-rental rule of ``logo.mixture_ops`` says it pays (after a few decode
+steps); that copy stands in for the module's weight parameter while the mixture is attached, and the base
+parameter is put back on suspend and clear. No base weight is ever modified.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Mixture:
         self.factors: dict[str, ModuleMixture] = {}
         self._modules = {name: m for name, m in model.named_modules() if name in library.stacks}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._base_weights: dict[str, nn.Parameter] = {}  # modules whose weight is a merged copy right now
 
     @property
     def active(self) -> bool:
@@ -79,15 +83,45 @@ class Mixture:
         self.clear()
         self.workspace.release()
 
+    @property
+    def merged_modules(self) -> list[str]:
+        """The modules that run on a merged weight right now."""
+        return list(self._base_weights)
+
     def _attach(self) -> None:
         self._detach()
         for name, factors in self.factors.items():
-            self._handles.append(self._modules[name].register_forward_hook(_hook(factors)))
+            module = self._modules[name]
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name, factors)))
+            self._handles.append(module.register_forward_hook(_hook(factors)))
+            if factors.merged is not None:
+                self._swap_in(name, factors.merged)
 
     def _detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for name, weight in self._base_weights.items():
+            self._modules[name].weight = weight
+        self._base_weights = {}
+
+    def _pre_hook(self, name: str, factors: ModuleMixture):
+        module = self._modules[name]
+        mergeable = type(module) is nn.Linear and module.weight.dtype == torch.float32
+
+        def maybe_merge(_module: nn.Module, args: tuple) -> None:
+            if name in self._base_weights or not mergeable or torch.is_grad_enabled():
+                return
+            x = args[0]
+            if factors.merge_before(x.numel() // x.shape[-1], module.weight):
+                self._swap_in(name, factors.merged)
+
+        return maybe_merge
+
+    def _swap_in(self, name: str, merged: torch.Tensor) -> None:
+        module = self._modules[name]
+        self._base_weights[name] = module.weight
+        module.weight = nn.Parameter(merged, requires_grad=False)
 
 
 def _check_selection(indices: torch.Tensor, weights: torch.Tensor) -> None:
@@ -97,6 +131,8 @@ def _check_selection(indices: torch.Tensor, weights: torch.Tensor) -> None:
 
 def _hook(factors: ModuleMixture):
     def add_mixture(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if factors.merged is not None:  # the module ran on its merged weight: the mixture is in the output
+            return output
         return factors.add_to(args[0], output)
 
     return add_mixture

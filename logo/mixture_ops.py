@@ -1,4 +1,4 @@
-"""One target module's share of a batch of per-row LoRA mixtures: two formulations, chosen by cost.
+"""One target module's share of a batch of per-row LoRA mixtures: two formulations chosen by cost, and merging.
 
 Every row ``b`` adds ``sum_j c_bj B_{i_bj} A_{i_bj} x`` with ``c = weight * scaling`` (``logo.mixture_ref``
 writes it out). Both formulations gather factors straight from the library's stacks (``A [N, r, d_in]`` and
@@ -19,6 +19,16 @@ Which is cheaper depends on the tokens per row ``T`` of each forward (prompt pre
 it is chosen per call: in units of one factor value, ``rows = B*k*(READ_COST + T)`` and
 ``union = U*(READ_COST + B*T)``, where ``READ_COST`` is how many multiply-adds take as long as reading one
 value from memory. Each formulation's factors are gathered the first time it is used for a mixture.
+
+A third way applies to a shared mixture only: ``merged``, the weight ``W + sum_j c_j B_j A_j`` computed once
+(one GEMM, ``U*r*d_in*d_out`` multiply-adds) and used instead of ``W``, so every later call costs what the base
+layer costs. It pays only after enough tokens, and the number of tokens still to come is unknown, so the
+choice is the ski-rental rule: keep applying the factors until their cost so far plus the next call's would
+reach the cost of merging, then merge (never more than twice the better choice in hindsight). Per unit of
+``U*r*(d_in+d_out)``, a union call costs ``READ_COST + B*T`` and merging ``MERGE_COST * d_in*d_out/(d_in+d_out)``.
+The caller (``logo.mixture``) swaps the merged tensor in for the module's weight and back; the base weight itself
+is never written. Merging rounds differently from adding the factors' product (``W x + B(A x)`` vs ``(W+BA) x``),
+within the fp32 tolerances of the equivalence tests, which is why it is only done for fp32 weights.
 """
 
 from __future__ import annotations
@@ -34,7 +44,11 @@ READ_COST = 16
 against 10 GB/s), not a fit. ``BENCHMARKS.md`` (rows vs union over the 60 modules of the smollm2-135m shape)
 checks the choices it makes: union at a shared pool of 40 adapters, rows at 16 disjoint rows (U = 178)."""
 
-FORMULATIONS = ("auto", "rows", "union")
+MERGE_COST = 0.5
+"""Cost units (as above) per multiply-add of merging, one large GEMM: measured on the 2-core CPU of ``BENCHMARKS.md``
+(smollm2-135m shape, k*r = 320, 60 modules: merging 56 ms, applying the union factors 7.5 ms per decode step)."""
+
+FORMULATIONS = ("auto", "rows", "union", "merged")
 
 
 class Workspace:
@@ -72,7 +86,8 @@ def coefficients(stack: ModuleStack, indices: torch.Tensor, weights: torch.Tenso
 class ModuleMixture:
     """Per-row mixtures ``(indices [B, k], coefficients [B, k])`` at one module; ``add_to`` is the hook's work.
 
-    ``formulation``: ``auto`` (by cost, per call), ``rows`` or ``union`` (forced: for tests and measurements).
+    ``formulation``: ``auto`` (by cost, per call), ``rows``, ``union`` or ``merged`` (forced: for tests and
+    measurements; ``merged`` needs one shared row).
     """
 
     def __init__(self, stack: ModuleStack, indices: torch.Tensor, coeff: torch.Tensor, formulation: str = "auto",
@@ -82,6 +97,10 @@ class ModuleMixture:
         self.stack, self.indices, self.coeff = stack, indices, coeff
         self.formulation, self.workspace, self.key = formulation, workspace, key
         self.rows, self.k = indices.shape
+        if formulation == "merged" and self.rows != 1:
+            raise ValueError(f"the merged formulation needs one mixture shared by every row, got {self.rows} rows")
+        self.merged: torch.Tensor | None = None  # W + the mixture, once merged (see merge_before)
+        self.spent = 0.0  # cost of the calls that applied the factors, per unit of U*r*(d_in+d_out)
         self.rank = stack.A.shape[1]
         used = indices[coeff != 0]
         self.union_ids = torch.unique(used)
@@ -92,13 +111,41 @@ class ModuleMixture:
     # ---------------------------------------------------------------- choice
     def choose(self, tokens: int) -> str:
         """The cheaper formulation for a forward with ``tokens`` tokens per row (``rows`` or ``union``)."""
-        if self.formulation != "auto":
+        if self.formulation in ("rows", "union"):
             return self.formulation
         if self.rows == 1:
             return "union"  # one mixture for every row: U <= k, and the coefficient row broadcasts
         union = self.union_ids.numel() * (READ_COST + self.rows * tokens)
         rows = self.rows * self.k * (READ_COST + tokens)
         return "union" if union <= rows else "rows"
+
+    def merge_before(self, tokens: int, weight: torch.Tensor) -> bool:
+        """Whether the next call, over ``tokens`` tokens in all (rows x tokens per row), runs on merged weights.
+
+        Called before each forward of the module (``weight``: the base weight ``[d_out, d_in]``, fp32, of a plain
+        linear layer; the caller checks that). Merges, once, when the ski-rental rule says so (module docstring);
+        otherwise counts the call as one that applies the factors. Never merges a per-row (unshared) mixture.
+        """
+        if self.merged is not None:
+            return True
+        if self.rows != 1 or self.formulation in ("rows", "union"):
+            return False
+        d_out, d_in = weight.shape
+        call = READ_COST + tokens
+        if self.formulation == "merged" or self.spent + call >= MERGE_COST * d_in * d_out / (d_in + d_out):
+            self.merged = self.merged_weight(weight)
+            return True
+        self.spent += call
+        return False
+
+    @torch.no_grad()
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W + sum_j c_j B_j A_j`` (``[d_out, d_in]``) for a shared mixture, in the workspace if there is one."""
+        a, bt, _ = self._union or self.union_factors()  # one row: the coefficients are folded into bt
+        out = None
+        if self.workspace is not None:
+            out = self.workspace.take((self.key, "merged"), tuple(weight.shape), weight)
+        return torch.addmm(weight, bt.T.to(weight.dtype), a.to(weight.dtype), out=out)
 
     # --------------------------------------------------------------- factors
     @torch.no_grad()

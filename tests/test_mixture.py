@@ -9,6 +9,7 @@ import torch
 from peft import PeftMixedModel, PeftModel
 from peft.tuners.lora.layer import LoraLayer
 
+from logo import mixture_ops
 from logo.engine import LoGoEngine
 from logo.generation import GenerationSettings
 from logo.library import AdapterLibrary
@@ -105,6 +106,24 @@ def test_greedy_generation_matches_official_peft(engine, tiny_library, tokenizer
     with torch.no_grad():
         out = ref_model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert ours.text == tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_merging_part_way_through_decoding_keeps_the_greedy_output(engine, monkeypatch):
+    """A shared mixture merged after some decode steps (some modules, not others) decodes as one never merged."""
+    merges = []
+    merged_weight = mixture_ops.ModuleMixture.merged_weight
+    monkeypatch.setattr(mixture_ops.ModuleMixture, "merged_weight",
+                        lambda self, weight: merges.append(self.spent) or merged_weight(self, weight))
+    route = engine.route([PROMPTS[3]])[0]
+    monkeypatch.setattr(mixture_ops, "MERGE_COST", 1e9)  # never pays: the factors all the way
+    never = engine.generate([PROMPTS[3]], selections=[route], max_new_tokens=16)[0]
+    assert merges == []
+    monkeypatch.setattr(mixture_ops, "MERGE_COST", 4.0)  # q_proj after about 6 decode steps, the MLP later
+    part_way = engine.generate([PROMPTS[3]], selections=[route], max_new_tokens=16)[0]
+    assert merges and min(merges) > 40, "merges must happen after the prefill, during decoding"
+    monkeypatch.undo()
+    at_once = engine.generate([PROMPTS[3]], selections=[route], max_new_tokens=16)[0]  # tiny layers: merged at once
+    assert part_way.text == never.text == at_once.text
 
 
 def test_batch_invariance_heterogeneous_mixtures(engine):

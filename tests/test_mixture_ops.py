@@ -1,4 +1,4 @@
-"""Each mixture formulation (per-row, union, chosen by cost) and the hooks against ``mixture_ref``, the formula."""
+"""Each mixture formulation (per-row, union, by cost; merged) and the hooks against ``mixture_ref``, the formula."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from logo.library import AdapterLibrary, ModuleStack
 from logo.mixture import Mixture
-from logo.mixture_ops import ModuleMixture, Workspace, coefficients
+from logo.mixture_ops import MERGE_COST, READ_COST, ModuleMixture, Workspace, coefficients
 from logo.mixture_ref import mixture_ref
 
 N, D_IN, D_OUT, R_MAX = 6, 24, 16, 4
@@ -121,6 +121,8 @@ def test_cost_choice():
     assert ModuleMixture(stack, disjoint, coeff(disjoint)).choose(64) == "rows"  # prefill: union does 3x work
     assert ModuleMixture(stack, disjoint, coeff(disjoint), "union").choose(64) == "union"  # forced
     with pytest.raises(ValueError, match="formulation"):
+        ModuleMixture(stack, shared, coeff(shared), "fused")
+    with pytest.raises(ValueError, match="merged formulation needs one mixture shared by every row, got 3 rows"):
         ModuleMixture(stack, shared, coeff(shared), "merged")
 
 
@@ -167,3 +169,92 @@ def test_mixture_hooks_equal_formula_and_base_comes_back(case):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(after, base, atol=0, rtol=0)
     mixture.remove()
+
+
+# ------------------------------------------------------------------------------------------------ merging
+@pytest.mark.parametrize("case", ["shared_rows", "k1", "k_equals_n", "repeat_unused_and_base_row"])
+def test_merged_weight_equals_formula(case):
+    """``(W + sum_j c_j B_j A_j) x`` against the formula, for one row's mixture (mixed ranks, repeats, unused slots)."""
+    stack, linear = make_stack(), make_linear()
+    indices, weights = (t[:1] for t in _selection(case))
+    x = torch.randn(1, 5, D_IN, generator=torch.Generator().manual_seed(8))
+    mix = ModuleMixture(stack, indices, coefficients(stack, indices, weights), "merged", Workspace(), "m")
+    with torch.no_grad():
+        assert mix.merge_before(5, linear.weight)
+        got = nn.functional.linear(x, mix.merged, linear.bias)
+        want = mixture_ref(x, linear.weight, linear.bias, stack.A, stack.B, stack.scaling, indices, weights)
+    assert (want - linear(x)).abs().max() > 0.1
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_ski_rental_merges_once_the_factor_calls_cost_as_much_as_merging():
+    """d_in = d_out = 256: merging costs MERGE_COST * 128 = 64 units, a one-token call READ_COST + 1 = 17."""
+    assert (MERGE_COST, READ_COST) == (0.5, 16), "the call counts below follow from these constants"
+    stack = make_stack()
+    weight = torch.zeros(256, 256)
+    big = ModuleStack(torch.randn(N, R_MAX, 256), torch.randn(N, R_MAX, 256), stack.scaling)
+    one = torch.tensor([[0, 2]])
+
+    def mixture(formulation="auto", rows=one):
+        return ModuleMixture(big, rows, coefficients(big, rows, torch.ones(rows.shape)), formulation)
+
+    decode = mixture()
+    assert [decode.merge_before(1, weight) for _ in range(5)] == [False, False, False, True, True]
+    assert decode.merged is not None and decode.spent == 3 * 17
+    assert mixture().merge_before(64, weight), "a long prefill costs more than merging: merge before it"
+    per_row = torch.tensor([[0, 2], [1, 3]])
+    assert not any(mixture(rows=per_row).merge_before(1, weight) for _ in range(50)), "per-row mixtures never merge"
+    assert not any(mixture("union").merge_before(64, weight) for _ in range(50)), "a forced formulation never merges"
+    assert mixture("merged").merge_before(1, weight), "forced merging merges on the first call"
+
+
+def _shared_net_and_mixture(dtype=torch.float32):
+    net, stack = _Net().to(dtype), make_stack(dtype)
+    library = AdapterLibrary(names=[f"a{i}" for i in range(N)], paths=[], configs=[], stacks={"lin": stack})
+    return net, stack, Mixture(net, library)
+
+
+def test_mixture_merges_a_shared_mixture_and_puts_the_base_weight_back():
+    net, stack, mixture = _shared_net_and_mixture()
+    base_weight, snapshot = net.lin.weight, net.lin.weight.detach().clone()
+    indices, weights = _selection("shared_rows")
+    x = torch.randn(3, 1, D_IN, generator=torch.Generator().manual_seed(9))
+    want = mixture_ref(x, net.lin.weight, net.lin.bias, stack.A, stack.B, stack.scaling, indices, weights)
+    with torch.no_grad():
+        base = net(x)
+        mixture.set(indices, weights)
+        first = net(x)  # tiny layer: merging is cheaper than one call, so it merges before the first
+        assert mixture.merged_modules == ["lin"] and net.lin.weight is not base_weight
+        second = net(x)
+        with mixture.suspended():
+            assert net.lin.weight is base_weight
+            torch.testing.assert_close(net(x), base, atol=0, rtol=0)
+        assert mixture.merged_modules == ["lin"]
+        third = net(x)
+        mixture.set(indices[:, :1], weights[:, :1])  # a new mixture: the old merged weight is gone
+        assert net.lin.weight is base_weight and mixture.merged_modules == []
+        mixture.clear()
+        after = net(x)
+    for got in (first, second, third):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert net.lin.weight is base_weight and torch.equal(net.lin.weight, snapshot)
+    torch.testing.assert_close(after, base, atol=0, rtol=0)
+    mixture.remove()
+
+
+def test_mixture_does_not_merge_per_row_bf16_or_with_autograd():
+    indices, weights = _selection("shared_rows")
+    net, stack, mixture = _shared_net_and_mixture(torch.bfloat16)
+    with torch.no_grad():
+        mixture.set(indices, weights)
+        net(torch.randn(3, 1, D_IN).to(torch.bfloat16))
+    assert mixture.merged_modules == [], "merging would round the mixture to the bf16 weight"
+    net, stack, mixture = _shared_net_and_mixture()
+    with torch.no_grad():
+        mixture.set(*_selection("disjoint_rows"))
+        net(torch.randn(3, 1, D_IN))
+    assert mixture.merged_modules == []
+    mixture.set(indices, weights)
+    x = torch.randn(3, 1, D_IN, requires_grad=True)
+    net(x).sum().backward()
+    assert mixture.merged_modules == [] and x.grad is not None
