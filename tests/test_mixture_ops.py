@@ -150,11 +150,16 @@ class _Net(nn.Module):
         return self.lin(x)
 
 
+def _net_and_mixture(dtype=torch.float32) -> tuple[_Net, ModuleStack, Mixture]:
+    """A one-layer net, the stack of its ``lin`` module and a :class:`Mixture` over them."""
+    net, stack = _Net().to(dtype), make_stack(dtype)
+    library = AdapterLibrary(names=[f"a{i}" for i in range(N)], paths=[], configs=[], stacks={"lin": stack})
+    return net, stack, Mixture(net, library)
+
+
 @pytest.mark.parametrize("case", ["shared_rows", "disjoint_rows", "repeat_unused_and_base_row"])
 def test_mixture_hooks_equal_formula_and_base_comes_back(case):
-    net, stack = _Net(), make_stack()
-    library = AdapterLibrary(names=[f"a{i}" for i in range(N)], paths=[], configs=[], stacks={"lin": stack})
-    mixture = Mixture(net, library)
+    net, stack, mixture = _net_and_mixture()
     indices, weights = _selection(case)
     x = torch.randn(indices.shape[0], 5, D_IN, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
@@ -208,14 +213,8 @@ def test_ski_rental_merges_once_the_factor_calls_cost_as_much_as_merging():
     assert mixture("merged").merge_before(1, weight), "forced merging merges on the first call"
 
 
-def _shared_net_and_mixture(dtype=torch.float32):
-    net, stack = _Net().to(dtype), make_stack(dtype)
-    library = AdapterLibrary(names=[f"a{i}" for i in range(N)], paths=[], configs=[], stacks={"lin": stack})
-    return net, stack, Mixture(net, library)
-
-
 def test_mixture_merges_a_shared_mixture_and_puts_the_base_weight_back():
-    net, stack, mixture = _shared_net_and_mixture()
+    net, stack, mixture = _net_and_mixture()
     base_weight, snapshot = net.lin.weight, net.lin.weight.detach().clone()
     indices, weights = _selection("shared_rows")
     x = torch.randn(3, 1, D_IN, generator=torch.Generator().manual_seed(9))
@@ -244,12 +243,12 @@ def test_mixture_merges_a_shared_mixture_and_puts_the_base_weight_back():
 
 def test_mixture_does_not_merge_per_row_bf16_or_with_autograd():
     indices, weights = _selection("shared_rows")
-    net, stack, mixture = _shared_net_and_mixture(torch.bfloat16)
+    net, stack, mixture = _net_and_mixture(torch.bfloat16)
     with torch.no_grad():
         mixture.set(indices, weights)
         net(torch.randn(3, 1, D_IN).to(torch.bfloat16))
     assert mixture.merged_modules == [], "merging would round the mixture to the bf16 weight"
-    net, stack, mixture = _shared_net_and_mixture()
+    net, stack, mixture = _net_and_mixture()
     with torch.no_grad():
         mixture.set(*_selection("disjoint_rows"))
         net(torch.randn(3, 1, D_IN))
