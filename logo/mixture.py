@@ -35,7 +35,7 @@ class Mixture:
         self.workspace = Workspace()  # gathered factors of the current mixture; reused by the next one
         self.factors: dict[str, ModuleMixture] = {}
         self._modules = {name: m for name, m in model.named_modules() if name in library.stacks}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._handles: dict[str, list[torch.utils.hooks.RemovableHandle]] = {}  # per module, while attached
         self._base_weights: dict[str, nn.Parameter] = {}  # modules whose weight is a merged copy right now
 
     @property
@@ -88,19 +88,26 @@ class Mixture:
         """The modules that run on a merged weight right now."""
         return list(self._base_weights)
 
+    @property
+    def hooked_modules(self) -> list[str]:
+        """The modules that carry this mixture's hooks right now (a merged module carries none)."""
+        return list(self._handles)
+
     def _attach(self) -> None:
         self._detach()
         for name, factors in self.factors.items():
-            module = self._modules[name]
-            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name, factors)))
-            self._handles.append(module.register_forward_hook(_hook(factors)))
-            if factors.merged is not None:
+            if factors.merged is not None:  # the merged weight carries the mixture: no hook at all
                 self._swap_in(name, factors.merged)
+                continue
+            module = self._modules[name]
+            self._handles[name] = [module.register_forward_pre_hook(self._pre_hook(name, factors)),
+                                   module.register_forward_hook(_hook(factors))]
 
     def _detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        for handles in self._handles.values():
+            for handle in handles:
+                handle.remove()
+        self._handles = {}
         for name, weight in self._base_weights.items():
             self._modules[name].weight = weight
         self._base_weights = {}
@@ -110,7 +117,7 @@ class Mixture:
         mergeable = type(module) is nn.Linear and module.weight.dtype == torch.float32
 
         def maybe_merge(_module: nn.Module, args: tuple) -> None:
-            if name in self._base_weights or not mergeable or torch.is_grad_enabled():
+            if not mergeable or torch.is_grad_enabled():
                 return
             x = args[0]
             if factors.merge_before(x.numel() // x.shape[-1], module.weight):
@@ -119,9 +126,13 @@ class Mixture:
         return maybe_merge
 
     def _swap_in(self, name: str, merged: torch.Tensor) -> None:
+        """Run the module on its merged weight from now on, and drop its hooks (the forward hook, removed by the
+        pre-hook that merged, is not called for that very forward either: torch reads its hooks after forward)."""
         module = self._modules[name]
         self._base_weights[name] = module.weight
         module.weight = nn.Parameter(merged, requires_grad=False)
+        for handle in self._handles.pop(name, ()):
+            handle.remove()
 
 
 def _check_selection(indices: torch.Tensor, weights: torch.Tensor) -> None:

@@ -222,16 +222,18 @@ def test_mixture_merges_a_shared_mixture_and_puts_the_base_weight_back():
     with torch.no_grad():
         base = net(x)
         mixture.set(indices, weights)
+        assert mixture.hooked_modules == ["lin"] and mixture.merged_modules == []
         first = net(x)  # tiny layer: merging is cheaper than one call, so it merges before the first
         assert mixture.merged_modules == ["lin"] and net.lin.weight is not base_weight
+        assert mixture.hooked_modules == [], "a merged module runs hook-free"
         second = net(x)
         with mixture.suspended():
             assert net.lin.weight is base_weight
             torch.testing.assert_close(net(x), base, atol=0, rtol=0)
-        assert mixture.merged_modules == ["lin"]
+        assert mixture.merged_modules == ["lin"] and mixture.hooked_modules == []
         third = net(x)
         mixture.set(indices[:, :1], weights[:, :1])  # a new mixture: the old merged weight is gone
-        assert net.lin.weight is base_weight and mixture.merged_modules == []
+        assert net.lin.weight is base_weight and mixture.merged_modules == [] and mixture.hooked_modules == ["lin"]
         mixture.clear()
         after = net(x)
     for got in (first, second, third):
