@@ -142,9 +142,7 @@ def _check_selection(indices: torch.Tensor, weights: torch.Tensor) -> None:
 
 def _hook(factors: ModuleMixture):
     def add_mixture(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        if factors.merged is not None:  # the module ran on its merged weight: the mixture is in the output
-            return output
-        return factors.add_to(args[0], output)
+        return factors.add_to(args[0], output)  # never called once merged: the merge removes this hook
 
     return add_mixture
 
