@@ -100,8 +100,10 @@ class Mixture:
                 self._swap_in(name, factors.merged)
                 continue
             module = self._modules[name]
-            self._handles[name] = [module.register_forward_pre_hook(self._pre_hook(name, factors)),
-                                   module.register_forward_hook(_hook(factors))]
+            handles = [module.register_forward_hook(_hook(factors))]
+            if factors.mergeable and type(module) is nn.Linear and module.weight.dtype == torch.float32:
+                handles.append(module.register_forward_pre_hook(self._pre_hook(name, factors)))
+            self._handles[name] = handles  # per-row mixtures, bf16 and other layers never merge: no pre-hook
 
     def _detach(self) -> None:
         for handles in self._handles.values():
@@ -114,10 +116,9 @@ class Mixture:
 
     def _pre_hook(self, name: str, factors: ModuleMixture):
         module = self._modules[name]
-        mergeable = type(module) is nn.Linear and module.weight.dtype == torch.float32
 
         def maybe_merge(_module: nn.Module, args: tuple) -> None:
-            if not mergeable or torch.is_grad_enabled():
+            if torch.is_grad_enabled():
                 return
             x = args[0]
             if factors.merge_before(x.numel() // x.shape[-1], module.weight):

@@ -120,6 +120,11 @@ class ModuleMixture:
         rows = self.rows * self.k * (READ_COST + tokens)
         return "union" if union <= rows else "rows"
 
+    @property
+    def mergeable(self) -> bool:
+        """Whether this mixture may ever be merged: one row shared by the batch, formulation not forced otherwise."""
+        return self.rows == 1 and self.formulation not in ("rows", "union")
+
     def merge_before(self, tokens: int, weight: torch.Tensor) -> bool:
         """Whether the next call, over ``tokens`` tokens in all (rows x tokens per row), runs on merged weights.
 
@@ -129,7 +134,7 @@ class ModuleMixture:
         """
         if self.merged is not None:
             return True
-        if self.rows != 1 or self.formulation in ("rows", "union"):
+        if not self.mergeable:
             return False
         d_out, d_in = weight.shape
         call = READ_COST + tokens

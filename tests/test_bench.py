@@ -114,5 +114,7 @@ def test_base_model_runs_hook_free_outside_a_mixture(tmp_path):
     with mixture.suspended():
         assert hooked() == 0
     assert hooked() == 2 * len(mixture.factors)
+    mixture.set(torch.tensor([[0, 1], [2, 1]]), torch.tensor([[0.5, 0.5], [0.5, 0.5]]))
+    assert hooked() == len(mixture.factors) > 0, "per-row mixtures never merge: no idle pre-hook on them"
     mixture.clear()
     assert hooked() == 0 and not mixture.active
