@@ -139,11 +139,15 @@ class Bench:
         ids, mask = self.inputs(1)
         mid = Router(self.model, self.library, RouterConfig(k=self.k, layer=self.model.config.num_hidden_layers // 2))
         jobs = {
-            "prefill_ms": lambda: self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1),
+            "prefill_ms": lambda: self.prefill(ids, mask),
             "probe_ms": lambda: self.engine.route_batch(ids, mask),
             "probe_mid_layer_ms": lambda: mid.probe(ids, mask),
         }
         return {**self._median_ms(jobs, repeats), "probe_mid_layer": mid.config.layer}
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor):
+        """One prompt forward as ``generate``'s prefill computes it (logits of the last token only), no cache."""
+        return self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
 
     def _median_ms(self, jobs: dict, repeats: int) -> dict[str, float]:
         """Each job's median time in ms over ``max(3, repeats)`` interleaved rounds, after one warm-up round."""
@@ -171,11 +175,11 @@ class Bench:
         def first_token(engine) -> None:
             self._set_logo(engine, ids, mask)
             try:
-                self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+                self.prefill(ids, mask)
             finally:
                 engine.clear_mixture()
 
-        jobs = {"prefill": lambda: self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)}
+        jobs = {"prefill": lambda: self.prefill(ids, mask)}
         jobs.update({str(layer): (lambda e=engine: first_token(e)) for layer, engine in engines.items()})
         med = self._median_ms(jobs, repeats)
         return {"prefill_ms": med.pop("prefill"), "by_layer_ms": med}
