@@ -198,6 +198,32 @@ class LoGoEngine:
     # --------------------------------------------------------------- mixtures
     def set_mixture(self, selections: Sequence[Selection | None]) -> None:
         """Give row ``i`` of the next forward passes the mixture ``selections[i]`` (None: the base model)."""
+        self._mixer.set(*self._selection_tensors(selections))
+
+    def add_mixture_rows(self, selections: Sequence[Selection | None]) -> None:
+        """Append rows under ``selections`` after the current mixture's rows (a server admitting requests): only the
+        new rows' factors are gathered. Run their prefill inside :meth:`mixture_rows_from`."""
+        self._eager_mixer("add_mixture_rows").add_rows(*self._selection_tensors(selections))
+
+    def keep_mixture_rows(self, rows: Sequence[int] | torch.Tensor) -> None:
+        """Keep rows ``rows`` of the current mixture, in that order (a server dropping finished requests); rows that
+        stay in place keep their gathered factors, so filling each hole from the end of the batch moves one row."""
+        self._eager_mixer("keep_mixture_rows").keep_rows(torch.as_tensor(rows, dtype=torch.long))
+
+    @contextmanager
+    def mixture_rows_from(self, first: int) -> Iterator[LoGoEngine]:
+        """Run the block on rows ``first:`` of the current mixture alone (a batch of just those rows)."""
+        with self._eager_mixer("mixture_rows_from").rows_from(first):
+            yield self
+
+    def _eager_mixer(self, what: str) -> Mixture:
+        if not isinstance(self._mixer, Mixture):
+            raise LogoError(f"{what} changes a mixture row by row, which only the eager decode path does; build the "
+                            f"engine with decode='eager' (it has decode={self.decode_path!r})")
+        return self._mixer
+
+    def _selection_tensors(self, selections: Sequence[Selection | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``indices`` and ``weights`` ``[len(selections), k]`` on the engine's device (k: the largest selection)."""
         n = len(self.library)
         k = max((len(s.indices) for s in selections if s is not None), default=0)
         indices = torch.zeros(len(selections), k, dtype=torch.long)
@@ -212,7 +238,7 @@ class LoGoEngine:
                 raise LogoError(f"adapter indices {bad} out of range for a library of {n}")
             indices[row, : len(sel.indices)] = torch.tensor(sel.indices, dtype=torch.long)
             weights[row, : len(sel.weights)] = torch.tensor(sel.weights, dtype=torch.float32)
-        self._mixer.set(indices.to(self.device), weights.to(self.device))
+        return indices.to(self.device), weights.to(self.device)
 
     def clear_mixture(self) -> None:
         """Back to the plain base model."""

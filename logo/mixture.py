@@ -12,11 +12,14 @@ the base model (and the LoGo probe) run hook-free. A mixture shared by every row
 into a copy of its weight once the ski-rental rule of ``logo.mixture_ops`` says it pays (after a few decode
 steps); that copy stands in for the module's weight parameter while the mixture is attached, and the base
 parameter is put back on suspend and clear. No base weight is ever modified.
+
+A running batch can also change a few rows at a time (``add_rows``, ``keep_rows``, ``rows_from``: the server's
+scheduler) without every row's factors being gathered again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -37,6 +40,9 @@ class Mixture:
         self._modules = {name: m for name, m in model.named_modules() if name in library.stacks}
         self._handles: dict[str, list[torch.utils.hooks.RemovableHandle]] = {}  # per module, while attached
         self._base_weights: dict[str, nn.Parameter] = {}  # modules whose weight is a merged copy right now
+        self.indices: torch.Tensor | None = None  # the rows' selections [B, k], as set (None: no mixture)
+        self.weights: torch.Tensor | None = None
+        self._shared = False  # every row has the same mixture: it is kept once (one row) and broadcast
 
     @property
     def active(self) -> bool:
@@ -46,6 +52,8 @@ class Mixture:
         """Back to the base model (hook-free)."""
         self._detach()
         self.factors = {}
+        self.indices = self.weights = None
+        self._shared = False
 
     @contextmanager
     def suspended(self) -> Iterator[None]:
@@ -64,12 +72,11 @@ class Mixture:
         """
         _check_selection(indices, weights)
         self.clear()
+        self.indices, self.weights = indices, weights
         if indices.numel() == 0 or not bool((weights != 0).any()):
             return
-        shared = indices.shape[0] == 1 or (
-            bool((indices == indices[:1]).all()) and bool((weights == weights[:1]).all())
-        )
-        if shared:
+        self._shared = _shared(indices, weights)
+        if self._shared:
             indices, weights = indices[:1], weights[:1]
         for name, stack in self.library.stacks.items():
             idx = indices.to(stack.A.device)
@@ -77,6 +84,77 @@ class Mixture:
             if bool((coeff != 0).any()):  # else no selected adapter touches the module
                 self.factors[name] = ModuleMixture(stack, idx, coeff, self.formulation, self.workspace, name)
         self._attach()
+
+    # A server's batch changes a few rows at a time. Gathering every row's factors again on each change costs about
+    # half a decode step at paper scale, so rows keep their place in the gathered buffers: rows that join are
+    # gathered alone, rows that stay where they are are not touched, and rows moved into a hole are copied once.
+    @torch.no_grad()
+    def add_rows(self, indices: torch.Tensor, weights: torch.Tensor) -> None:
+        """Append rows (``indices``, ``weights`` ``[n, k]``) after the current ones; only theirs are gathered."""
+        _check_selection(indices, weights)
+        if self.indices is None:
+            self.set(indices, weights)
+            return
+        k = max(self.indices.shape[1], indices.shape[1])
+        if k != self.indices.shape[1]:  # the rows' width changes: every row is laid out again
+            self.set(*_concat(_padded(self.indices, self.weights, k), _padded(indices, weights, k)))
+            return
+        self._follow(*_concat((self.indices, self.weights), _padded(indices, weights, k)),
+                     lambda old: old.ready)
+
+    @torch.no_grad()
+    def keep_rows(self, order: torch.Tensor) -> None:
+        """Keep rows ``order`` of the current mixture, in that order (distinct; ``order[p]`` goes to place ``p``).
+
+        Only rows that change place are moved, so a caller that fills each hole with a row from the end of the batch
+        moves one row per hole and gathers nothing.
+        """
+        if self.indices is None:
+            raise ValueError("keep_rows needs a mixture: none is set")
+        order = torch.as_tensor(order, dtype=torch.long, device=self.indices.device)
+        rows = self.indices.shape[0]
+        in_range = order.numel() == 0 or (int(order.min()) >= 0 and int(order.max()) < rows)
+        if order.dim() != 1 or not in_range or order.unique().numel() != order.numel():
+            raise ValueError(f"keep_rows needs distinct row numbers in [0, {rows}), got {order.tolist()}")
+        self._follow(self.indices[order], self.weights[order], lambda old: old.move_rows(order.to(old.indices.device)))
+
+    def _follow(self, indices: torch.Tensor, weights: torch.Tensor, ready: Callable[[ModuleMixture], int]) -> None:
+        """Set the mixture ``(indices, weights)`` that follows the current one, row by row in place: ``ready(old)``
+        tells how many leading rows keep the factors the old module mixture gathered. Where the old or the new
+        mixture is kept once for every row (shared), or none was set up, it is set afresh."""
+        if self._shared or not self.factors or _shared(indices, weights) or not bool((weights != 0).any()):
+            self.set(indices, weights)
+            return
+        self._detach()
+        old, self.factors = self.factors, {}
+        self.indices, self.weights = indices, weights
+        for name, stack in self.library.stacks.items():
+            idx = indices.to(stack.A.device)
+            coeff = coefficients(stack, idx, weights.to(stack.A.device))
+            if bool((coeff != 0).any()):
+                kept = ready(old[name]) if name in old else 0
+                self.factors[name] = ModuleMixture(stack, idx, coeff, self.formulation, self.workspace, name, kept)
+        self._attach()
+
+    @contextmanager
+    def rows_from(self, first: int) -> Iterator[None]:
+        """Run the block on rows ``first:`` of the mixture alone (a batch of just those rows), e.g. to prefill rows
+        that :meth:`add_rows` just appended; the whole mixture comes back afterwards."""
+        if self.indices is not None and not 0 <= first <= self.indices.shape[0]:
+            raise ValueError(f"rows_from({first}) is outside the mixture's {self.indices.shape[0]} rows")
+        if first == 0 or self._shared or not self.factors:  # the same mixture for any rows, or none
+            yield
+            return
+        whole = self.factors
+        self._detach()
+        self.factors = {name: factors.tail(first) for name, factors in whole.items()}
+        self._attach()
+        try:
+            yield
+        finally:
+            self._detach()
+            self.factors = whole
+            self._attach()
 
     def remove(self) -> None:
         """Detach from the model and free the gathered factors."""
@@ -139,6 +217,23 @@ class Mixture:
 def _check_selection(indices: torch.Tensor, weights: torch.Tensor) -> None:
     if indices.dim() != 2 or indices.shape != weights.shape:
         raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must both be [B, k]")
+
+
+def _shared(indices: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Whether every row has the same selection (then it is kept once, as one row, and broadcast)."""
+    return indices.shape[0] == 1 or (bool((indices == indices[:1]).all()) and bool((weights == weights[:1]).all()))
+
+
+def _padded(indices: torch.Tensor, weights: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selections widened to ``k`` slots (unused slots: adapter 0 at weight 0)."""
+    extra = k - indices.shape[1]
+    if extra == 0:
+        return indices, weights
+    return nn.functional.pad(indices, (0, extra)), nn.functional.pad(weights, (0, extra))
+
+
+def _concat(*parts: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.cat([p[0] for p in parts]), torch.cat([p[1].to(parts[0][1].dtype) for p in parts]))
 
 
 def _hook(factors: ModuleMixture):

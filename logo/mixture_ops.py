@@ -15,6 +15,11 @@ apply the coefficients to the rank-space activations instead of to copies of ``B
   2-D GEMMs over all ``B*T`` tokens. Factor reads grow with ``U`` only, work with ``B * U``. A shared mixture
   (one row for the whole batch) is the union with ``U = k``; its coefficient row broadcasts.
 
+The ``rows`` factors keep their places when a batch changes a few rows at a time (a server): a mixture that
+follows another one row for row is told how many leading rows are ``ready`` in the buffers and gathers only the
+others; :meth:`ModuleMixture.move_rows` copies rows that change place (one per hole when the last rows fill the
+holes); :meth:`ModuleMixture.tail` runs the newest rows alone on those same factors (their prefill).
+
 Which is cheaper depends on the tokens per row ``T`` of each forward (prompt prefill or one decode token), so
 it is chosen per call: in units of one factor value, ``rows = B*k*(READ_COST + T)`` and
 ``union = U*(READ_COST + B*T)``, where ``READ_COST`` is how many multiply-adds take as long as reading one
@@ -58,13 +63,18 @@ class Workspace:
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
 
-    def take(self, key: tuple, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """A contiguous ``shape`` tensor of ``like``'s dtype and device; its old contents are garbage."""
+    def take(self, key: tuple, shape: tuple[int, ...], like: torch.Tensor, keep: int = 0) -> torch.Tensor:
+        """A contiguous ``shape`` tensor of ``like``'s dtype and device. Its first ``keep`` values are those the
+        buffer held (carried over when it has to grow); the rest are garbage."""
         numel = math.prod(shape)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
-            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
-            self._buffers[key] = buf
+            grown = torch.empty(numel, dtype=like.dtype, device=like.device)
+            if keep:
+                if buf is None or buf.numel() < keep or buf.dtype != like.dtype or buf.device != like.device:
+                    raise ValueError(f"workspace buffer {key!r} does not hold the {keep} values to keep")
+                grown[:keep].copy_(buf[:keep])
+            buf = self._buffers[key] = grown
         return buf[:numel].view(shape)
 
     def release(self) -> None:
@@ -88,11 +98,13 @@ class ModuleMixture:
     """Per-row mixtures ``(indices [B, k], coefficients [B, k])`` at one module; ``add_to`` is the hook's work.
 
     ``formulation``: ``auto`` (by cost, per call), ``rows``, ``union`` or ``merged`` (forced: for tests and
-    measurements; ``merged`` needs one shared row).
+    measurements; ``merged`` needs one shared row). ``ready``: how many leading rows already have their factors in
+    the workspace's row buffers for ``key`` (left there, at the same ``k``, by the mixture this one follows: see
+    :meth:`move_rows` and ``Mixture.add_rows``); only the other rows are gathered.
     """
 
     def __init__(self, stack: ModuleStack, indices: torch.Tensor, coeff: torch.Tensor, formulation: str = "auto",
-                 workspace: Workspace | None = None, key: object = None) -> None:
+                 workspace: Workspace | None = None, key: object = None, ready: int = 0) -> None:
         if formulation not in FORMULATIONS:
             raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
         self.stack, self.indices, self.coeff = stack, indices, coeff
@@ -103,6 +115,8 @@ class ModuleMixture:
         self.merged: torch.Tensor | None = None  # W + the mixture, once merged (see merge_before)
         self.spent = 0.0  # cost of the calls that applied the factors, per unit of U*r*(d_in+d_out)
         self.rank = stack.A.shape[1]
+        self.ready = min(ready, self.rows) if workspace is not None else 0
+        """Leading rows whose factors are in the workspace's row buffers (all of them once gathered)."""
         used = indices[coeff != 0]
         self.union_ids = torch.unique(used)
         self._rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -159,11 +173,49 @@ class ModuleMixture:
         """``a [B, k*r, d_in]``, ``bt [B, k*r, d_out]`` and ``c [B, 1, k*r]`` (gathered once per mixture)."""
         if self._rows is None:
             flat = self.indices.reshape(-1)
-            a = gather(self.stack.A, flat, self.workspace, (self.key, "rows", "A"))
-            bt = gather(self.stack.Bt, flat, self.workspace, (self.key, "rows", "Bt"))
+            if self.workspace is None:
+                a, bt = gather(self.stack.A, flat, None, ()), gather(self.stack.Bt, flat, None, ())
+            else:  # rows [ready:] only; the first ready rows' factors are already in place
+                a, bt = self._row_buffer("A", self.rows), self._row_buffer("Bt", self.rows)
+                start = self.ready * self.k
+                if start < flat.numel():
+                    torch.index_select(self.stack.A, 0, flat[start:], out=a[start:])
+                    torch.index_select(self.stack.Bt, 0, flat[start:], out=bt[start:])
+                self.ready = self.rows
             c = self.coeff.repeat_interleave(self.rank, 1)[:, None, :].to(bt.dtype)
             self._rows = (a.view(self.rows, self.k * self.rank, -1), bt.view(self.rows, self.k * self.rank, -1), c)
         return self._rows
+
+    def _row_buffer(self, name: str, rows: int) -> torch.Tensor:
+        """The workspace's ``[rows * k, r, d]`` buffer of factor ``name`` (``A`` or ``Bt``); the ready rows kept."""
+        source = self.stack.A if name == "A" else self.stack.Bt
+        keep = self.ready * self.k * source[0].numel()
+        return self.workspace.take((self.key, "rows", name), (rows * self.k, *source.shape[1:]), source, keep)
+
+    @torch.no_grad()
+    def move_rows(self, order: torch.Tensor) -> int:
+        """Rearrange the gathered rows in the workspace for a mixture of rows ``order`` of this one (``order[p]`` is
+        the row that goes to place ``p``; distinct), moving only rows that change place. Returns how many leading
+        rows of the new mixture then hold their factors (its ``ready``). This mixture is stale afterwards."""
+        position = torch.arange(order.numel(), device=order.device)
+        valid = order < self.ready
+        ready = int(valid.long().cumprod(0).sum()) if order.numel() else 0  # <= self.ready: order is distinct
+        move = (order != position) & (position < ready)
+        if bool(move.any()):
+            destination, source = position[move], order[move]
+            for name in ("A", "Bt"):
+                rows = self._row_buffer(name, self.ready).view(self.ready, self.k * self.rank, -1)
+                rows.index_copy_(0, destination, rows.index_select(0, source))  # sources read before any write
+        self.ready, self._rows = 0, None
+        return ready
+
+    def tail(self, first: int) -> ModuleMixture:
+        """Rows ``first:`` as a mixture of their own, on this mixture's gathered row factors (gathering them here if
+        needed): for a forward over those rows alone, e.g. the prefill of rows just added."""
+        a, bt, c = self.row_factors()
+        part = ModuleMixture(self.stack, self.indices[first:], self.coeff[first:], "rows")
+        part._rows = (a[first:], bt[first:], c[first:])
+        return part
 
     @torch.no_grad()
     def union_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

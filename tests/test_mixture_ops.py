@@ -259,3 +259,116 @@ def test_mixture_does_not_merge_per_row_bf16_or_with_autograd():
     x = torch.randn(3, 1, D_IN, requires_grad=True)
     net(x).sum().backward()
     assert mixture.merged_modules == [] and x.grad is not None
+
+
+# ------------------------------------------------------------------------------- rows that follow the batch
+def _gathered_rows(monkeypatch, stack: ModuleStack) -> list[int]:
+    """A list that collects how many adapters' ``A`` factors each gather copies from ``stack``."""
+    counts: list[int] = []
+    real = torch.index_select
+
+    def spy(source, dim, index, *args, **kwargs):
+        if source is stack.A:
+            counts.append(index.numel())
+        return real(source, dim, index, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "index_select", spy)
+    return counts
+
+
+def _check(net, stack, mixture, x, indices, weights, window=False):
+    """The net's output equals the formula for rows ``(indices, weights)``, which are the mixture's (or the
+    rows of its ``rows_from`` window)."""
+    with torch.no_grad():
+        got = net(x)
+    with mixture.suspended():  # the base weight (a shared mixture may have merged into a copy of it)
+        want = mixture_ref(x, net.lin.weight, net.lin.bias, stack.A, stack.B, stack.scaling, indices, weights)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if not window:
+        torch.testing.assert_close(mixture.indices, indices, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_added_and_dropped_rows_keep_their_gathered_factors(monkeypatch, tokens):
+    """A server's batch: rows join (only theirs are gathered; their prefill runs alone), rows leave (each hole takes
+    the last row: one row moved, nothing gathered); every output equals the formula for the rows as they are."""
+    net, stack, mixture = _net_and_mixture()
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(6, tokens, D_IN, generator=gen)
+    indices = torch.tensor([[0, 1], [2, 3], [4, 0], [1, 3], [2, 4], [3, 0]])
+    weights = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.9, 0.1], [0.5, 0.5], [0.2, 0.8], [1.0, 0.25]])
+    counts = _gathered_rows(monkeypatch, stack)
+    mixture.formulation = "rows"  # the per-row formulation is the one whose factors stay in place
+    mixture.set(indices[:3], weights[:3])
+    _check(net, stack, mixture, x[:3], indices[:3], weights[:3])
+    assert counts == [6]  # 3 rows x k = 2
+
+    mixture.add_rows(indices[3:], weights[3:])
+    with mixture.rows_from(3):
+        _check(net, stack, mixture, x[3:], indices[3:], weights[3:], window=True)  # the newcomers' prefill
+    _check(net, stack, mixture, x, indices, weights)
+    assert counts == [6, 6], "only the 3 new rows were gathered"
+
+    order = torch.tensor([0, 5, 2, 4])  # rows 1 and 3 finished: rows 5 and 4 fill their places
+    mixture.keep_rows(order)
+    _check(net, stack, mixture, x[order], indices[order], weights[order])
+    assert counts == [6, 6], "rows that stay or move are not gathered again"
+
+    mixture.keep_rows(torch.tensor([3, 2, 1, 0]))  # any order works (all rows move)
+    _check(net, stack, mixture, x[order.flip(0)], indices[order.flip(0)], weights[order.flip(0)])
+    assert counts == [6, 6]
+    mixture.remove()
+
+
+@pytest.mark.parametrize("case", ["shared_then_different", "different_then_shared", "wider_k", "base_rows"])
+def test_row_changes_that_lay_the_mixture_out_again(case):
+    """Changes after which rows cannot keep their places (a shared mixture is kept as one row; a wider k changes
+    every row's width; base rows gather nothing) are set afresh, with the same outputs as the formula."""
+    net, stack, mixture = _net_and_mixture()
+    x = torch.randn(4, 3, D_IN, generator=torch.Generator().manual_seed(11))
+    one, two = ([[0, 2]], [[0.5, 0.5]]), ([[1, 3]], [[0.3, 0.7]])
+    first, added = {
+        "shared_then_different": ((one[0] * 2, one[1] * 2), (two[0] * 2, two[1] * 2)),
+        "different_then_shared": ((one[0] + two[0], one[1] + two[1]), (one[0] * 2, one[1] * 2)),
+        "wider_k": ((one[0] * 2, one[1] * 2), ([[1, 3, 4]] * 2, [[0.2, 0.3, 0.5]] * 2)),
+        "base_rows": (([[0, 0]] * 2, [[0.0, 0.0]] * 2), (two[0] * 2, two[1] * 2)),
+    }[case]
+    first, added = [tuple(torch.tensor(t) for t in pair) for pair in (first, added)]
+    mixture.set(*first)
+    mixture.add_rows(*added)
+    k = max(first[0].shape[1], added[0].shape[1])
+    pad = lambda t: nn.functional.pad(t, (0, k - t.shape[1]))  # noqa: E731
+    indices = torch.cat([pad(first[0]), pad(added[0])])
+    weights = torch.cat([pad(first[1]), pad(added[1])])
+    with mixture.rows_from(2):
+        _check(net, stack, mixture, x[2:], indices[2:], weights[2:], window=True)
+    _check(net, stack, mixture, x, indices, weights)
+    if case == "different_then_shared":  # keep only the rows with the same mixture: shared again
+        mixture.keep_rows(torch.tensor([2, 0, 3]))
+        _check(net, stack, mixture, x[:3], indices[[2, 0, 3]], weights[[2, 0, 3]])
+    mixture.keep_rows(torch.tensor([], dtype=torch.long))
+    assert not mixture.active and mixture.hooked_modules == []
+    mixture.remove()
+
+
+def test_row_changes_refuse_bad_rows():
+    _net, _stack, mixture = _net_and_mixture()
+    with pytest.raises(ValueError, match="keep_rows needs a mixture"):
+        mixture.keep_rows(torch.tensor([0]))
+    mixture.set(*_selection("disjoint_rows"))
+    for bad in ([0, 0], [3], [-1]):
+        with pytest.raises(ValueError, match=r"distinct row numbers in \[0, 3\)"):
+            mixture.keep_rows(torch.tensor(bad))
+    with pytest.raises(ValueError, match="outside the mixture's 3 rows"):
+        with mixture.rows_from(4):
+            pass
+    mixture.remove()
+
+
+def test_workspace_keeps_the_values_it_is_asked_to_when_it_grows():
+    ws, like = Workspace(), torch.zeros(1)
+    ws.take(("k",), (2, 3), like).copy_(torch.arange(6.0).view(2, 3))
+    grown = ws.take(("k",), (4, 3), like, keep=6)
+    torch.testing.assert_close(grown[:2], torch.arange(6.0).view(2, 3), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="does not hold the 30 values to keep"):
+        ws.take(("k",), (20, 3), like, keep=30)

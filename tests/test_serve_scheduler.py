@@ -108,3 +108,64 @@ def test_text_stream_utf8_and_stop_strings():
     pieces = [stream.add(i) for i in ids]
     assert stream.stopped and "".join(pieces) + stream.finish() == "héllo "
 
+
+
+@pytest.mark.parametrize("done", ["010100", "110", "001", "11", "000", "100001", "0111"])
+def test_fill_holes_moves_one_row_per_hole(done):
+    """Rows that leave: each hole below the new batch size takes one row from beyond it; every other kept row
+    stays in its place (the mixture then moves one row per hole)."""
+    from logo.serve.scheduler import fill_holes
+
+    flags = torch.tensor([c == "1" for c in done])
+    order = fill_holes(flags)
+    kept = [i for i, c in enumerate(done) if c == "0"]
+    assert sorted(order.tolist()) == kept
+    size = len(kept)
+    assert all(order[i] == i for i in kept if i < size)
+    assert sum(int(order[p]) != p for p in range(size)) == sum(c == "1" for c in done[:size])
+
+
+def test_prefill_failure_while_rows_run_loses_nothing(engine):
+    """A newcomer whose prefill fails while other rows decode gets the error; the rows that were running and the
+    request admitted with it still get exactly the tokens they get alone (the mixture is laid out again)."""
+    scheduler = Scheduler(engine, max_batch_size=8)
+    model = scheduler.model
+    marker = engine.tokenizer.convert_tokens_to_ids("~")
+
+    def failing_prefill(*args, **kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1 and bool((ids == marker).any()):
+            raise RuntimeError("prefill failed on purpose")
+        return model(*args, **kwargs)
+
+    scheduler.model = failing_prefill
+    try:
+        results: dict[int, tuple] = {}
+        done = threading.Semaphore(0)
+        prompts = ["a long running one", "joins later", "bad ~ prompt"]
+
+        def listener(i):
+            ids: list[int] = []
+
+            def on_event(event):
+                if event.kind == "token":
+                    ids.append(event.token)
+                    if i == 0 and len(ids) == 2:  # row 0 is decoding: now two newcomers arrive together
+                        scheduler.submit([Job(p, GenerationSettings(max_new_tokens=6), on_event=listener(j))
+                                          for j, p in ((1, prompts[1]), (2, prompts[2]))])
+                elif event.kind in ("done", "error"):
+                    results[i] = (ids, event.kind if event.kind == "done" else event.message)
+                    done.release()
+
+            return on_event
+
+        scheduler.submit([Job(prompts[0], GenerationSettings(max_new_tokens=12), on_event=listener(0))])
+        for _ in prompts:
+            assert done.acquire(timeout=60)
+        assert "prefill failed on purpose" in results[2][1]
+        for i, tokens in ((0, 12), (1, 6)):
+            alone = engine.generate([prompts[i]], max_new_tokens=tokens, batch_size=1)[0]
+            assert results[i][1] == "done"
+            assert engine.tokenizer.decode(results[i][0], skip_special_tokens=True) == alone.text
+    finally:
+        scheduler.close()

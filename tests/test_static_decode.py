@@ -135,3 +135,12 @@ def test_bad_decode_path_and_shapes_are_named(tiny_library, tokenizer):
             mixture.set(torch.zeros(2, dtype=torch.long), torch.zeros(2))
     finally:
         mixture.remove()
+    static = LoGoEngine(model, tokenizer, library, RouterConfig(k=2), decode="static")
+    try:
+        for change in (lambda: static.add_mixture_rows([Selection([0], [1.0])]), lambda: static.keep_mixture_rows([0]),
+                       lambda: static.mixture_rows_from(0).__enter__()):
+            with pytest.raises(LogoError, match="only the eager decode path does; build the engine with "
+                                                "decode='eager' \\(it has decode='static'\\)"):
+                change()
+    finally:
+        static.close()

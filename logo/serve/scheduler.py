@@ -4,9 +4,14 @@ Requests wait in a bounded queue. Between two decode steps the worker admits wai
 ``max_prefill_rows`` at a time, so a burst of arrivals does not stall the rows already decoding): it routes them
 (a clean LoGo probe, or the fixed mixture they asked for), prefills them together under their own mixtures,
 chooses their first tokens, and merges their KV-cache rows into the running batch (left-padded). Every decode
-step then runs one forward pass for all rows, each row under its own mixture (``engine.set_mixture`` is called
-whenever the set of rows changes). A row that stops (end-of-sequence token, its ``max_tokens``, or a cancel from
-a client that went away) leaves the batch at once. Only this thread touches the engine.
+step then runs one forward pass for all rows, each row under its own mixture. A row that stops (end-of-sequence
+token, its ``max_tokens``, or a cancel from a client that went away) leaves the batch at once. Only this thread
+touches the engine.
+
+The mixture follows the rows instead of being set afresh whenever they change (at paper scale, gathering every
+row's factors again costs about half a decode step): newcomers are appended (``engine.add_mixture_rows``: only
+their factors are gathered) and prefilled alone (``engine.mixture_rows_from``); a finished row's place is taken
+by the last row of the batch (``engine.keep_mixture_rows``: one row moved per hole, see :func:`fill_holes`).
 """
 
 from __future__ import annotations
@@ -202,24 +207,27 @@ class Scheduler:
     def _admit(self, jobs: list[Job]) -> None:
         engine = self.engine
         ids, mask = engine.encode([job.prompt for job in jobs])
-        engine.clear_mixture()  # the probe and the newcomers' prefill must not see the running rows' mixture
-        self._stale = True
         start = time.perf_counter()
-        selections = self._select(jobs, ids, mask)
+        selections = self._select(jobs, ids, mask)  # the probe runs with the running rows' mixture suspended
         self.metrics.route_seconds.observe(time.perf_counter() - start)
         self.deliver([(job, Event("routed", selected=self._describe(sel),
                                   abstained=isinstance(sel, Route) and sel.abstained))
                       for job, sel in zip(jobs, selections)])
-        engine.set_mixture(selections)
+        first = len(self._rows)
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
         cache = DynamicCache()
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        if self._stale:
+            engine.set_mixture([row.selection for row in self._rows] + selections)
+        else:
+            engine.add_mixture_rows(selections)
+        self._stale = True  # until the newcomers are in: a failure leaves rows in the mixture that are not admitted
+        with engine.mixture_rows_from(first):  # the newcomers' prefill, under their own mixtures only
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                use_cache=True, logits_to_keep=1).logits[:, -1, :]
         settings = _row_settings([job.settings for job in jobs], engine.device)
         steps = torch.zeros(len(jobs), dtype=torch.long, device=engine.device)
         tokens = choose(logits, settings, steps)
 
-        first = len(self._rows)
         new = BatchCache(cache, mask)
         self._batch = new if self._batch is None else self._batch.merged(new)
         self._rows += [_Row(job, sel) for job, sel in zip(jobs, selections)]
@@ -229,6 +237,7 @@ class Scheduler:
         self._limits = torch.cat([self._limits, torch.tensor([job.settings.max_new_tokens for job in jobs],
                                                              device=engine.device)])
         self._last = torch.cat([self._last, tokens])
+        self._stale = False
         self._after(first)
 
     def _select(self, jobs: list[Job], ids: torch.Tensor, mask: torch.Tensor) -> list[Selection]:
@@ -292,8 +301,7 @@ class Scheduler:
         self.metrics.completion_tokens.inc(generated)
         self.deliver(events)
         if bool(done.any()):
-            keep = torch.cat([torch.ones(first, dtype=torch.bool, device=done.device), ~done]).nonzero()[:, 0]
-            self._drop(keep)
+            self._drop(fill_holes(torch.cat([torch.zeros(first, dtype=torch.bool, device=done.device), done])))
 
     def _drop(self, keep: torch.Tensor) -> None:
         if keep.numel() == 0:
@@ -305,7 +313,20 @@ class Scheduler:
         self._settings = self._settings.select(keep)
         self._positions, self._steps = self._positions[keep], self._steps[keep]
         self._limits, self._last = self._limits[keep], self._last[keep]
-        self._stale = True
+        if not self._stale:
+            self.engine.keep_mixture_rows(keep)
+
+
+def fill_holes(done: torch.Tensor) -> torch.Tensor:
+    """The rows to keep, in their new order, when rows ``done`` (a bool per row) leave: each hole below the new batch
+    size takes one of the rows beyond it, and every other row stays where it is (so the mixture moves one row per
+    hole). E.g. done at 1 and 3 of 6 rows: ``[0, 4, 2, 5]``."""
+    kept = (~done).nonzero()[:, 0]
+    size = kept.numel()
+    order = torch.arange(size, device=done.device)
+    holes = done[:size].nonzero()[:, 0]
+    order[holes] = kept[kept >= size]  # as many rows beyond the new size as holes below it
+    return order
 
 
 def _row_settings(settings: list[GenerationSettings], device: torch.device) -> RowSettings:
