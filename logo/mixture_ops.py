@@ -100,11 +100,13 @@ class ModuleMixture:
     ``formulation``: ``auto`` (by cost, per call), ``rows``, ``union`` or ``merged`` (forced: for tests and
     measurements; ``merged`` needs one shared row). ``ready``: how many leading rows already have their factors in
     the workspace's row buffers for ``key`` (left there, at the same ``k``, by the mixture this one follows: see
-    :meth:`move_rows` and ``Mixture.add_rows``); only the other rows are gathered.
+    :meth:`move_rows` and ``Mixture.add_rows``); only the other rows are gathered. ``gathered``: the rows' factors
+    ``(a, bt, c)`` as :meth:`row_factors` gives them, already gathered elsewhere (see :meth:`tail`).
     """
 
     def __init__(self, stack: ModuleStack, indices: torch.Tensor, coeff: torch.Tensor, formulation: str = "auto",
-                 workspace: Workspace | None = None, key: object = None, ready: int = 0) -> None:
+                 workspace: Workspace | None = None, key: object = None, ready: int = 0,
+                 gathered: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         if formulation not in FORMULATIONS:
             raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
         self.stack, self.indices, self.coeff = stack, indices, coeff
@@ -119,7 +121,7 @@ class ModuleMixture:
         """Leading rows whose factors are in the workspace's row buffers (all of them once gathered)."""
         used = indices[coeff != 0]
         self.union_ids = torch.unique(used)
-        self._rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = gathered
         self._union: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self._choices: dict[int, str] = {}  # tokens per row -> formulation
 
@@ -213,9 +215,8 @@ class ModuleMixture:
         """Rows ``first:`` as a mixture of their own, on this mixture's gathered row factors (gathering them here if
         needed): for a forward over those rows alone, e.g. the prefill of rows just added."""
         a, bt, c = self.row_factors()
-        part = ModuleMixture(self.stack, self.indices[first:], self.coeff[first:], "rows")
-        part._rows = (a[first:], bt[first:], c[first:])
-        return part
+        return ModuleMixture(self.stack, self.indices[first:], self.coeff[first:], "rows",
+                             gathered=(a[first:], bt[first:], c[first:]))
 
     @torch.no_grad()
     def union_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
