@@ -78,12 +78,7 @@ class Mixture:
         self._shared = _shared(indices, weights)
         if self._shared:
             indices, weights = indices[:1], weights[:1]
-        for name, stack in self.library.stacks.items():
-            idx = indices.to(stack.A.device)
-            coeff = coefficients(stack, idx, weights.to(stack.A.device))
-            if bool((coeff != 0).any()):  # else no selected adapter touches the module
-                self.factors[name] = ModuleMixture(stack, idx, coeff, self.formulation, self.workspace, name)
-        self._attach()
+        self._build(indices, weights, {}, lambda old: 0)
 
     # A server's batch changes a few rows at a time. Gathering every row's factors again on each change costs about
     # half a decode step at paper scale, so rows keep their place in the gathered buffers: rows that join are
@@ -96,11 +91,9 @@ class Mixture:
             self.set(indices, weights)
             return
         k = max(self.indices.shape[1], indices.shape[1])
-        if k != self.indices.shape[1]:  # the rows' width changes: every row is laid out again
-            self.set(*_concat(_padded(self.indices, self.weights, k), _padded(indices, weights, k)))
-            return
-        self._follow(*_concat((self.indices, self.weights), _padded(indices, weights, k)),
-                     lambda old: old.ready)
+        same_width = k == self.indices.shape[1]  # else every row is laid out again at the new width
+        self._follow(*_concat(_padded(self.indices, self.weights, k), _padded(indices, weights, k)),
+                     lambda old: old.ready if same_width else 0)
 
     @torch.no_grad()
     def keep_rows(self, order: torch.Tensor) -> None:
@@ -126,12 +119,18 @@ class Mixture:
             self.set(indices, weights)
             return
         self._detach()
-        old, self.factors = self.factors, {}
         self.indices, self.weights = indices, weights
+        self._build(indices, weights, self.factors, ready)
+
+    def _build(self, indices: torch.Tensor, weights: torch.Tensor, old: dict[str, ModuleMixture],
+               ready: Callable[[ModuleMixture], int]) -> None:
+        """One module mixture per module that a selected adapter touches, then the hooks; ``ready(old[name])``: how
+        many leading rows keep the factors that module's previous mixture gathered."""
+        self.factors = {}
         for name, stack in self.library.stacks.items():
             idx = indices.to(stack.A.device)
             coeff = coefficients(stack, idx, weights.to(stack.A.device))
-            if bool((coeff != 0).any()):
+            if bool((coeff != 0).any()):  # else no selected adapter touches the module
                 kept = ready(old[name]) if name in old else 0
                 self.factors[name] = ModuleMixture(stack, idx, coeff, self.formulation, self.workspace, name, kept)
         self._attach()
