@@ -2,7 +2,7 @@
 
 Every target linear layer computes ``W x + sum_i w_i * scaling_i * B_i A_i x`` where each row of the
 batch has its own selection ``(indices, weights)``. The arithmetic of one module lives in
-``logo.mixture_ops`` (two formulations, per-row factors or the union of the batch's adapters, chosen by cost
+``logo.mixture_ops`` (per-row factors, the union of the batch's adapters, or at decode the library kernel, by cost
 on every call; gathered from the stacked library into reused buffers); ``logo.mixture_ref`` is the formula
 written out, the oracle the tests compare against. When every row shares one mixture it is kept once and
 broadcast.
@@ -34,7 +34,7 @@ class Mixture:
 
     def __init__(self, model: nn.Module, library: AdapterLibrary, formulation: str = "auto") -> None:
         self.library = library
-        self.formulation = formulation  # auto | rows | union (see logo.mixture_ops)
+        self.formulation = formulation  # auto | rows | union | library (see logo.mixture_ops)
         self.workspace = Workspace()  # gathered factors of the current mixture; reused by the next one
         self.factors: dict[str, ModuleMixture] = {}
         self._modules = {name: m for name, m in model.named_modules() if name in library.stacks}

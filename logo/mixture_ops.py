@@ -25,7 +25,13 @@ it is chosen per call: in units of one factor value, ``rows = B*k*(READ_COST + T
 ``union = U*(READ_COST + B*T)``, where ``READ_COST`` is how many multiply-adds take as long as reading one
 value from memory. Each formulation's factors are gathered the first time it is used for a mixture.
 
-A third way applies to a shared mixture only: ``merged``, the weight ``W + sum_j c_j B_j A_j`` computed once
+At one token per row (decoding) a third way reads the factors straight from the library: ``library``
+(``logo.library_decode``, a small C++ kernel) reads each of the batch's U adapters once and does only the rows'
+own work, with no gathered copy; in the units above it costs ``U*READ_COST + B*k``, never more than either
+formulation, so ``auto`` takes it for every decode call it covers (several rows, fp32 on CPU, the kernel built).
+Other calls (a prefill, rows repeated for several return sequences) take the cheaper torch formulation.
+
+A fourth way applies to a shared mixture only: ``merged``, the weight ``W + sum_j c_j B_j A_j`` computed once
 (one GEMM, ``U*r*d_in*d_out`` multiply-adds) and used instead of ``W``, so every later call costs what the base
 layer costs. It pays only after enough tokens, and the number of tokens still to come is unknown, so the
 choice is the ski-rental rule: keep applying the factors until their cost so far plus the next call's would
@@ -42,6 +48,7 @@ import math
 
 import torch
 
+from logo import library_decode
 from logo.library import ModuleStack
 
 READ_COST = 16
@@ -54,7 +61,7 @@ MERGE_COST = 0.6
 ``BENCHMARKS.md`` (smollm2-135m shape inside the model, k*r = 320, 60 modules: merging took 59 ms, the union
 factors 7.4 ms per decode step, i.e. 8 steps, where these units give 2.55 G against 0.31 G per step)."""
 
-FORMULATIONS = ("auto", "rows", "union", "merged")
+FORMULATIONS = ("auto", "rows", "union", "library", "merged")
 
 
 class Workspace:
@@ -97,9 +104,10 @@ def coefficients(stack: ModuleStack, indices: torch.Tensor, weights: torch.Tenso
 class ModuleMixture:
     """Per-row mixtures ``(indices [B, k], coefficients [B, k])`` at one module; ``add_to`` is the hook's work.
 
-    ``formulation``: ``auto`` (by cost, per call), ``rows``, ``union`` or ``merged`` (forced: for tests and
-    measurements; ``merged`` needs one shared row). ``ready``: how many leading rows already have their factors in
-    the workspace's row buffers for ``key`` (left there, at the same ``k``, by the mixture this one follows: see
+    ``formulation``: ``auto`` (by cost, per call), ``rows``, ``union``, ``library`` or ``merged`` (forced: for tests
+    and measurements; ``library`` for every call the kernel covers, the cheaper torch one for the others;
+    ``merged`` needs one shared row). ``ready``: how many leading rows already have their factors in the
+    workspace's row buffers for ``key`` (left there, at the same ``k``, by the mixture this one follows: see
     :meth:`move_rows` and ``Mixture.add_rows``); only the other rows are gathered. ``gathered``: the rows' factors
     ``(a, bt, c)`` as :meth:`row_factors` gives them, already gathered elsewhere (see :meth:`tail`).
     """
@@ -123,11 +131,22 @@ class ModuleMixture:
         self.union_ids = torch.unique(used)
         self._rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = gathered
         self._union: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self._pairs: library_decode.PairIndex | None = None  # the library formulation's index, built on first use
         self._choices: dict[int, str] = {}  # tokens per row -> formulation
 
     # ---------------------------------------------------------------- choice
     def choose(self, tokens: int) -> str:
-        """The cheaper formulation for a forward with ``tokens`` tokens per row (``rows`` or ``union``)."""
+        """The cheapest formulation for a forward with ``tokens`` tokens per row (``rows``, ``union`` or
+        ``library``; a ``library`` call the kernel does not cover falls back to :meth:`choose_torch`)."""
+        if self.formulation in ("rows", "union", "library"):
+            return self.formulation
+        if (tokens == 1 and self.rows > 1 and self.stack.A.device.type == "cpu" and self.stack.A.dtype == torch.float32
+                and library_decode.available()):
+            return "library"
+        return self.choose_torch(tokens)
+
+    def choose_torch(self, tokens: int) -> str:
+        """The cheaper of the two torch formulations (``rows`` or ``union``) for ``tokens`` tokens per row."""
         if self.formulation in ("rows", "union"):
             return self.formulation
         if self.rows == 1:
@@ -212,8 +231,12 @@ class ModuleMixture:
         return ready
 
     def tail(self, first: int) -> ModuleMixture:
-        """Rows ``first:`` as a mixture of their own, on this mixture's gathered row factors (gathering them here if
-        needed): for a forward over those rows alone, e.g. the prefill of rows just added."""
+        """Rows ``first:`` as a mixture of their own: for a forward over those rows alone, e.g. the prefill of rows
+        just added. On this mixture's gathered row factors when the rows before ``first`` hold theirs (only the new
+        rows are gathered); else (rows decoded by the library kernel never gather) on a gather of those rows alone."""
+        if self._rows is None and self.ready < first:
+            return ModuleMixture(self.stack, self.indices[first:], self.coeff[first:], self.formulation,
+                                 self.workspace, (self.key, "tail"))
         a, bt, c = self.row_factors()
         return ModuleMixture(self.stack, self.indices[first:], self.coeff[first:], "rows",
                              gathered=(a[first:], bt[first:], c[first:]))
@@ -251,6 +274,12 @@ class ModuleMixture:
         kind = self._choices.get(tokens)
         if kind is None:
             kind = self._choices[tokens] = self.choose(tokens)
+        if kind == "library":
+            if inplace and library_decode.applies(x, self.stack.A, self.stack.Bt, output, self.rows):
+                if self._pairs is None:
+                    self._pairs = library_decode.PairIndex.build(self.indices, self.coeff)
+                return library_decode.add_to(x, self.stack.A, self.stack.Bt, self._pairs, output)
+            kind = self.choose_torch(tokens)  # a call the kernel does not cover (see library_decode.applies)
         if kind == "union":
             return self._add_union(x, output, inplace)
         return self._add_rows(x, output, inplace)

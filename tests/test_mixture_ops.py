@@ -1,4 +1,5 @@
-"""Each mixture formulation (per-row, union, by cost; merged) and the hooks against ``mixture_ref``, the formula."""
+"""Each mixture formulation (per-row, union, library kernel, by cost; merged) and the hooks against ``mixture_ref``,
+the formula."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from logo import library_decode
 from logo.library import AdapterLibrary, ModuleStack
 from logo.mixture import Mixture
 from logo.mixture_ops import MERGE_COST, READ_COST, ModuleMixture, Workspace, coefficients
@@ -54,9 +56,12 @@ def _ours(linear, stack, x, indices, weights, formulation, workspace=None):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("formulation", ["rows", "union", "auto"])
+@pytest.mark.parametrize("formulation", ["rows", "union", "library", "auto"])
 @pytest.mark.parametrize("tokens", [None, 1, 5], ids=["2d", "3d_one_token", "3d_five_tokens"])
 def test_formulation_equals_formula(case, formulation, tokens):
+    """``library`` runs the kernel for one token per row and a torch formulation for five (``auto`` likewise)."""
+    if formulation == "library" and not library_decode.available():
+        pytest.skip("the library-decode kernel cannot be built here (no C++ compiler or ninja)")
     stack, linear = make_stack(), make_linear()
     indices, weights = _selection(case)
     gen = torch.Generator().manual_seed(2)

@@ -1,0 +1,160 @@
+"""The library-decode kernel (one token per row, factors read straight from the stacked library) against its fp32
+twin (``library_decode.reference``) and the formula (``mixture_ref``); where the mixture uses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from logo import library_decode
+from logo.mixture_ops import ModuleMixture, Workspace, coefficients
+from logo.mixture_ref import mixture_ref
+from tests.test_mixture_ops import CASES, D_IN, N, _gathered_rows, _net_and_mixture, _selection, make_linear, make_stack
+
+needs_kernel = pytest.mark.skipif(not library_decode.available(), reason="the library-decode kernel cannot be built "
+                                  "here (no C++ compiler or ninja)")
+
+MORE_CASES = {
+    "sixteen_rows_random": None,  # 16 rows x 4 of 6 adapters, random weights: many rows per adapter
+}
+
+
+def _random_rows(rows: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    indices = torch.stack([torch.randperm(N, generator=gen)[:k] for _ in range(rows)])
+    return indices, torch.rand(rows, k, generator=gen) + 0.1
+
+
+def _case(case: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _random_rows(16, 4, 7) if case == "sixteen_rows_random" else _selection(case)
+
+
+def test_pair_index_sorts_the_used_slots_by_adapter():
+    indices = torch.tensor([[3, 1, 3], [0, 3, 2]])
+    coeff = torch.tensor([[0.5, 0.0, 0.25], [1.0, 2.0, 3.0]])
+    pairs = library_decode.PairIndex.build(indices, coeff)
+    assert pairs.group_adapter.tolist() == [0, 2, 3]
+    assert pairs.group_ptr.tolist() == [0, 1, 2, 5]  # adapter 3: three pairs (twice in row 0, once in row 1)
+    assert pairs.pair_row.tolist() == [1, 1, 0, 0, 1]
+    assert pairs.pair_coeff.tolist() == [1.0, 3.0, 0.5, 0.25, 2.0]
+    assert pairs.row_ptr.tolist() == [0, 2, 5]  # the 0-coefficient slot is left out
+    assert pairs.row_pair.tolist() == [2, 3, 0, 4, 1]  # row 0: slots 0, 2; row 1: slots 0, 1, 2 (as pairs)
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", [*CASES, *MORE_CASES])
+def test_kernel_equals_its_twin_and_the_formula(case):
+    """Shared, disjoint and overlapping rows, k=1, k=N, an adapter twice in a row, unused slots, a base row, an
+    adapter that lacks the module (scaling 0) and mixed ranks (zero-padded): kernel = twin = formula."""
+    stack, linear = make_stack(), make_linear()
+    indices, weights = _case(case)
+    x = torch.randn(indices.shape[0], D_IN, generator=torch.Generator().manual_seed(8))
+    coeff = coefficients(stack, indices, weights)
+    pairs = library_decode.PairIndex.build(indices, coeff)
+    with torch.no_grad():
+        base = linear(x)
+        got = library_decode.add_to(x, stack.A, stack.Bt, pairs, base.clone())
+        twin = base + library_decode.reference(x, stack.A, stack.Bt, pairs)
+        want = mixture_ref(x, linear.weight, linear.bias, stack.A, stack.B, stack.scaling, indices, weights)
+    torch.testing.assert_close(twin, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if case != "repeat_unused_and_base_row":  # (its middle row is the base model)
+        assert (want - base).abs().max() > 0.1, "the mixture must visibly change the output for this test to bite"
+
+
+@needs_kernel
+def test_a_rows_result_does_not_depend_on_the_batch_or_the_threads():
+    """Each pair lands in its own slot and a row adds its slots in order: bit-identical alone, in any batch, with
+    any number of threads."""
+    stack = make_stack()
+    indices, weights = _random_rows(16, 4, 9)
+    coeff = coefficients(stack, indices, weights)
+    x = torch.randn(16, D_IN, generator=torch.Generator().manual_seed(10))
+
+    def run(rows: slice | list[int]) -> torch.Tensor:
+        pairs = library_decode.PairIndex.build(indices[rows], coeff[rows])
+        return library_decode.add_to(x[rows], stack.A, stack.Bt, pairs, torch.zeros(pairs.rows, stack.Bt.shape[2]))
+
+    whole = run(slice(None))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = run(slice(None))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(whole, one_thread)
+    assert torch.equal(run([5]), whole[5:6])
+    assert torch.equal(run([12, 5, 0]), whole[[12, 5, 0]])
+
+
+@needs_kernel
+def test_auto_takes_the_kernel_for_decode_and_torch_for_the_rest():
+    stack = make_stack()
+    indices, weights = _selection("overlapping_rows")
+    mix = ModuleMixture(stack, indices, coefficients(stack, indices, weights), "auto", Workspace(), "m")
+    assert mix.choose(1) == "library"  # decoding several rows
+    assert mix.choose(5) in ("rows", "union")  # a prefill
+    shared = ModuleMixture(stack, indices[:1], coefficients(stack, indices[:1], weights[:1]))
+    assert shared.choose(1) == "union"  # one shared row: the union, which merging builds on
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", ["repeated_rows", "autograd", "five_tokens"])
+def test_calls_the_kernel_does_not_cover_take_the_torch_formulation(shape):
+    """Rows repeated for several return sequences, autograd, more than one token: forced ``library`` still gives the
+    formula (on a torch formulation)."""
+    stack, linear = make_stack(), make_linear()
+    indices, weights = _selection("disjoint_rows")
+    rows = {"repeated_rows": 6, "autograd": 3, "five_tokens": 3}[shape]
+    x = torch.randn(rows, 5 if shape == "five_tokens" else 1, D_IN, generator=torch.Generator().manual_seed(11),
+                    requires_grad=shape == "autograd")
+    mix = ModuleMixture(stack, indices, coefficients(stack, indices, weights), "library", Workspace(), "m")
+    got = mix.add_to(x, linear(x))
+    repeat = rows // indices.shape[0]
+    want = mixture_ref(x, linear.weight, linear.bias, stack.A, stack.B, stack.scaling,
+                       indices.repeat_interleave(repeat, 0), weights.repeat_interleave(repeat, 0))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert mix._pairs is None, "the kernel did not run"
+
+
+@needs_kernel
+def test_rows_decoded_by_the_kernel_gather_only_a_newcomers_factors_for_its_prefill(monkeypatch):
+    """A server's batch decoded by the kernel never gathers; a newcomer's prefill gathers its own rows only."""
+    net, stack, mixture = _net_and_mixture()
+    gen = torch.Generator().manual_seed(12)
+    indices, weights = _random_rows(6, 2, 13)
+    counts = _gathered_rows(monkeypatch, stack)
+    mixture.set(indices[:4], weights[:4])
+    with torch.no_grad():
+        x = torch.randn(4, 1, D_IN, generator=gen)
+        got = net(x)
+        with mixture.suspended():
+            want = mixture_ref(x, net.lin.weight, net.lin.bias, stack.A, stack.B, stack.scaling, indices[:4],
+                               weights[:4])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert counts == [], "decoding by the kernel gathers nothing"
+        mixture.add_rows(indices[4:], weights[4:])
+        prompt = torch.randn(2, 5, D_IN, generator=gen)
+        with mixture.rows_from(4):
+            got = net(prompt)
+        with mixture.suspended():
+            want = mixture_ref(prompt, net.lin.weight, net.lin.bias, stack.A, stack.B, stack.scaling,
+                               indices[4:], weights[4:])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert sum(counts) <= 4, f"only the 2 newcomers' 2 adapters each were gathered, got {counts}"
+        step = torch.randn(6, 1, D_IN, generator=gen)
+        got = net(step)
+        with mixture.suspended():
+            want = mixture_ref(step, net.lin.weight, net.lin.bias, stack.A, stack.B, stack.scaling, indices, weights)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    mixture.remove()
+
+
+def test_switched_off_the_kernel_is_unavailable_and_auto_decodes_with_torch(monkeypatch):
+    monkeypatch.setenv(library_decode.SWITCH, "0")
+    assert not library_decode.available()
+    with pytest.raises(RuntimeError, match="LOGO_LIBRARY_DECODE=0"):
+        library_decode.load()
+    stack = make_stack()
+    indices, weights = _selection("overlapping_rows")
+    assert ModuleMixture(stack, indices, coefficients(stack, indices, weights)).choose(1) in ("rows", "union")
