@@ -158,3 +158,16 @@ def test_switched_off_the_kernel_is_unavailable_and_auto_decodes_with_torch(monk
     stack = make_stack()
     indices, weights = _selection("overlapping_rows")
     assert ModuleMixture(stack, indices, coefficients(stack, indices, weights)).choose(1) in ("rows", "union")
+
+
+@needs_kernel
+@pytest.mark.parametrize(("rank", "d_in", "d_out"), [(5, 40, 72), (16, 64, 128), (1, 7, 3)])
+def test_kernel_blocks_and_tails_equal_the_twin(rank, d_in, d_out):
+    """Shapes that run the kernel's full blocks (64 output columns at a time) and its tails."""
+    gen = torch.Generator().manual_seed(14)
+    A, Bt = torch.randn(9, rank, d_in, generator=gen), torch.randn(9, rank, d_out, generator=gen)
+    indices = torch.stack([torch.randperm(9, generator=gen)[:3] for _ in range(5)])
+    pairs = library_decode.PairIndex.build(indices, torch.rand(5, 3, generator=gen) + 0.1)
+    x = torch.randn(5, d_in, generator=gen)
+    got = library_decode.add_to(x, A, Bt, pairs, torch.zeros(5, d_out))
+    torch.testing.assert_close(got, library_decode.reference(x, A, Bt, pairs), atol=1e-4, rtol=1e-5)

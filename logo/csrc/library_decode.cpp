@@ -13,6 +13,41 @@
 
 #include <vector>
 
+namespace {
+
+constexpr int64_t kLanes = 16;  // floats per vector block: 64 output columns stay in registers across the rank
+
+// dot(a, x) over d values: one row of A streamed from memory in order (which is what a step at batch 16 is bound by).
+inline float dot(const float* a, const float* x, int64_t d) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < d; ++i) s += a[i] * x[i];
+  return s;
+}
+
+// out[j] = sum_t low[t] * bt[t, j] for j < d (row stride d), 4 * kLanes columns at a time held in registers.
+inline void expand(const float* low, const float* bt, int64_t r, int64_t d, float* out) {
+  constexpr int64_t width = 4 * kLanes;
+  const int64_t full = d - d % width;
+  for (int64_t j0 = 0; j0 < full; j0 += width) {
+    float acc[width] = {};
+    for (int64_t t = 0; t < r; ++t) {
+      const float s = low[t];
+      const float* row = bt + t * d + j0;
+#pragma omp simd
+      for (int64_t l = 0; l < width; ++l) acc[l] += s * row[l];
+    }
+    for (int64_t l = 0; l < width; ++l) out[j0 + l] = acc[l];
+  }
+  for (int64_t j = full; j < d; ++j) {
+    float s = 0.f;
+    for (int64_t t = 0; t < r; ++t) s += low[t] * bt[t * d + j];
+    out[j] = s;
+  }
+}
+
+}  // namespace
+
 void library_decode(const torch::Tensor& x, const torch::Tensor& A, const torch::Tensor& Bt,
                     const torch::Tensor& group_ptr, const torch::Tensor& group_adapter, const torch::Tensor& pair_row,
                     const torch::Tensor& pair_coeff, const torch::Tensor& row_ptr, const torch::Tensor& row_pair,
@@ -41,21 +76,8 @@ void library_decode(const torch::Tensor& x, const torch::Tensor& A, const torch:
       const float* bt = bp + gadapter[g] * r * d_out;
       for (int64_t p = gptr[g]; p < gptr[g + 1]; ++p) {
         const float* xb = xp + prow[p] * d_in;
-        for (int64_t t = 0; t < r; ++t) {
-          const float* at = a + t * d_in;
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t i = 0; i < d_in; ++i) s += at[i] * xb[i];
-          low[t] = s * pcoeff[p];
-        }
-        float* out = part + p * d_out;
-        for (int64_t j = 0; j < d_out; ++j) out[j] = 0.f;
-        for (int64_t t = 0; t < r; ++t) {
-          const float s = low[t];
-          const float* bt_row = bt + t * d_out;
-#pragma omp simd
-          for (int64_t j = 0; j < d_out; ++j) out[j] += s * bt_row[j];
-        }
+        for (int64_t t = 0; t < r; ++t) low[t] = pcoeff[p] * dot(a + t * d_in, xb, d_in);
+        expand(low.data(), bt, r, d_out, part + p * d_out);
       }
     }
   });
