@@ -253,6 +253,7 @@ def run_bench(shape: str, device: str, n_adapters: int, rank: int, k: int, targe
             "dtype": str(bench.dtype).removeprefix("torch."), "n_adapters": n_adapters, "rank": rank,
             "targets": targets, "k": k, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
             "load_s": round(bench.load_s, 3), "library_write_s": round(bench.write_s, 3),
+            "decode_kernel": bench.engine.prepare_decode(),
         }
         result.update(bench.probe_vs_prefill(repeats))
         result["first_token_by_layer"] = bench.first_token_by_layer(repeats)

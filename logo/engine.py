@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from logo import library_decode
 from logo.calibration import default_prompts, save_calibration
 from logo.errors import LogoError
 from logo.generation import MAX_PROMPT_TOKENS, GenerationSettings, check_decode, check_prompts
@@ -134,6 +135,14 @@ class LoGoEngine:
     def with_decode(self, decode: str) -> LoGoEngine:
         """An engine with another decode path (its own mixture hooks) on the same model, library and router."""
         return LoGoEngine(self.model, self.tokenizer, self.library, self._router.config, decode=decode)
+
+    def prepare_decode(self) -> str:
+        """Build now what decoding will need (the library-decode kernel, for fp32 on CPU) rather than during the
+        first generation; one line saying what decoding will use."""
+        stack = next(iter(self.library.stacks.values()), None)
+        if stack is None:
+            return "library-decode kernel: not used (no adapter)"
+        return library_decode.status(stack.A.device, stack.A.dtype)
 
     @property
     def num_layers(self) -> int:

@@ -13,9 +13,9 @@ so a row's result does not depend on the other rows or on the number of threads.
 computation in plain torch (fp32), the twin the tests hold the kernel to (and ``logo.mixture_ref`` both).
 
 The kernel is compiled on first use with torch's extension builder (a C++ compiler and ``ninja``; about 30 s
-once per machine, then cached under torch's extension directory). Where it cannot be built, or where
-``LOGO_LIBRARY_DECODE=0``, :func:`available` is False, the reason is logged once, and the mixture uses its torch
-formulations; forcing this formulation then raises with the reason.
+once per machine, announced on stderr, then cached under logo's cache directory, ``kernels/``). Where it cannot
+be built, or where ``LOGO_LIBRARY_DECODE=0``, :func:`available` is False, the reason is logged once, and the
+mixture uses its torch formulations; forcing this formulation then raises with the reason.
 """
 
 from __future__ import annotations
@@ -25,12 +25,15 @@ import logging
 import os
 import platform
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import SubprocessError
 from types import ModuleType
 
 import torch
+
+from logo.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,18 @@ def add_to(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, pairs: PairIndex,
     return output
 
 
+def status(device: torch.device | str, dtype: torch.dtype) -> str:
+    """One line on whether decoding on ``device`` in ``dtype`` uses the kernel, building it now if it will (so a
+    server builds it before its first request, not during it)."""
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        return "library-decode kernel: not used (it serves fp32 on CPU)"
+    try:
+        load()
+    except RuntimeError as error:
+        return str(error)  # "the library-decode kernel is off (...)" or "... could not be built (...)"
+    return "library-decode kernel: on"
+
+
 def available() -> bool:
     """Whether the kernel is (or can now be) built and loaded; never raises."""
     try:
@@ -147,8 +162,13 @@ def _build() -> ModuleType:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) was found")
     flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
     name = "logo_library_decode_" + _machine_tag()  # built for this CPU (-march=native): one build per kind of CPU
+    directory = cache_dir() / "kernels" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / f"{name}.so").exists():
+        print(f"logo: building the library-decode kernel for this CPU (once, about 30 s) in {directory}",
+              file=sys.stderr, flush=True)
     return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                              verbose=False)
+                              build_directory=str(directory), verbose=False)
 
 
 def _put_ninja_on_path() -> None:

@@ -171,3 +171,12 @@ def test_kernel_blocks_and_tails_equal_the_twin(rank, d_in, d_out):
     x = torch.randn(5, d_in, generator=gen)
     got = library_decode.add_to(x, A, Bt, pairs, torch.zeros(5, d_out))
     torch.testing.assert_close(got, library_decode.reference(x, A, Bt, pairs), atol=1e-4, rtol=1e-5)
+
+
+def test_status_says_what_decoding_will_use(monkeypatch):
+    assert library_decode.status("cuda", torch.float32) == "library-decode kernel: not used (it serves fp32 on CPU)"
+    assert library_decode.status("cpu", torch.bfloat16) == "library-decode kernel: not used (it serves fp32 on CPU)"
+    if library_decode.available():
+        assert library_decode.status("cpu", torch.float32) == "library-decode kernel: on"
+    monkeypatch.setenv(library_decode.SWITCH, "0")
+    assert library_decode.status("cpu", torch.float32) == "the library-decode kernel is off (LOGO_LIBRARY_DECODE=0)"

@@ -39,7 +39,7 @@ def print_table(result: dict) -> None:
     console.print(f"[bold]logo bench[/bold] {result['shape']} on {result['device_name']} (torch {result['torch']}): "
                   f"N={result['n_adapters']} rank {result['rank']} {','.join(result['targets'])}, k={result['k']}, "
                   f"prompt {result['prompt_len']} tokens, {result['new_tokens']} new tokens, "
-                  f"median of {result['repeats']} interleaved runs")
+                  f"median of {result['repeats']} interleaved runs; {result['decode_kernel']}")
     console.print(f"library load {result['load_s']:.2f} s (written in {result['library_write_s']:.1f} s); "
                   f"plain prefill {result['prefill_ms']:.1f} ms; probe+route {result['probe_ms']:.1f} ms "
                   f"({r['probe_over_prefill']:.2f}x prefill); probe at layer {result['probe_mid_layer']} "

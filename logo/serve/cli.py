@@ -107,6 +107,7 @@ def serve(
         run_replicas(spec, config, host, port, options, threads or 1, ray_address)
         return
     engine = spec.build(progress=True)
+    print(f"logo serve: {engine.prepare_decode()}", flush=True)
     app = create_app(engine, config)
     print(f"logo serve: {len(engine.library)} adapters, k={engine.router.config.k}; http://{host}:{port}/ "
           f"(playground), /v1/completions, /v1/chat/completions")

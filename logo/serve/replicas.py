@@ -35,7 +35,9 @@ class LogoReplica:
 
     def __init__(self, spec: EngineSpec, config: ServeConfig, threads: int) -> None:
         torch.set_num_threads(max(1, threads))
-        self.server = create_app(spec.build(), config)
+        engine = spec.build()
+        engine.prepare_decode()  # the kernel is built (once per machine) before the replica takes requests
+        self.server = create_app(engine, config)
 
     def __serve_build_asgi_app__(self):
         return self.server
