@@ -103,12 +103,18 @@ def applies(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, output: torch.Te
 
 
 def add_to(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, pairs: PairIndex, output: torch.Tensor) -> torch.Tensor:
-    """``output += mixture(x)`` in place, for a call :func:`applies` accepts (``load`` must have succeeded)."""
-    kernel = load()
+    """``output += mixture(x)`` in place, for a call :func:`applies` accepts; raises where the kernel is unavailable.
+    Once loaded it stays in use for mixtures that chose it (the switch applies to the next choice)."""
+    kernel = _kernel if _kernel is not None else load()
     y = output.view(pairs.rows, Bt.shape[2])
     kernel.library_decode(x.reshape(pairs.rows, A.shape[2]).contiguous(), A, Bt, pairs.group_ptr,
                           pairs.group_adapter, pairs.pair_row, pairs.pair_coeff, pairs.row_ptr, pairs.row_pair, y)
     return output
+
+
+def serves(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether decoding factors of ``dtype`` on ``device`` goes through the kernel: fp32 on CPU, once it is built."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and available()
 
 
 def status(device: torch.device | str, dtype: torch.dtype) -> str:

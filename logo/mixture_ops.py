@@ -138,10 +138,8 @@ class ModuleMixture:
     def choose(self, tokens: int) -> str:
         """The cheapest formulation for a forward with ``tokens`` tokens per row (``rows``, ``union`` or
         ``library``; a ``library`` call the kernel does not cover falls back to :meth:`choose_torch`)."""
-        if self.formulation in ("rows", "union", "library"):
-            return self.formulation
-        if (tokens == 1 and self.rows > 1 and self.stack.A.device.type == "cpu" and self.stack.A.dtype == torch.float32
-                and library_decode.available()):
+        if self.formulation == "library" or (self.formulation == "auto" and tokens == 1 and self.rows > 1
+                                              and library_decode.serves(self.stack.A.device, self.stack.A.dtype)):
             return "library"
         return self.choose_torch(tokens)
 
