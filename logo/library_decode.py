@@ -26,7 +26,7 @@ import os
 import platform
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from subprocess import SubprocessError
 from types import ModuleType
@@ -49,7 +49,8 @@ _failure: str | None = None
 class PairIndex:
     """A batch's mixture as pairs ``(row, adapter, coefficient)``, sorted by adapter (slots with coefficient 0 left
     out): ``group_adapter [U]`` and ``group_ptr [U+1]`` delimit each adapter's pairs; ``pair_row [P]``,
-    ``pair_coeff [P]`` (fp32); ``row_ptr [B+1]`` and ``row_pair [P]`` list each row's pairs in slot order."""
+    ``pair_coeff [P]`` (fp32); ``row_ptr [B+1]`` and ``row_pair [P]`` list each row's pairs in slot order;
+    ``pair_slot [P]``: each pair's place in the flattened ``[B, k]`` selection."""
 
     group_ptr: torch.Tensor
     group_adapter: torch.Tensor
@@ -57,29 +58,39 @@ class PairIndex:
     pair_coeff: torch.Tensor
     row_ptr: torch.Tensor
     row_pair: torch.Tensor
+    pair_slot: torch.Tensor
 
     @property
     def rows(self) -> int:
         return self.row_ptr.numel() - 1
 
     @classmethod
-    def build(cls, indices: torch.Tensor, coeff: torch.Tensor) -> PairIndex:
-        """From ``indices [B, k]`` (adapter numbers) and ``coeff [B, k]`` (``weight * scaling``; 0 = unused)."""
+    def build(cls, indices: torch.Tensor, coeff: torch.Tensor, shared: dict | None = None) -> PairIndex:
+        """From ``indices [B, k]`` (adapter numbers) and ``coeff [B, k]`` (``weight * scaling``; 0 = unused).
+
+        ``shared``: a dict kept by the caller across the modules of one mixture (same ``indices``); modules whose
+        used slots are the same share the sorted structure and only take their own coefficients."""
         rows, k = indices.shape
         used = (coeff != 0).reshape(-1)
-        adapter = indices.reshape(-1)[used].long()
-        row = torch.arange(rows, device=indices.device).repeat_interleave(k)[used]
-        value = coeff.reshape(-1)[used].float()
+        key = bytes(used.cpu().numpy()) if shared is not None else None
+        if key is not None and key in shared:
+            return replace(shared[key], pair_coeff=coeff.reshape(-1)[shared[key].pair_slot].float().contiguous())
+        slot = used.nonzero().squeeze(1)
+        adapter = indices.reshape(-1)[slot].long()
         order = torch.argsort(adapter, stable=True)  # pair p is the order[p]-th used slot, in row-major order
         group_adapter, counts = torch.unique_consecutive(adapter[order], return_counts=True)
         zero = torch.zeros(1, dtype=torch.long, device=indices.device)
         place = torch.empty_like(order)
         place[order] = torch.arange(order.numel(), device=indices.device)  # used slot -> its pair
         per_row = used.view(rows, k).sum(1)
-        return cls(group_ptr=torch.cat([zero, counts.cumsum(0)]).contiguous(),
-                   group_adapter=group_adapter.contiguous(), pair_row=row[order].contiguous(),
-                   pair_coeff=value[order].contiguous(), row_ptr=torch.cat([zero, per_row.cumsum(0)]).contiguous(),
-                   row_pair=place.contiguous())
+        pairs = cls(group_ptr=torch.cat([zero, counts.cumsum(0)]).contiguous(),
+                    group_adapter=group_adapter.contiguous(), pair_row=(slot[order] // k).contiguous(),
+                    pair_coeff=coeff.reshape(-1)[slot[order]].float().contiguous(),
+                    row_ptr=torch.cat([zero, per_row.cumsum(0)]).contiguous(), row_pair=place.contiguous(),
+                    pair_slot=slot[order].contiguous())
+        if key is not None:
+            shared[key] = pairs
+        return pairs
 
 
 def reference(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, pairs: PairIndex) -> torch.Tensor:

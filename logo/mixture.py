@@ -127,12 +127,14 @@ class Mixture:
         """One module mixture per module that a selected adapter touches, then the hooks; ``ready(old[name])``: how
         many leading rows keep the factors that module's previous mixture gathered."""
         self.factors = {}
+        pair_cache: dict = {}  # the library kernel's pair index, sorted once for the modules that share it
         for name, stack in self.library.stacks.items():
             idx = indices.to(stack.A.device)
             coeff = coefficients(stack, idx, weights.to(stack.A.device))
             if bool((coeff != 0).any()):  # else no selected adapter touches the module
                 kept = ready(old[name]) if name in old else 0
-                self.factors[name] = ModuleMixture(stack, idx, coeff, self.formulation, self.workspace, name, kept)
+                self.factors[name] = ModuleMixture(stack, idx, coeff, self.formulation, self.workspace, name, kept,
+                                                   pair_cache=pair_cache)
         self._attach()
 
     @contextmanager

@@ -109,12 +109,14 @@ class ModuleMixture:
     ``merged`` needs one shared row). ``ready``: how many leading rows already have their factors in the
     workspace's row buffers for ``key`` (left there, at the same ``k``, by the mixture this one follows: see
     :meth:`move_rows` and ``Mixture.add_rows``); only the other rows are gathered. ``gathered``: the rows' factors
-    ``(a, bt, c)`` as :meth:`row_factors` gives them, already gathered elsewhere (see :meth:`tail`).
+    ``(a, bt, c)`` as :meth:`row_factors` gives them, already gathered elsewhere (see :meth:`tail`). ``pair_cache``:
+    a dict shared by the module mixtures of one mixture, so the library kernel's pair index is sorted once.
     """
 
     def __init__(self, stack: ModuleStack, indices: torch.Tensor, coeff: torch.Tensor, formulation: str = "auto",
                  workspace: Workspace | None = None, key: object = None, ready: int = 0,
-                 gathered: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+                 gathered: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 pair_cache: dict | None = None) -> None:
         if formulation not in FORMULATIONS:
             raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
         self.stack, self.indices, self.coeff = stack, indices, coeff
@@ -132,6 +134,7 @@ class ModuleMixture:
         self._rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = gathered
         self._union: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self._pairs: library_decode.PairIndex | None = None  # the library formulation's index, built on first use
+        self.pair_cache = pair_cache  # shared by the modules of one mixture (see library_decode.PairIndex.build)
         self._choices: dict[int, str] = {}  # tokens per row -> formulation
 
     # ---------------------------------------------------------------- choice
@@ -215,7 +218,13 @@ class ModuleMixture:
     def move_rows(self, order: torch.Tensor) -> int:
         """Rearrange the gathered rows in the workspace for a mixture of rows ``order`` of this one (``order[p]`` is
         the row that goes to place ``p``; distinct), moving only rows that change place. Returns how many leading
-        rows of the new mixture then hold their factors (its ``ready``). This mixture is stale afterwards."""
+        rows of the new mixture then hold their factors (its ``ready``). This mixture is stale afterwards.
+
+        Rows decoded by the library kernel need no gathered factors: then nothing moves and none is ready (a
+        newcomer's prefill later gathers its own rows alone, see :meth:`tail`)."""
+        if self.choose(1) == "library":
+            self.ready, self._rows = 0, None
+            return 0
         position = torch.arange(order.numel(), device=order.device)
         valid = order < self.ready
         ready = int(valid.long().cumprod(0).sum()) if order.numel() else 0  # <= self.ready: order is distinct
@@ -275,7 +284,7 @@ class ModuleMixture:
         if kind == "library":
             if inplace and library_decode.applies(x, self.stack.A, self.stack.Bt, output, self.rows):
                 if self._pairs is None:
-                    self._pairs = library_decode.PairIndex.build(self.indices, self.coeff)
+                    self._pairs = library_decode.PairIndex.build(self.indices, self.coeff, self.pair_cache)
                 return library_decode.add_to(x, self.stack.A, self.stack.Bt, self._pairs, output)
             kind = self.choose_torch(tokens)  # a call the kernel does not cover (see library_decode.applies)
         if kind == "union":

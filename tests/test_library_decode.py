@@ -41,6 +41,22 @@ def test_pair_index_sorts_the_used_slots_by_adapter():
     assert pairs.row_pair.tolist() == [2, 3, 0, 4, 1]  # row 0: slots 0, 2; row 1: slots 0, 1, 2 (as pairs)
 
 
+def test_modules_with_the_same_used_slots_share_one_sorted_index():
+    indices = torch.tensor([[3, 1, 3], [0, 3, 2]])
+    coeff = torch.tensor([[0.5, 0.0, 0.25], [1.0, 2.0, 3.0]])
+    shared: dict = {}
+    first = library_decode.PairIndex.build(indices, coeff, shared)
+    scaled = library_decode.PairIndex.build(indices, coeff * 4, shared)  # another module, another scaling
+    assert scaled.group_adapter is first.group_adapter and scaled.row_pair is first.row_pair
+    assert scaled.pair_coeff.tolist() == [4 * c for c in first.pair_coeff.tolist()]
+    absent = coeff.clone()
+    absent[1, 2] = 0.0  # adapter 2 lacks this module: other used slots, its own index
+    for got, want in ((scaled, coeff * 4), (library_decode.PairIndex.build(indices, absent, shared), absent)):
+        fresh = library_decode.PairIndex.build(indices, want)
+        assert all(torch.equal(getattr(got, f), getattr(fresh, f)) for f in fresh.__dataclass_fields__)
+    assert len(shared) == 2
+
+
 @needs_kernel
 @pytest.mark.parametrize("case", [*CASES, *MORE_CASES])
 def test_kernel_equals_its_twin_and_the_formula(case):
@@ -121,34 +137,39 @@ def test_calls_the_kernel_does_not_cover_take_the_torch_formulation(monkeypatch,
 
 @needs_kernel
 def test_rows_decoded_by_the_kernel_gather_only_a_newcomers_factors_for_its_prefill(monkeypatch):
-    """A server's batch decoded by the kernel never gathers; a newcomer's prefill gathers its own rows only."""
+    """A server's batch under the kernel: decode steps gather nothing, rows that leave move nothing, and a newcomer's
+    prefill gathers its own rows only; every output equals the formula."""
     net, stack, mixture = _net_and_mixture()
     gen = torch.Generator().manual_seed(12)
-    indices, weights = _random_rows(6, 2, 13)
+    indices, weights = _random_rows(8, 2, 13)
     counts = _gathered_rows(monkeypatch, stack)
+    copies: list[int] = []
+    real_copy = torch.Tensor.index_copy_
+    monkeypatch.setattr(torch.Tensor, "index_copy_", lambda self, *a: copies.append(1) or real_copy(self, *a))
+
+    def check(x, rows):
+        with torch.no_grad():
+            got = net(x)
+        with mixture.suspended():
+            want = mixture_ref(x, net.lin.weight, net.lin.bias, stack.A, stack.B, stack.scaling, indices[rows],
+                               weights[rows])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
     mixture.set(indices[:4], weights[:4])
-    with torch.no_grad():
-        x = torch.randn(4, 1, D_IN, generator=gen)
-        got = net(x)
-        with mixture.suspended():
-            want = mixture_ref(x, net.lin.weight, net.lin.bias, stack.A, stack.B, stack.scaling, indices[:4],
-                               weights[:4])
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        assert counts == [], "decoding by the kernel gathers nothing"
-        mixture.add_rows(indices[4:], weights[4:])
-        prompt = torch.randn(2, 5, D_IN, generator=gen)
-        with mixture.rows_from(4):
-            got = net(prompt)
-        with mixture.suspended():
-            want = mixture_ref(prompt, net.lin.weight, net.lin.bias, stack.A, stack.B, stack.scaling,
-                               indices[4:], weights[4:])
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        assert sum(counts) <= 4, f"only the 2 newcomers' 2 adapters each were gathered, got {counts}"
-        step = torch.randn(6, 1, D_IN, generator=gen)
-        got = net(step)
-        with mixture.suspended():
-            want = mixture_ref(step, net.lin.weight, net.lin.bias, stack.A, stack.B, stack.scaling, indices, weights)
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    check(torch.randn(4, 5, D_IN, generator=gen), [0, 1, 2, 3])  # the first rows' prefill: their factors gathered
+    assert counts == [8]
+    check(torch.randn(4, 1, D_IN, generator=gen), [0, 1, 2, 3])  # a decode step: the kernel, nothing gathered
+    assert counts == [8]
+
+    mixture.keep_rows(torch.tensor([0, 3, 2]))  # row 1 finished: row 3 takes its place
+    check(torch.randn(3, 1, D_IN, generator=gen), [0, 3, 2])
+    assert counts == [8] and copies == [], "nothing is gathered or moved when a row leaves"
+
+    mixture.add_rows(indices[4:6], weights[4:6])
+    with mixture.rows_from(3):
+        check(torch.randn(2, 5, D_IN, generator=gen), [4, 5])  # the newcomers' prefill
+    assert sum(counts) - 8 <= 4, f"only the 2 newcomers' adapters (2 each) were gathered, got {counts}"
+    check(torch.randn(5, 1, D_IN, generator=gen), [0, 3, 2, 4, 5])
     mixture.remove()
 
 
