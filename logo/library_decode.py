@@ -26,6 +26,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from subprocess import SubprocessError
@@ -181,11 +182,31 @@ def _build() -> ModuleType:
     name = "logo_library_decode_" + _machine_tag()  # built for this CPU (-march=native): one build per kind of CPU
     directory = cache_dir() / "kernels" / name
     directory.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(directory)
     if not (directory / f"{name}.so").exists():
         print(f"logo: building the library-decode kernel for this CPU (once, about 30 s) in {directory}",
               file=sys.stderr, flush=True)
     return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                               build_directory=str(directory), verbose=False)
+
+
+STALE_LOCK_S = 600
+"""A build lock older than this (seconds) was left by a build that died; a build takes about 30 s."""
+
+
+def clear_stale_lock(directory: Path, now: float | None = None) -> bool:
+    """Remove torch's build lock in ``directory`` if a build that was killed left it behind (torch's builder would
+    otherwise wait for it forever); returns whether one was removed."""
+    lock = directory / "lock"
+    try:
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_LOCK_S:
+        return False
+    print(f"logo: removing a stale kernel build lock ({lock}, {age:.0f} s old)", file=sys.stderr, flush=True)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def _put_ninja_on_path() -> None:

@@ -203,3 +203,13 @@ def test_status_says_what_decoding_will_use(monkeypatch):
         assert library_decode.status("cpu", torch.float32) == "library-decode kernel: on"
     monkeypatch.setenv(library_decode.SWITCH, "0")
     assert library_decode.status("cpu", torch.float32) == "the library-decode kernel is off (LOGO_LIBRARY_DECODE=0)"
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path):
+    lock = tmp_path / "lock"
+    assert not library_decode.clear_stale_lock(tmp_path)  # no lock: nothing to do
+    lock.write_text("")
+    now = lock.stat().st_mtime
+    assert not library_decode.clear_stale_lock(tmp_path, now=now + 30) and lock.exists()  # a build under way
+    assert library_decode.clear_stale_lock(tmp_path, now=now + library_decode.STALE_LOCK_S + 1)
+    assert not lock.exists()
