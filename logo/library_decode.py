@@ -124,15 +124,20 @@ def add_to(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, pairs: PairIndex,
     return output
 
 
+def _kind_served(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """The factors the kernel is for: fp32 on CPU."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32
+
+
 def serves(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether decoding factors of ``dtype`` on ``device`` goes through the kernel: fp32 on CPU, once it is built."""
-    return torch.device(device).type == "cpu" and dtype == torch.float32 and available()
+    return _kind_served(device, dtype) and available()
 
 
 def status(device: torch.device | str, dtype: torch.dtype) -> str:
     """One line on whether decoding on ``device`` in ``dtype`` uses the kernel, building it now if it will (so a
     server builds it before its first request, not during it)."""
-    if torch.device(device).type != "cpu" or dtype != torch.float32:
+    if not _kind_served(device, dtype):
         return "library-decode kernel: not used (it serves fp32 on CPU)"
     try:
         load()
