@@ -142,7 +142,7 @@ class LoGoEngine:
         stack = next(iter(self.library.stacks.values()), None)
         if stack is None:
             return "library-decode kernel: not used (no adapter)"
-        return library_decode.status(stack.A.device, stack.A.dtype)
+        return library_decode.status(stack.A.device, stack.dtype)
 
     @property
     def num_layers(self) -> int:

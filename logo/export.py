@@ -140,7 +140,7 @@ def export_mixture(library: AdapterLibrary, mixture: dict[str, float], output: P
             new_a, new_b, errors[module] = compress(a, b, rank)
             factors[module] = (new_a, new_b)
     width = max(a.shape[0] for a, _ in factors.values()) if rank is None else rank
-    dtype = dtype or next(iter(library.stacks.values())).A.dtype
+    dtype = dtype or next(iter(library.stacks.values())).dtype
     tensors = {}
     for module, (a, b) in factors.items():
         padded_a = torch.zeros(width, a.shape[1])

@@ -5,6 +5,11 @@ For every target module the library holds, once, ``A [N, r_max, d_in]``, ``B [N,
 mixture then gathers its adapters' rows of ``A`` and ``Bt`` with one contiguous copy each, no transpose.
 Ranks that differ are zero-padded (exact: padded rows of A meet padded columns of B).
 An adapter that does not target a module has zeros there (it contributes nothing).
+
+The factors are kept *compact* where that is exact: adapter files in bf16 or fp16 (as training in bf16 writes them)
+under an fp32 model are stored in their own dtype, since widening them to fp32 is exact. The library then holds half
+the bytes, and a decode step reads half, while every consumer computes in the model's dtype (``ModuleStack.dtype``)
+on values identical to those a widened copy would hold.
 """
 
 from __future__ import annotations
@@ -56,18 +61,58 @@ class AdapterInfo:
     scaling: dict[str, float]  # module -> lora_alpha / r (or / sqrt(r) with rsLoRA)
 
 
+def widens_exactly(stored: torch.dtype, compute: torch.dtype) -> bool:
+    """Whether every value of dtype ``stored`` is exactly a value of ``compute`` (so storing in it loses nothing)."""
+    if stored == compute:
+        return True
+    wider = {torch.bfloat16: (torch.float32, torch.float64), torch.float16: (torch.float32, torch.float64),
+             torch.float32: (torch.float64,)}
+    return compute in wider.get(stored, ())
+
+
 @dataclass
 class ModuleStack:
-    """All adapters' LoRA factors for one target module."""
+    """All adapters' LoRA factors for one target module.
+
+    ``A`` and ``Bt`` are stored in a dtype that widens exactly to ``dtype``, the dtype mixtures compute in (the
+    model's): the adapter files' own where the library is compact (see the module docstring), else ``dtype``.
+    """
 
     A: torch.Tensor  # [N, r_max, d_in]
     Bt: torch.Tensor  # [N, r_max, d_out]: B transposed, contiguous (the layout the mixture gathers from)
     scaling: torch.Tensor  # [N] fp32, 0 where an adapter lacks this module
+    dtype: torch.dtype | None = None  # the compute dtype; None: the factors' own
+    _float: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.dtype is None:
+            self.dtype = self.A.dtype
+        if self.A.dtype != self.Bt.dtype or not widens_exactly(self.A.dtype, self.dtype):
+            raise ValueError(f"factors stored as {self.A.dtype}/{self.Bt.dtype} do not widen exactly to {self.dtype}")
 
     @property
     def B(self) -> torch.Tensor:
-        """``[N, d_out, r_max]``, a view of :attr:`Bt`."""
+        """``[N, d_out, r_max]``, a view of :attr:`Bt` (in the stored dtype)."""
         return self.Bt.transpose(1, 2)
+
+    def float_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` and ``B`` in fp32 (what routing scores with), widened once and kept where they are stored narrower
+        (routing reads the signal module's on every batch)."""
+        if self._float is None:
+            self._float = (self.A.float(), self.Bt.float())
+        a, bt = self._float
+        return a, bt.transpose(1, 2)
+
+    @property
+    def compact(self) -> bool:
+        """Whether the factors are stored narrower than the compute dtype."""
+        return self.A.dtype != self.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the factors, their scalings and a widened copy kept for routing (if any)."""
+        widened = sum(t.nbytes for t in self._float) if self._float is not None and self.compact else 0
+        return self.A.nbytes + self.Bt.nbytes + self.scaling.nbytes + widened
 
 
 @dataclass
@@ -86,6 +131,11 @@ class AdapterLibrary:
     @property
     def modules(self) -> list[str]:
         return list(self.stacks)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the stacked factors hold."""
+        return sum(stack.nbytes for stack in self.stacks.values())
 
     def index(self, name: str) -> int:
         try:
@@ -107,13 +157,15 @@ class AdapterLibrary:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         progress: bool = False,
+        compact: bool = True,
     ) -> AdapterLibrary:
         """Load, validate and stack the adapters named by ``spec`` for ``model``.
 
-        ``device``/``dtype`` default to the model's.
+        ``device``/``dtype`` (the compute dtype) default to the model's. ``compact``: keep factors in their files'
+        dtype where it widens exactly to ``dtype`` (same results, half the memory for bf16/fp16 files under fp32).
         """
         entries = resolve_adapters(spec)
-        return cls.from_entries(entries, model, device=device, dtype=dtype, progress=progress)
+        return cls.from_entries(entries, model, device=device, dtype=dtype, progress=progress, compact=compact)
 
     @classmethod
     def from_entries(
@@ -123,6 +175,7 @@ class AdapterLibrary:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         progress: bool = False,
+        compact: bool = True,
     ) -> AdapterLibrary:
         if not entries:
             raise AdapterError("the adapter library is empty: give at least one adapter")
@@ -144,7 +197,7 @@ class AdapterLibrary:
             if progress:
                 iterator = tqdm(futures, desc="loading adapters", unit="adapter")
             infos = [f.result() for f in iterator]
-        stacks = stack_adapters(infos, linears, device=device, dtype=dtype)
+        stacks = stack_adapters(infos, linears, device=device, dtype=dtype, compact=compact)
         lib = cls(
             names=[i.name for i in infos],
             paths=[i.path for i in infos],
@@ -253,17 +306,26 @@ def read_adapter(name: str, path: Path, linears: dict[str, nn.Linear]) -> Adapte
 
 
 def stack_adapters(
-    infos: list[AdapterInfo], linears: dict[str, nn.Linear], device: torch.device, dtype: torch.dtype
+    infos: list[AdapterInfo], linears: dict[str, nn.Linear], device: torch.device, dtype: torch.dtype,
+    compact: bool = True,
 ) -> dict[str, ModuleStack]:
-    """Stack per module, zero-padding ranks and absent modules. Module order follows the model."""
+    """Stack per module, zero-padding ranks and absent modules. Module order follows the model.
+
+    ``dtype`` is the compute dtype; with ``compact`` a module whose files all hold one dtype that widens exactly to it
+    is stored in that dtype."""
     used = {m for info in infos for m in info.weights}
     stacks = {}
     n = len(infos)
     for module in (m for m in linears if m in used):
         linear = linears[module]
         r_max = max(info.weights[module][0].shape[0] for info in infos if module in info.weights)
-        a = torch.zeros(n, r_max, linear.in_features, dtype=dtype)
-        bt = torch.zeros(n, r_max, linear.out_features, dtype=dtype)
+        stored = dtype
+        if compact:
+            found = {t.dtype for info in infos if module in info.weights for t in info.weights[module]}
+            if len(found) == 1 and widens_exactly(next(iter(found)), dtype):
+                stored = found.pop()
+        a = torch.zeros(n, r_max, linear.in_features, dtype=stored)
+        bt = torch.zeros(n, r_max, linear.out_features, dtype=stored)
         s = torch.zeros(n, dtype=torch.float32)
         for i, info in enumerate(infos):
             if module in info.weights:
@@ -272,5 +334,5 @@ def stack_adapters(
                 a[i, :r] = ai
                 bt[i, :r] = bi.t()
                 s[i] = info.scaling[module]
-        stacks[module] = ModuleStack(a.to(device), bt.to(device), s.to(device))
+        stacks[module] = ModuleStack(a.to(device), bt.to(device), s.to(device), dtype)
     return stacks

@@ -6,7 +6,9 @@ the batch's U distinct adapters once but multiplies every row by all of them. Th
 adapters once, straight from the library's stacks ``A [N, r, d_in]`` and ``Bt [N, r, d_out]`` (no gathered copy
 at all), and does only the rows' own work: the pairs ``(row, adapter, coefficient)`` of the batch are sorted by
 adapter (:class:`PairIndex`), so rows that share an adapter find it in cache. At paper scale (16 rows x 20 of 260
-rank-16 adapters, smollm2-135m shape) that is about 0.7 GB a step instead of 1.18 GB.
+rank-16 adapters, smollm2-135m shape) that is about 0.7 GB a step instead of 1.18 GB, and 0.35 GB from a compact
+library (bf16 files: ``logo.library``), whose values the kernel widens to fp32 as it reads them. Its sums run in
+fixed lanes and a fixed order, so a compact library gives the same bits as a widened one.
 
 Each pair's contribution ``c B_u (A_u x_b)`` lands in its own slot, and a row adds its contributions in slot order,
 so a row's result does not depend on the other rows or on the number of threads. :func:`reference` is the same
@@ -104,12 +106,17 @@ def reference(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, pairs: PairInd
         0, pairs.pair_row, part)
 
 
+STORED = (torch.float32, torch.bfloat16, torch.float16)
+"""The dtypes the kernel reads factors in (widened to fp32 as it reads them: a compact library, ``logo.library``)."""
+
+
 def applies(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, output: torch.Tensor, rows: int) -> bool:
     """Whether the kernel can add this call's mixture: one token per row for exactly the mixture's rows, fp32 CPU
-    tensors, no autograd, an output it may write in place."""
+    activations, factors stored in one of :data:`STORED`, no autograd, an output it may write in place."""
     tokens = x.shape[1] if x.dim() == 3 else 1
     return (tokens == 1 and x.shape[0] == rows and x.device.type == "cpu"
-            and all(t.dtype == torch.float32 for t in (x, A, Bt, output))
+            and x.dtype == torch.float32 and output.dtype == torch.float32
+            and A.dtype in STORED and A.dtype == Bt.dtype
             and not (x.requires_grad or output.requires_grad) and output.is_contiguous()
             and A.is_contiguous() and Bt.is_contiguous())
 
@@ -125,12 +132,13 @@ def add_to(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, pairs: PairIndex,
 
 
 def _kind_served(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """The factors the kernel is for: fp32 on CPU."""
+    """The mixtures the kernel is for: computed in fp32 (factors stored in any of :data:`STORED`), on CPU."""
     return torch.device(device).type == "cpu" and dtype == torch.float32
 
 
 def serves(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether decoding factors of ``dtype`` on ``device`` goes through the kernel: fp32 on CPU, once it is built."""
+    """Whether decoding mixtures computed in ``dtype`` on ``device`` goes through the kernel: fp32 on CPU, once it is
+    built."""
     return _kind_served(device, dtype) and available()
 
 

@@ -324,8 +324,8 @@ class StaticMixture:
             width = self.k_cap * r
             key = (rows, width)
             if key not in slot.buffers:
-                a = stack.A.new_zeros(rows, width, stack.A.shape[2])
-                b = stack.Bt.new_zeros(rows, width, stack.Bt.shape[2])
+                a = stack.A.new_zeros(rows, width, stack.A.shape[2], dtype=stack.dtype)
+                b = stack.Bt.new_zeros(rows, width, stack.Bt.shape[2], dtype=stack.dtype)
                 torch._dynamo.mark_static_address(a)
                 torch._dynamo.mark_static_address(b)
                 slot.buffers[key] = (a, b)

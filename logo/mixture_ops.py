@@ -70,15 +70,17 @@ class Workspace:
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
 
-    def take(self, key: tuple, shape: tuple[int, ...], like: torch.Tensor, keep: int = 0) -> torch.Tensor:
-        """A contiguous ``shape`` tensor of ``like``'s dtype and device. Its first ``keep`` values are those the
-        buffer held (carried over when it has to grow); the rest are garbage."""
+    def take(self, key: tuple, shape: tuple[int, ...], like: torch.Tensor, keep: int = 0,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A contiguous ``shape`` tensor on ``like``'s device, of ``dtype`` (default ``like``'s). Its first ``keep``
+        values are those the buffer held (carried over when it has to grow); the rest are garbage."""
         numel = math.prod(shape)
+        dtype = dtype or like.dtype
         buf = self._buffers.get(key)
-        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
-            grown = torch.empty(numel, dtype=like.dtype, device=like.device)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != like.device:
+            grown = torch.empty(numel, dtype=dtype, device=like.device)
             if keep:
-                if buf is None or buf.numel() < keep or buf.dtype != like.dtype or buf.device != like.device:
+                if buf is None or buf.numel() < keep or buf.dtype != dtype or buf.device != like.device:
                     raise ValueError(f"workspace buffer {key!r} does not hold the {keep} values to keep")
                 grown[:keep].copy_(buf[:keep])
             buf = self._buffers[key] = grown
@@ -88,12 +90,27 @@ class Workspace:
         self._buffers = {}
 
 
-def gather(source: torch.Tensor, ids: torch.Tensor, workspace: Workspace | None, key: tuple) -> torch.Tensor:
-    """``source[ids]`` (``[n, r, d]``) in one copy, written into the workspace's buffer for ``key`` if given."""
+WIDEN_SCRATCH = ("widen",)
+"""The workspace key of the one buffer that every module's gather from a compact stack passes through."""
+
+
+def gather(source: torch.Tensor, ids: torch.Tensor, workspace: Workspace | None, key: tuple,
+           dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``source[ids]`` (``[n, r, d]``) as ``dtype`` (default ``source``'s), written into the workspace's buffer for
+    ``key`` if given: one copy, or two where a compact stack's factors are widened (exact, see ``logo.library``)."""
+    dtype = dtype or source.dtype
     if workspace is None:
-        return source.index_select(0, ids)
-    out = workspace.take(key, (ids.numel(), *source.shape[1:]), source)
-    return torch.index_select(source, 0, ids, out=out)
+        return source.index_select(0, ids).to(dtype)
+    out = workspace.take(key, (ids.numel(), *source.shape[1:]), source, dtype=dtype)
+    return gather_into(source, ids, out, workspace)
+
+
+def gather_into(source: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, workspace: Workspace) -> torch.Tensor:
+    """``out[:] = source[ids]``, widened to ``out``'s dtype through the workspace's scratch buffer if need be."""
+    if out.dtype == source.dtype:
+        return torch.index_select(source, 0, ids, out=out)
+    stored = workspace.take(WIDEN_SCRATCH, tuple(out.shape), source)  # reused at once: one buffer serves all modules
+    return out.copy_(torch.index_select(source, 0, ids, out=stored))
 
 
 def coefficients(stack: ModuleStack, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -142,7 +159,7 @@ class ModuleMixture:
         """The cheapest formulation for a forward with ``tokens`` tokens per row (``rows``, ``union`` or
         ``library``; a ``library`` call the kernel does not cover falls back to :meth:`choose_torch`)."""
         if self.formulation == "library" or (self.formulation == "auto" and tokens == 1 and self.rows > 1
-                                              and library_decode.serves(self.stack.A.device, self.stack.A.dtype)):
+                                              and library_decode.serves(self.stack.A.device, self.stack.dtype)):
             return "library"
         return self.choose_torch(tokens)
 
@@ -196,13 +213,14 @@ class ModuleMixture:
         if self._rows is None:
             flat = self.indices.reshape(-1)
             if self.workspace is None:
-                a, bt = gather(self.stack.A, flat, None, ()), gather(self.stack.Bt, flat, None, ())
+                a = gather(self.stack.A, flat, None, (), self.stack.dtype)
+                bt = gather(self.stack.Bt, flat, None, (), self.stack.dtype)
             else:  # rows [ready:] only; the first ready rows' factors are already in place
                 a, bt = self._row_buffer("A", self.rows), self._row_buffer("Bt", self.rows)
                 start = self.ready * self.k
                 if start < flat.numel():
-                    torch.index_select(self.stack.A, 0, flat[start:], out=a[start:])
-                    torch.index_select(self.stack.Bt, 0, flat[start:], out=bt[start:])
+                    gather_into(self.stack.A, flat[start:], a[start:], self.workspace)
+                    gather_into(self.stack.Bt, flat[start:], bt[start:], self.workspace)
                 self.ready = self.rows
             c = self.coeff.repeat_interleave(self.rank, 1)[:, None, :].to(bt.dtype)
             self._rows = (a.view(self.rows, self.k * self.rank, -1), bt.view(self.rows, self.k * self.rank, -1), c)
@@ -212,7 +230,8 @@ class ModuleMixture:
         """The workspace's ``[rows * k, r, d]`` buffer of factor ``name`` (``A`` or ``Bt``); the ready rows kept."""
         source = self.stack.A if name == "A" else self.stack.Bt
         keep = self.ready * self.k * source[0].numel()
-        return self.workspace.take((self.key, "rows", name), (rows * self.k, *source.shape[1:]), source, keep)
+        return self.workspace.take((self.key, "rows", name), (rows * self.k, *source.shape[1:]), source, keep,
+                                   dtype=self.stack.dtype)
 
     @torch.no_grad()
     def move_rows(self, order: torch.Tensor) -> int:
@@ -256,8 +275,9 @@ class ModuleMixture:
         """
         if self._union is None:
             ids = self.union_ids
-            a = gather(self.stack.A, ids, self.workspace, (self.key, "union", "A")).view(-1, self.stack.A.shape[2])
-            bt = gather(self.stack.Bt, ids, self.workspace, (self.key, "union", "Bt")).view(-1, self.stack.Bt.shape[2])
+            s, key = self.stack, (self.key, "union")
+            a = gather(s.A, ids, self.workspace, (*key, "A"), s.dtype).view(-1, s.A.shape[2])
+            bt = gather(s.Bt, ids, self.workspace, (*key, "Bt"), s.dtype).view(-1, s.Bt.shape[2])
             position = torch.searchsorted(ids, self.indices).clamp(max=max(ids.numel() - 1, 0))
             matrix = torch.zeros(self.rows, ids.numel(), dtype=torch.float32, device=self.coeff.device)
             if ids.numel():  # an adapter twice in one row: its coefficients add up; unused slots add 0

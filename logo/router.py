@@ -315,8 +315,9 @@ def adapter_outputs(h: torch.Tensor, library: AdapterLibrary, module: str) -> to
             f"train (they target e.g. {library.modules[:3]})"
         )
     stack = library.stacks[module]
-    low = torch.einsum("bd,nrd->bnr", h.to(stack.A.device), stack.A.float())
-    return torch.einsum("bnr,nor->bno", low, stack.B.float()) * stack.scaling[None, :, None]
+    a, b = stack.float_factors()
+    low = torch.einsum("bd,nrd->bnr", h.to(a.device), a)
+    return torch.einsum("bnr,nor->bno", low, b) * stack.scaling[None, :, None]
 
 
 def score(h: torch.Tensor, library: AdapterLibrary, module: str, strategy: str) -> torch.Tensor:

@@ -113,6 +113,19 @@ def make_library(model: PreTrainedModel, root: Path, specs: list[dict]) -> list[
     return paths
 
 
+def library_in_dtype(root: Path, out: Path, dtype: torch.dtype) -> Path:
+    """A copy of the PEFT library at ``root``, every weight file saved in ``dtype`` (as bf16 training saves them)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    for adapter in sorted(d for d in root.iterdir() if d.is_dir()):
+        shutil.copytree(adapter, out / adapter.name)
+        weights = out / adapter.name / "adapter_model.safetensors"
+        save_file({k: v.to(dtype) for k, v in load_file(str(weights)).items()}, str(weights))
+    return out
+
+
 MIXED_SPECS = [
     {"name": "a_r4", "r": 4, "alpha": 8},
     {"name": "b_r8", "r": 8, "alpha": 16},

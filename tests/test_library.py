@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from logo.errors import AdapterError
-from logo.library import AdapterLibrary
-from tests.helpers import MIXED_SPECS, make_adapter, make_tiny_model
+from logo.library import AdapterLibrary, ModuleStack, widens_exactly
+from tests.helpers import MIXED_SPECS, library_in_dtype, make_adapter, make_tiny_model
 
 
 @pytest.fixture
@@ -69,6 +69,39 @@ def test_dtypes(tiny_library, dtype):
     model, root = tiny_library("llama")
     lib = AdapterLibrary.load(root, model, dtype=dtype)
     assert all(s.A.dtype == dtype and s.B.dtype == dtype for s in lib.stacks.values())
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
+def test_narrow_files_under_an_fp32_model_are_kept_compact_and_widen_to_the_same_values(tiny_library, tmp_path, stored):
+    """bf16/fp16 files under an fp32 model: factors stored in the files' dtype (half the bytes), computed in fp32, and
+    widened they are exactly the stacks a widened library holds; ``compact=False`` stores them widened."""
+    model, root = tiny_library("llama")
+    narrow = library_in_dtype(root, tmp_path / "narrow", stored)
+    lib, wide = AdapterLibrary.load(narrow, model), AdapterLibrary.load(narrow, model, compact=False)
+    for name, stack in lib.stacks.items():
+        other = wide.stacks[name]
+        assert (stack.A.dtype, stack.Bt.dtype, stack.dtype, stack.compact) == (stored, stored, torch.float32, True)
+        assert (other.A.dtype, other.dtype, other.compact) == (torch.float32, torch.float32, False)
+        assert torch.equal(stack.A.float(), other.A) and torch.equal(stack.Bt.float(), other.Bt)
+        assert torch.equal(stack.scaling, other.scaling)
+    assert lib.nbytes < 0.51 * wide.nbytes
+    # the files' dtype under a model of that dtype, or files of mixed dtypes: stored in the compute dtype
+    assert not any(s.compact for s in AdapterLibrary.load(narrow, model, dtype=stored).stacks.values())
+    mixed = tmp_path / "mixed"
+    shutil.copytree(narrow, mixed)
+    shutil.copy(root / "a_r4" / "adapter_model.safetensors", mixed / "a_r4" / "adapter_model.safetensors")  # fp32
+    q = AdapterLibrary.load(mixed, model).stacks["model.layers.0.self_attn.q_proj"]
+    assert (q.A.dtype, q.compact) == (torch.float32, False)
+
+
+def test_a_stack_refuses_a_storage_that_loses_values():
+    assert widens_exactly(torch.bfloat16, torch.float32) and not widens_exactly(torch.float16, torch.bfloat16)
+    assert not widens_exactly(torch.float32, torch.bfloat16) and widens_exactly(torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="do not widen exactly"):
+        ModuleStack(torch.zeros(2, 1, 3), torch.zeros(2, 1, 3), torch.ones(2), torch.bfloat16)
+    with pytest.raises(ValueError, match="do not widen exactly"):
+        ModuleStack(torch.zeros(2, 1, 3, dtype=torch.float16), torch.zeros(2, 1, 3, dtype=torch.float16), torch.ones(2),
+                    torch.bfloat16)
 
 
 def test_hub_spec_reads_a_hub_laid_out_cache_offline(tiny_library, tmp_path, monkeypatch):

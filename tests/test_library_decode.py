@@ -9,7 +9,17 @@ import torch
 from logo import library_decode
 from logo.mixture_ops import ModuleMixture, Workspace, coefficients
 from logo.mixture_ref import mixture_ref
-from tests.test_mixture_ops import CASES, D_IN, N, _gathered_rows, _net_and_mixture, _selection, make_linear, make_stack
+from tests.test_mixture_ops import (
+    CASES,
+    D_IN,
+    N,
+    _gathered_rows,
+    _net_and_mixture,
+    _selection,
+    compact_and_wide,
+    make_linear,
+    make_stack,
+)
 
 needs_kernel = pytest.mark.skipif(not library_decode.available(), reason="the library-decode kernel cannot be built "
                                   "here (no C++ compiler or ninja)")
@@ -76,6 +86,21 @@ def test_kernel_equals_its_twin_and_the_formula(case):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     if case != "repeat_unused_and_base_row":  # (its middle row is the base model)
         assert (want - base).abs().max() > 0.1, "the mixture must visibly change the output for this test to bite"
+
+
+@needs_kernel
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [*CASES, *MORE_CASES])
+def test_the_kernel_reads_compact_factors_to_the_same_bits(stored, case):
+    """bf16/fp16 stacks (widened as read) against the same values held in fp32: equal bit for bit; the twin agrees."""
+    compact, wide = compact_and_wide(stored)
+    indices, weights = _case(case)
+    x = torch.randn(indices.shape[0], D_IN, generator=torch.Generator().manual_seed(13))
+    pairs = library_decode.PairIndex.build(indices, coefficients(wide, indices, weights))
+    got, want = (library_decode.add_to(x, s.A, s.Bt, pairs, torch.zeros(pairs.rows, s.Bt.shape[2]))
+                 for s in (compact, wide))
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got, library_decode.reference(x, compact.A, compact.Bt, pairs), atol=1e-5, rtol=1e-5)
 
 
 @needs_kernel

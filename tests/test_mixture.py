@@ -14,7 +14,7 @@ from logo.engine import LoGoEngine
 from logo.generation import GenerationSettings
 from logo.library import AdapterLibrary
 from logo.router import RouterConfig, Selection
-from tests.helpers import MIXED_SPECS, make_tiny_model
+from tests.helpers import MIXED_SPECS, library_in_dtype, make_tiny_model
 
 PROMPTS = [
     "Evaluate the result.\n\nQ: not ( True ) and ( True ) is\nA:",
@@ -211,3 +211,24 @@ def test_bf16_library_matches_fp32_within_bf16_precision(tiny_library, tokenizer
     assert (full - base).abs().max() > 0.05, "the mixture must change the logits for the comparison to bite"
     error = (half - full).norm() / full.norm()
     assert error < 2e-2, f"bf16 relative error {error:.3g} over the stated 2e-2"
+
+
+def test_a_compact_library_routes_and_generates_what_its_widened_copy_does(tiny_library, tokenizer, tmp_path):
+    """bf16 adapter files under the fp32 model, stored compact (bf16) or widened (fp32): the same routes, the same
+    logits bit for bit (prefill) and the same generated tokens (a batch of distinct mixtures: decoding's kernel)."""
+    model, root = tiny_library("llama")
+    narrow = library_in_dtype(root, tmp_path / "bf16", torch.bfloat16)
+    engines = [LoGoEngine(model, tokenizer, AdapterLibrary.load(narrow, model, compact=compact), RouterConfig(k=3))
+               for compact in (True, False)]
+    try:
+        assert engines[0].library.nbytes < 0.51 * engines[1].library.nbytes
+        routes = [e.route(PROMPTS) for e in engines]
+        assert [(r.indices, r.weights) for r in routes[0]] == [(r.indices, r.weights) for r in routes[1]]
+        assert len({tuple(r.indices) for r in routes[0]}) > 1, "distinct mixtures per row"
+        logits = [_logits_under(e, PROMPTS, routes[0]) for e in engines]
+        outs = [e.generate(PROMPTS, selections=routes[0], max_new_tokens=8, batch_size=4) for e in engines]
+    finally:
+        for e in engines:
+            e.close()
+    assert torch.equal(logits[0], logits[1])
+    assert [o.text for o in outs[0]] == [o.text for o in outs[1]]

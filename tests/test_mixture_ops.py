@@ -76,6 +76,41 @@ def test_formulation_equals_formula(case, formulation, tokens):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def compact_and_wide(stored: torch.dtype) -> tuple[ModuleStack, ModuleStack]:
+    """The test stack's values rounded to ``stored``, kept compact (stored narrow, computed in fp32) and widened."""
+    stack = make_stack()
+    a, bt = stack.A.to(stored), stack.Bt.to(stored)
+    return ModuleStack(a, bt, stack.scaling, torch.float32), ModuleStack(a.float(), bt.float(), stack.scaling)
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["overlapping_rows", "repeat_unused_and_base_row", "shared_rows"])
+@pytest.mark.parametrize("formulation", ["rows", "union", "library", "auto", "merged"])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_a_compact_stack_gives_the_same_bits_as_its_widened_copy(stored, case, formulation, tokens):
+    """Factors kept in bf16/fp16 under fp32 (``logo.library``'s compact storage) are widened exactly wherever they
+    are read (gathers, the library kernel, merging): every formulation's output equals the widened stack's bit for
+    bit, and the mixture is computed in fp32."""
+    compact, wide = compact_and_wide(stored)
+    linear = make_linear()
+    indices, weights = _selection(case)
+    if formulation == "merged":
+        indices, weights = indices[:1], weights[:1]
+    x = torch.randn(indices.shape[0], tokens, D_IN, generator=torch.Generator().manual_seed(12))
+    got = []
+    for stack in (compact, wide):
+        mix = ModuleMixture(stack, indices, coefficients(stack, indices, weights), formulation, Workspace(), "m")
+        with torch.no_grad():
+            if formulation == "merged":
+                assert mix.merge_before(tokens, linear.weight)
+                got.append(nn.functional.linear(x, mix.merged, linear.bias))
+            else:
+                got.append(mix.add_to(x, linear(x)))
+    assert got[0].dtype == torch.float32 and torch.equal(got[0], got[1])
+    if case != "repeat_unused_and_base_row":
+        assert (got[0] - linear(x)).abs().max() > 0.1, "the mixture must visibly change the output for this to bite"
+
+
 @pytest.mark.parametrize("formulation", ["rows", "union"])
 def test_bf16_within_stated_tolerance(formulation):
     """bf16 factors and activations (8-bit mantissa): within 3e-2 of the fp32 formula on the same bf16 values."""
