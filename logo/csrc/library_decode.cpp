@@ -16,7 +16,6 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
-#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -44,9 +43,8 @@ inline float reduce(float* lane) {
   return lane[0];
 }
 
-// low[q] = c * dot(a[q], x) for the `count` rows of A at `a` (row stride d): the rows are streamed from memory in
-// order (what a step at batch 16 is bound by), each into kLanes fixed partial sums; `count` rows at once hide the
-// multiply-add latency.
+// low[q] = c * dot(a[q], x) for the `count` rows of A at `a` (row stride d), streamed side by side, each into kLanes
+// fixed partial sums: `count` independent sums hide the multiply-add latency.
 template <int64_t count, typename T>
 inline void project(const T* a, const float* x, int64_t d, float c, float* low) {
   float lane[count][kLanes] = {};
