@@ -11,8 +11,12 @@ library (bf16 files: ``logo.library``), whose values the kernel widens to fp32 a
 fixed lanes and a fixed order, so a compact library gives the same bits as a widened one.
 
 Each pair's contribution ``c B_u (A_u x_b)`` lands in its own slot, and a row adds its contributions in slot order,
-so a row's result does not depend on the other rows or on the number of threads. :func:`reference` is the same
-computation in plain torch (fp32), the twin the tests hold the kernel to (and ``logo.mixture_ref`` both).
+so a row's result does not depend on the other rows or on the number of threads. An adapter's pairs are taken two
+at a time (each value of its factors loaded and widened once for both), and the next adapter's factors are
+prefetched while one is read; on x86 CPUs with AVX-512 the inner loops are written with its intrinsics, elsewhere
+they are plain loops the compiler vectorises (:func:`build` ``portable=True`` builds those here): the same fused
+multiply-adds in the same order, so the same bits. :func:`reference` is the same computation in plain torch (fp32),
+the twin the tests hold the kernel to (and ``logo.mixture_ref`` both).
 
 The kernel is compiled on first use with torch's extension builder (a C++ compiler and ``ninja``; about 30 s
 once per machine, announced on stderr, then cached under logo's cache directory, ``kernels/``). Where it cannot
@@ -173,7 +177,7 @@ def load() -> ModuleType:
     if _failure is not None:
         raise RuntimeError(_failure)
     try:
-        _kernel = _build()
+        _kernel = build()
     except (OSError, RuntimeError, ImportError, SubprocessError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         _failure = (f"the library-decode kernel could not be built ({first}); decoding uses the torch formulations. "
@@ -183,7 +187,11 @@ def load() -> ModuleType:
     return _kernel
 
 
-def _build() -> ModuleType:
+def build(portable: bool = False) -> ModuleType:
+    """Compile (or load the cached build of) the kernel for this CPU; raises where it cannot be built.
+
+    ``portable``: build it without AVX-512 (``-mno-avx512f``), so that its plain loops run instead of the AVX-512
+    intrinsics, as on CPUs without them: the tests hold both to the same bits. :func:`load` is the way in."""
     from torch.utils import cpp_extension
 
     _put_ninja_on_path()
@@ -191,8 +199,10 @@ def _build() -> ModuleType:
         raise RuntimeError("ninja was not found")
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) was found")
-    flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
-    name = "logo_library_decode_" + _machine_tag()  # built for this CPU (-march=native): one build per kind of CPU
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    flags = ["-O3", "-fopenmp"] + (["-march=native"] if x86 else []) + (["-mno-avx512f"] if portable and x86 else [])
+    # built for this CPU (-march=native): one build per kind of CPU
+    name = "logo_library_decode_" + _machine_tag() + ("_portable" if portable else "")
     directory = cache_dir() / "kernels" / name
     directory.mkdir(parents=True, exist_ok=True)
     clear_stale_lock(directory)

@@ -3,6 +3,8 @@ twin (``library_decode.reference``) and the formula (``mixture_ref``); where the
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
@@ -211,7 +213,7 @@ def test_switched_off_the_kernel_is_unavailable_and_auto_decodes_with_torch(monk
 @needs_kernel
 @pytest.mark.parametrize(("rank", "d_in", "d_out"), [(5, 40, 72), (16, 64, 128), (1, 7, 3)])
 def test_kernel_blocks_and_tails_equal_the_twin(rank, d_in, d_out):
-    """Shapes that run the kernel's full blocks (64 output columns at a time) and its tails."""
+    """Shapes that run the kernel's full blocks (128 output columns at a time) and its tails."""
     gen = torch.Generator().manual_seed(14)
     A, Bt = torch.randn(9, rank, d_in, generator=gen), torch.randn(9, rank, d_out, generator=gen)
     indices = torch.stack([torch.randperm(9, generator=gen)[:3] for _ in range(5)])
@@ -238,3 +240,25 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp
     assert not library_decode.clear_stale_lock(tmp_path, now=now + 30) and lock.exists()  # a build under way
     assert library_decode.clear_stale_lock(tmp_path, now=now + library_decode.STALE_LOCK_S + 1)
     assert not lock.exists()
+
+
+@needs_kernel
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the portable build differs on x86 only")
+def test_the_portable_build_gives_the_same_bits():
+    """The kernel built without AVX-512 (its plain loops, as on CPUs without it) against the build in use: the same
+    bits for fp32, bf16 and fp16 factors, full blocks and tails, adapters shared by several rows (taken two at a
+    time) and used by one."""
+    portable = library_decode.build(portable=True)
+    gen = torch.Generator().manual_seed(15)
+    for rank, d_in, d_out in [(16, 64, 200), (5, 40, 72)]:
+        A, Bt = torch.randn(9, rank, d_in, generator=gen), torch.randn(9, rank, d_out, generator=gen)
+        indices = torch.stack([torch.randperm(9, generator=gen)[:4] for _ in range(7)])
+        pairs = library_decode.PairIndex.build(indices, torch.rand(7, 4, generator=gen) + 0.1)
+        x = torch.randn(7, d_in, generator=gen)
+        for stored in (torch.float32, torch.bfloat16, torch.float16):
+            a, bt = A.to(stored), Bt.to(stored)
+            want = library_decode.add_to(x, a, bt, pairs, torch.zeros(7, d_out))
+            got = torch.zeros(7, d_out)
+            portable.library_decode(x, a, bt, pairs.group_ptr, pairs.group_adapter, pairs.pair_row, pairs.pair_coeff,
+                                    pairs.row_ptr, pairs.row_pair, got)
+            assert torch.equal(got, want), (rank, d_in, d_out, stored)

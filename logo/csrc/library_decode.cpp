@@ -3,27 +3,35 @@
 // y[b] += sum over the row's pairs p, in slot order: coeff[p] * Bt[u_p]^T (A[u_p] x[b])
 //
 // The pairs (row, adapter, coefficient) come sorted by adapter, so each adapter of the batch's union is read from
-// memory once per call whichever rows use it (rows that share it find it in cache), and no per-row copy of any
-// factor is made. Phase 1 (threads over adapters) writes each pair's contribution to its own slot of `part`;
-// phase 2 (threads over rows) adds a row's contributions in slot order. A row's result therefore does not depend
-// on the other rows, on the batch's union or on the number of threads. logo/library_decode.py builds the pair
-// index, checks the arguments and holds the fp32 reference this kernel is tested against.
+// memory once per call whichever rows use it, and no per-row copy of any factor is made. Phase 1 (threads over
+// adapters) writes each pair's contribution to its own slot of `part`: the pairs of one adapter are taken two at a
+// time, so each value of A and B is loaded and widened once for both; the adapter's B and the next adapter's A are
+// prefetched while A is read. Phase 2 (threads over rows) adds a row's contributions in slot order. Each pair's
+// sums run over fixed lanes in a fixed order whichever pairs it is taken with, so a row's result does not depend on
+// the other rows, on the batch's union or on the number of threads. logo/library_decode.py builds the pair index,
+// checks the arguments and holds the fp32 reference this kernel is tested against.
 //
 // The factors may be stored compact (bf16 or fp16, see logo/library.py): each value is widened to fp32 as it is
-// read, which is exact, and every sum runs in a fixed order of fixed lanes, so a compact library gives the very
-// bits an fp32 one gives while half the bytes cross the memory bus.
+// read, which is exact, so a compact library gives the very bits an fp32 one gives while half the bytes cross the
+// memory bus. Where the compiler targets AVX-512 the inner loops are written with its intrinsics (one register is
+// one lane block); elsewhere they are plain loops the compiler vectorises. Both compute the same fused
+// multiply-adds in the same order.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
-constexpr int64_t kLanes = 16;  // floats per vector block
+constexpr int64_t kLanes = 16;  // floats per lane block (one AVX-512 register)
 constexpr int64_t kRanks = 8;   // rows of A in flight: their independent sums hide the multiply-add latency
 constexpr int64_t kWidth = 8 * kLanes;  // output columns in flight in expand, for the same reason
+constexpr int64_t kPairs = 2;   // pairs of one adapter taken together
 
 // Stored factor values widened to fp32 (exact for every type here).
 inline float widen(float v) { return v; }
@@ -35,6 +43,24 @@ inline float widen(at::BFloat16 v) {
 }
 inline float widen(at::Half v) { return static_cast<float>(v); }
 
+#if defined(__AVX512F__)
+// kLanes stored values widened to fp32 in one register.
+inline __m512 load_lanes(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_lanes(const at::BFloat16* p) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+inline __m512 load_lanes(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
+// Ask for `bytes` at `p` to be brought into cache ahead of use.
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
 // The sum of kLanes partial sums, halving in a fixed order.
 inline float reduce(float* lane) {
   for (int64_t w = kLanes / 2; w >= 1; w /= 2) {
@@ -43,75 +69,149 @@ inline float reduce(float* lane) {
   return lane[0];
 }
 
-// low[q] = c * dot(a[q], x) for the `count` rows of A at `a` (row stride d), streamed side by side, each into kLanes
-// fixed partial sums: `count` independent sums hide the multiply-add latency.
-template <int64_t count, typename T>
-inline void project(const T* a, const float* x, int64_t d, float c, float* low) {
-  float lane[count][kLanes] = {};
+// low[p][q] = c[p] * dot(a[q], x[p]) for the `count` rows of A at `a` (row stride d) and the P pairs' inputs,
+// streamed side by side, each into kLanes fixed partial sums: `count * P` independent sums hide the multiply-add
+// latency, and each value of A is loaded once for the P pairs.
+template <int64_t count, int64_t P, typename T>
+inline void project(const T* a, const float* const* x, int64_t d, const float* c, float* const* low) {
+  float lane[P][count][kLanes] = {};
   const int64_t full = d - d % kLanes;
+#if defined(__AVX512F__)
+  __m512 acc[P][count];
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t q = 0; q < count; ++q) acc[p][q] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < full; i += kLanes) {
+    __m512 xv[P];
+    for (int64_t p = 0; p < P; ++p) xv[p] = _mm512_loadu_ps(x[p] + i);
+    for (int64_t q = 0; q < count; ++q) {
+      const __m512 av = load_lanes(a + q * d + i);
+      for (int64_t p = 0; p < P; ++p) acc[p][q] = _mm512_fmadd_ps(av, xv[p], acc[p][q]);
+    }
+  }
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t q = 0; q < count; ++q) _mm512_storeu_ps(lane[p][q], acc[p][q]);
+#else
   for (int64_t i = 0; i < full; i += kLanes) {
 #pragma GCC unroll 8
     for (int64_t q = 0; q < count; ++q) {
       const T* row = a + q * d + i;
+      for (int64_t p = 0; p < P; ++p) {
 #pragma omp simd
-      for (int64_t l = 0; l < kLanes; ++l) lane[q][l] += widen(row[l]) * x[i + l];
+        for (int64_t l = 0; l < kLanes; ++l) lane[p][q][l] += widen(row[l]) * x[p][i + l];
+      }
     }
   }
-  for (int64_t q = 0; q < count; ++q) {
-    float s = reduce(lane[q]);
-    for (int64_t i = full; i < d; ++i) s += widen(a[q * d + i]) * x[i];
-    low[q] = c * s;
+#endif
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t q = 0; q < count; ++q) {
+      float s = reduce(lane[p][q]);
+      for (int64_t i = full; i < d; ++i) s += widen(a[q * d + i]) * x[p][i];
+      low[p][q] = c[p] * s;
+    }
   }
 }
 
-template <typename T>
-inline void project_all(const T* a, const float* x, int64_t r, int64_t d, float c, float* low) {
-  int64_t t = 0;
-  for (; t + kRanks <= r; t += kRanks) project<kRanks>(a + t * d, x, d, c, low + t);
-  for (; t < r; ++t) project<1>(a + t * d, x, d, c, low + t);
+template <int64_t P, typename T>
+inline void project_all(const T* a, const float* const* x, int64_t r, int64_t d, const float* c, float* const* low) {
+  float* at[P];
+  for (int64_t t = 0; t < r;) {
+    for (int64_t p = 0; p < P; ++p) at[p] = low[p] + t;
+    if (t + kRanks <= r) {
+      project<kRanks, P>(a + t * d, x, d, c, at);
+      t += kRanks;
+    } else {
+      project<1, P>(a + t * d, x, d, c, at);
+      t += 1;
+    }
+  }
 }
 
-// out[j] = sum_t low[t] * bt[t, j] for j < d (row stride d), `width` columns at a time held in registers.
-template <int64_t width, typename T>
-inline int64_t expand_block(const float* low, const T* bt, int64_t r, int64_t d, int64_t j0, float* out) {
+// out[p][j] = sum_t low[p][t] * bt[t, j] for j < d (row stride d), `width` columns at a time held in registers,
+// each value of B loaded once for the P pairs.
+template <int64_t width, int64_t P, typename T>
+inline int64_t expand_block(const float* const* low, const T* bt, int64_t r, int64_t d, int64_t j0,
+                            float* const* out) {
   for (; j0 + width <= d; j0 += width) {
-    float acc[width] = {};
+#if defined(__AVX512F__)
+    constexpr int64_t m = width / kLanes;
+    __m512 acc[P][m];
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t v = 0; v < m; ++v) acc[p][v] = _mm512_setzero_ps();
     for (int64_t t = 0; t < r; ++t) {
-      const float s = low[t];
+      __m512 s[P];
+      for (int64_t p = 0; p < P; ++p) s[p] = _mm512_set1_ps(low[p][t]);
       const T* row = bt + t * d + j0;
-#pragma omp simd
-      for (int64_t l = 0; l < width; ++l) acc[l] += s * widen(row[l]);
+      for (int64_t v = 0; v < m; ++v) {
+        const __m512 bv = load_lanes(row + v * kLanes);
+        for (int64_t p = 0; p < P; ++p) acc[p][v] = _mm512_fmadd_ps(s[p], bv, acc[p][v]);
+      }
     }
-    for (int64_t l = 0; l < width; ++l) out[j0 + l] = acc[l];
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t v = 0; v < m; ++v) _mm512_storeu_ps(out[p] + j0 + v * kLanes, acc[p][v]);
+#else
+    float acc[P][width] = {};
+    for (int64_t t = 0; t < r; ++t) {
+      const T* row = bt + t * d + j0;
+      for (int64_t p = 0; p < P; ++p) {
+        const float s = low[p][t];
+#pragma omp simd
+        for (int64_t l = 0; l < width; ++l) acc[p][l] += s * widen(row[l]);
+      }
+    }
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t l = 0; l < width; ++l) out[p][j0 + l] = acc[p][l];
+#endif
   }
   return j0;
 }
 
-template <typename T>
-inline void expand(const float* low, const T* bt, int64_t r, int64_t d, float* out) {
-  int64_t j = expand_block<kWidth>(low, bt, r, d, 0, out);
-  j = expand_block<kLanes>(low, bt, r, d, j, out);
+template <int64_t P, typename T>
+inline void expand(const float* const* low, const T* bt, int64_t r, int64_t d, float* const* out) {
+  int64_t j = expand_block<kWidth, P>(low, bt, r, d, 0, out);
+  j = expand_block<kLanes, P>(low, bt, r, d, j, out);
   for (; j < d; ++j) {
-    float s = 0.f;
-    for (int64_t t = 0; t < r; ++t) s += low[t] * widen(bt[t * d + j]);
-    out[j] = s;
+    for (int64_t p = 0; p < P; ++p) {
+      float s = 0.f;
+      for (int64_t t = 0; t < r; ++t) s += low[p][t] * widen(bt[t * d + j]);
+      out[p][j] = s;
+    }
   }
+}
+
+// Pairs first .. first+P-1 (one adapter's: A at `a`, B^T at `bt`) into their slots of `part`.
+template <int64_t P, typename T>
+inline void pair_block(const T* a, const T* bt, int64_t first, int64_t r, int64_t d_in, int64_t d_out,
+                       const float* xp, const int64_t* prow, const float* pcoeff, float* low, float* part) {
+  const float* x[P];
+  float* lows[P];
+  float* out[P];
+  for (int64_t p = 0; p < P; ++p) {
+    x[p] = xp + prow[first + p] * d_in;
+    lows[p] = low + p * r;
+    out[p] = part + (first + p) * d_out;
+  }
+  project_all<P>(a, x, r, d_in, pcoeff + first, lows);
+  expand<P>(lows, bt, r, d_out, out);
 }
 
 template <typename T>
 void run(const float* xp, const T* ap, const T* bp, int64_t r, int64_t d_in, int64_t d_out, int64_t groups,
          int64_t rows, const int64_t* gptr, const int64_t* gadapter, const int64_t* prow, const float* pcoeff,
          const int64_t* rptr, const int64_t* rpair, float* part, float* yp) {
+  const int64_t a_bytes = r * d_in * static_cast<int64_t>(sizeof(T));
+  const int64_t b_bytes = r * d_out * static_cast<int64_t>(sizeof(T));
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<float> low(r);
+    std::vector<float> low(kPairs * r);
     for (int64_t g = g0; g < g1; ++g) {
       const T* a = ap + gadapter[g] * r * d_in;
       const T* bt = bp + gadapter[g] * r * d_out;
-      for (int64_t p = gptr[g]; p < gptr[g + 1]; ++p) {
-        const float* xb = xp + prow[p] * d_in;
-        project_all(a, xb, r, d_in, pcoeff[p], low.data());
-        expand(low.data(), bt, r, d_out, part + p * d_out);
-      }
+      prefetch(bt, b_bytes);  // read after A
+      if (g + 1 < g1) prefetch(ap + gadapter[g + 1] * r * d_in, a_bytes);
+      if (g + 1 < g1) prefetch(bp + gadapter[g + 1] * r * d_out, b_bytes);
+      int64_t p = gptr[g];
+      for (; p + kPairs <= gptr[g + 1]; p += kPairs)
+        pair_block<kPairs>(a, bt, p, r, d_in, d_out, xp, prow, pcoeff, low.data(), part);
+      for (; p < gptr[g + 1]; ++p) pair_block<1>(a, bt, p, r, d_in, d_out, xp, prow, pcoeff, low.data(), part);
     }
   });
   at::parallel_for(0, rows, 1, [&](int64_t b0, int64_t b1) {
