@@ -205,9 +205,11 @@ void run(const float* xp, const T* ap, const T* bp, int64_t r, int64_t d_in, int
     for (int64_t g = g0; g < g1; ++g) {
       const T* a = ap + gadapter[g] * r * d_in;
       const T* bt = bp + gadapter[g] * r * d_out;
-      prefetch(bt, b_bytes);  // read after A
-      if (g + 1 < g1) prefetch(ap + gadapter[g + 1] * r * d_in, a_bytes);
-      if (g + 1 < g1) prefetch(bp + gadapter[g + 1] * r * d_out, b_bytes);
+      prefetch(bt, b_bytes);  // read after A (already asked for, but for the first adapter)
+      if (g + 1 < g1) {
+        prefetch(ap + gadapter[g + 1] * r * d_in, a_bytes);
+        prefetch(bp + gadapter[g + 1] * r * d_out, b_bytes);
+      }
       int64_t p = gptr[g];
       for (; p + kPairs <= gptr[g + 1]; p += kPairs)
         pair_block<kPairs>(a, bt, p, r, d_in, d_out, xp, prow, pcoeff, low.data(), part);
