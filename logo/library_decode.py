@@ -125,10 +125,12 @@ def applies(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, output: torch.Te
             and A.is_contiguous() and Bt.is_contiguous())
 
 
-def add_to(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, pairs: PairIndex, output: torch.Tensor) -> torch.Tensor:
+def add_to(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, pairs: PairIndex, output: torch.Tensor,
+           kernel: ModuleType | None = None) -> torch.Tensor:
     """``output += mixture(x)`` in place, for a call :func:`applies` accepts; raises where the kernel is unavailable.
-    Once loaded it stays in use for mixtures that chose it (the switch applies to the next choice)."""
-    kernel = _kernel if _kernel is not None else load()
+    Once loaded it stays in use for mixtures that chose it (the switch applies to the next choice). ``kernel``: another
+    build to run instead (:func:`build`, e.g. ``portable=True``)."""
+    kernel = kernel or (_kernel if _kernel is not None else load())
     y = output.view(pairs.rows, Bt.shape[2])
     kernel.library_decode(x.reshape(pairs.rows, A.shape[2]).contiguous(), A, Bt, pairs.group_ptr,
                           pairs.group_adapter, pairs.pair_row, pairs.pair_coeff, pairs.row_ptr, pairs.row_pair, y)
