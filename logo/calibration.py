@@ -99,16 +99,22 @@ def calibrate_scores(raw: torch.Tensor, library, calibration: str, module_name: 
         return raw
     if calibration == "weight-norm":
         return raw / weight_norms(library, module_name).clamp(min=1e-12).to(raw.device)
+    return apply_statistics(raw, statistics_for(library, calibration, key, raw.shape[-1]), calibration)
+
+
+def statistics_for(library, calibration: str, key: str, adapters: int) -> dict:
+    """The library's statistics of signal ``key`` that ``mean`` or ``zscore`` calibration reads, for ``adapters``
+    adapters; raises, saying how to compute them, where they are missing or cover another number of adapters."""
     entry = library.calibration.get(key)
     if entry is None or (calibration == "zscore" and "std" not in entry):
         raise LogoError(
             f"no '{calibration}' calibration statistics for signal {key}; fit a router with `logo fit-router` or "
             "compute them with `logo calibrate --base-model ... --adapters ...` (same router options)"
         )
-    if len(entry["values"]) != raw.shape[-1]:
+    if len(entry["values"]) != adapters:
         raise LogoError(f"calibration statistics for {key} cover {len(entry['values'])} adapters, the library holds "
-                        f"{raw.shape[-1]}; recalibrate")
-    return apply_statistics(raw, entry, calibration)
+                        f"{adapters}; recalibrate")
+    return entry
 
 
 def apply_statistics(raw: torch.Tensor, entry: dict, calibration: str) -> torch.Tensor:

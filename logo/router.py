@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 from torch import nn
 
-from logo.calibration import calibrate_scores, score_statistics
+from logo.calibration import calibrate_scores, score_statistics, statistics_for
 from logo.errors import LogoError
 from logo.library import AdapterLibrary
 
@@ -446,6 +446,17 @@ class Router:
             total = total + calibrate_scores(per_signal[:, j], self.library, self.config.calibration, signal.module,
                                              signal.key)
         return total
+
+    def check_statistics(self) -> None:
+        """Raise (saying how to compute them) where the calibration statistics that routing will read are missing:
+        each signal's, and the abstain signal's. Construction does not ask for them, since ``logo calibrate``
+        builds a router to compute them; a server checks a requested router with this before queueing."""
+        needs = [(self.config.calibration, s.key) for s in self.signals]
+        if self.abstain_signal is not None:
+            needs.append((self.config.abstain_signal.calibration, self.abstain_signal.key))
+        for calibration, key in needs:
+            if calibration in ("mean", "zscore"):
+                statistics_for(self.library, calibration, key, len(self.library))
 
     def abstain_confidence(self, found: dict[SignalPoint, torch.Tensor]) -> torch.Tensor:
         """Per-row confidence ``[B]`` of the abstain rule on its own signal, from the probed vectors."""

@@ -149,7 +149,10 @@ def test_mean_calibration_divides_raw_scores_and_is_stored(tiny_library, tokeniz
     engine = LoGoEngine(model, tokenizer, lib, RouterConfig(k=2, calibration="mean"))
     with pytest.raises(LogoError, match="logo calibrate"):
         engine.route(PROMPTS[:1])
+    with pytest.raises(LogoError, match="no 'mean' calibration statistics"):
+        engine.router.check_statistics()  # the same check without a prompt (a server's, before it queues)
     entry = engine.calibrate(PROMPTS, batch_size=2)
+    engine.router.check_statistics()
     assert entry["file"] == str(tmp_path / "lib" / "logo_calibration.json")
     raw = engine.router.config
     means = torch.tensor(entry["values"])

@@ -4,6 +4,7 @@ raw HTTP. Outputs are checked against the engine run in this process (`engine.ge
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ K = 2
 PROMPT_LIMIT = 64
 TOKENS_LIMIT = 400
 KEY = "sekret-key"
+MAX_QUEUE = 64
 PROMPTS = [f"{word} number {i}:" for i, word in enumerate(["apple", "river", "stone", "cloud"] * 8)]
 
 
@@ -36,7 +38,7 @@ def setup(tmp_path_factory):
     make_library(make_tiny_model(), root / "lib", MIXED_SPECS)
     common = ["--base-model", str(model_dir), "--adapters", str(root / "lib"), "-k", str(K), "--device", "cpu",
               "--max-prompt-tokens", str(PROMPT_LIMIT), "--max-tokens-limit", str(TOKENS_LIMIT), "--threads", "1"]
-    main = ServerProcess([*common, "--max-batch-size", "32", "--max-queue", "64"], root / "main.log")
+    main = ServerProcess([*common, "--max-batch-size", "32", "--max-queue", str(MAX_QUEUE)], root / "main.log")
     small = ServerProcess([*common, "--max-batch-size", "1", "--max-queue", "1", "--api-key", KEY], root / "small.log")
     engine = EngineSpec(str(model_dir), str(root / "lib"), RouterConfig(k=K), device="cpu").build()
     try:
@@ -79,7 +81,7 @@ def test_completion_routes_and_matches_engine(setup, client):
 def test_streamed_completion_equals_plain(client):
     plain = client.completions.create(model="logo", prompt=PROMPTS[1], max_tokens=10, temperature=0)
     chunks = list(client.completions.create(model="logo", prompt=PROMPTS[1], max_tokens=10, temperature=0,
-                                            stream=True))
+                                            stream=True, stream_options={"include_usage": True}))
     assert chunks[0].model_extra["logo"]["selected"] == plain.model_extra["logo"]["selected"]
     assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
@@ -92,12 +94,30 @@ def test_chat_plain_and_streamed(setup, client):
     prompt = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert response.choices[0].message.content == greedy(engine, prompt, 8)
     chunks = list(client.chat.completions.create(model="logo", messages=messages, max_tokens=8, temperature=0,
-                                                 stream=True))
+                                                 stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[0].model_extra["logo"]["selected"] == response.model_extra["logo"]["selected"]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == response.choices[0].message.content
     assert chunks[-1].usage.total_tokens == response.usage.total_tokens
+
+
+def test_usage_chunk_only_when_asked(client):
+    """As OpenAI: the final chunk of no choices, with the usage, comes only with stream_options.include_usage."""
+    plain = list(client.completions.create(model="logo", prompt=PROMPTS[1], max_tokens=4, stream=True))
+    assert all(c.choices and c.usage is None for c in plain)
+    messages = [{"role": "user", "content": "hello"}]
+    chat = list(client.chat.completions.create(model="logo", messages=messages, max_tokens=4, stream=True))
+    assert all(c.choices and c.usage is None for c in chat)
+    asked = list(client.chat.completions.create(model="logo", messages=messages, max_tokens=4, stream=True,
+                                                stream_options={"include_usage": True}))
+    assert asked[-1].choices == [] and asked[-1].usage.completion_tokens >= 1
+
+
+def test_tiny_temperature_is_greedy(setup, client):
+    """A temperature too small to divide logits by (1e-40 overflows float32) is greedy, as 0 is."""
+    response = client.completions.create(model="logo", prompt=PROMPTS[0], max_tokens=12, temperature=1e-40)
+    assert response.choices[0].text == greedy(setup["engine"], PROMPTS[0], 12)
 
 
 def test_base_and_single_adapter_models(setup, client):
@@ -210,9 +230,17 @@ BAD_REQUESTS = {
     "n over 1": ("/v1/completions", {"prompt": "hi", "n": 2}, "n"),
     "too many stop strings": ("/v1/completions", {"prompt": "hi", "stop": list("abcde")}, "stop"),
     "unknown field": ("/v1/completions", {"prompt": "hi", "best_of_all": 3}, "best_of_all"),
+    "more prompts than the queue holds": ("/v1/completions", {"prompt": ["hi"] * (MAX_QUEUE + 1)}, "--max-queue"),
+    "prompt with a lone surrogate": ("/v1/completions", '{"prompt": "hi \\ud800"}', "Unicode"),
+    "prompt far over the limit": ("/v1/completions", {"prompt": "x" * 2_000_000}, "characters"),
+    "stream_options without stream": ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}},
+                                      "stream_options"),
+    "unknown stream option": ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": {"usage": True}},
+                              "stream_options.usage"),
     "unknown model": ("/v1/completions", {"prompt": "hi", "model": "gpt-17"}, "gpt-17"),
     "unknown adapter": ("/v1/completions", {"prompt": "hi", "logo": {"adapters": {"nope": 1.0}}}, "nope"),
     "negative adapter weight": ("/v1/completions", {"prompt": "hi", "logo": {"adapters": {"a_r4": -1.0}}}, "weights"),
+    "huge adapter weight": ("/v1/completions", {"prompt": "hi", "logo": {"adapters": {"a_r4": 1e308}}}, "at most"),
     "empty mixture": ("/v1/completions", {"prompt": "hi", "logo": {"adapters": {}}}, "logo.adapters"),
     "k over library": ("/v1/completions", {"prompt": "hi", "logo": {"k": 99}}, "logo.k"),
     "k zero": ("/v1/completions", {"prompt": "hi", "logo": {"k": 0}}, "logo.k"),
@@ -224,6 +252,11 @@ BAD_REQUESTS = {
     "chat empty messages": ("/v1/chat/completions", {"messages": []}, "messages"),
     "chat bad role": ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
     "chat empty user message": ("/v1/chat/completions", {"messages": [{"role": "user", "content": " "}]}, "empty"),
+    "chat lone surrogate": ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}',
+                            "Unicode"),
+    "chat template refuses": ("/v1/chat/completions", {"messages": [{"role": "system", "content": "be brief"},
+                                                                    {"role": "user", "content": "hi"}]},
+                              "System role not supported"),
 }
 
 
@@ -237,6 +270,8 @@ def test_bad_request_gets_400_and_server_keeps_serving(setup, case):
     assert error["type"] == "invalid_request_error"
     if mentions:
         assert mentions in error["message"] or mentions == error["param"], error
+    if path == "/v1/chat/completions" and mentions in ("Unicode", "System role not supported"):
+        assert error["param"] == "messages"
     ok = post(setup["main"], "/v1/completions", {"prompt": "still there?", "max_tokens": 2})
     assert ok.status_code == 200
 
@@ -300,6 +335,42 @@ def test_disconnect_frees_the_row(setup):
         threading.Event().wait(0.05)
     assert httpx.get(server.url + "/health").json()["running"] == 0
     assert generated() - before < natural
+
+
+def test_non_streamed_hang_up_frees_the_rows(setup):
+    """Clients of plain (non-streamed) requests that hang up cancel their jobs: a list of 32 prompts and a chat
+    (on the base model, which runs to max_tokens here) leave the batch long before their max_tokens, answered 499
+    (client closed request), nothing logged."""
+    server = setup["main"]
+
+    def gone(endpoint: str) -> float:
+        pattern = rf'logo_requests_total{{endpoint="{endpoint}",status="499"}} (\S+)'
+        found = re.search(pattern, httpx.get(server.url + "/metrics").text)
+        return float(found.group(1)) if found else 0.0
+
+    def hang_up(path: str, body: dict) -> None:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + path, json={**body, "model": setup["base"], "max_tokens": TOKENS_LIMIT,
+                                                "temperature": 0}, timeout=0.5)
+
+    before = gone("/v1/completions"), gone("/v1/chat/completions")
+    log_before = len(server.log_file.read_text())
+    with ThreadPoolExecutor(2) as pool:
+        hung = [pool.submit(hang_up, "/v1/completions", {"prompt": PROMPTS}),
+                pool.submit(hang_up, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]
+        [f.result() for f in hung]
+    for _ in range(60):
+        if httpx.get(server.url + "/health").json()["running"] == 0:
+            break
+        threading.Event().wait(0.05)
+    assert httpx.get(server.url + "/health").json()["running"] == 0
+    for _ in range(20):  # the handler answers 499 once it sees the hang-up
+        if (gone("/v1/completions"), gone("/v1/chat/completions")) == (before[0] + 1, before[1] + 1):
+            break
+        threading.Event().wait(0.1)
+    assert (gone("/v1/completions"), gone("/v1/chat/completions")) == (before[0] + 1, before[1] + 1)
+    log = server.log_file.read_text()[log_before:]
+    assert "request failed" not in log and "Error" not in log, log
 
 
 # ---------------------------------------------------------------- playground

@@ -1,15 +1,19 @@
-"""The server's parts in-process: the scheduler's isolation of a failing request, per-row sampling against the
-softmax written out, and incremental detokenizing with stop strings."""
+"""The server's parts in-process: the scheduler's isolation of a failing request and its queue, per-row sampling
+against the softmax written out, incremental detokenizing with stop strings, and the app's admission checks."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from logo.generation import GenerationSettings
 from logo.router import RouterConfig
+from logo.serve.admission import Catalog, settings_for
+from logo.serve.api import ServeConfig, create_app
 from logo.serve.sampling import RowSettings, choose, uniform
 from logo.serve.scheduler import Job, Scheduler
 from logo.serve.text_stream import TextStream
@@ -169,3 +173,55 @@ def test_prefill_failure_while_rows_run_loses_nothing(engine):
             assert engine.tokenizer.decode(results[i][0], skip_special_tokens=True) == alone.text
     finally:
         scheduler.close()
+
+
+def test_cancelled_jobs_leave_the_queue(engine):
+    """A job whose client went away while it waited no longer counts against --max-queue or the queue depth."""
+    scheduler = Scheduler(engine, max_batch_size=1, max_queue=1)
+    scheduler.stops = scheduler.stops[:0]  # the running row ends at its max_new_tokens, never earlier
+    model = scheduler.model
+
+    def slow(*args, **kwargs):
+        time.sleep(0.02)
+        return model(*args, **kwargs)
+
+    scheduler.model = slow
+    running = threading.Event()
+    first = Job("a long running one", GenerationSettings(max_new_tokens=300), on_event=lambda _event: running.set())
+    try:
+        scheduler.submit([first])
+        assert running.wait(60)  # admitted: the batch (of 1) is full, so the next job waits
+        waiting = Job("waits", GenerationSettings(max_new_tokens=2))
+        scheduler.submit([waiting])
+        assert scheduler.queue_depth == 1
+        waiting.cancelled = True
+        assert scheduler.queue_depth == 0
+        scheduler.submit([Job("takes its place", GenerationSettings(max_new_tokens=2))])
+        assert scheduler.queue_depth == 1
+    finally:
+        first.cancelled = True
+        scheduler.close()
+
+
+def test_tiny_temperature_is_greedy():
+    catalog = Catalog("logo", "base", [], RouterConfig(k=1), 64, 16, 4, None)
+    assert not settings_for(4, 16, 1e-40, 1.0, None, 1, catalog).do_sample
+    assert settings_for(4, 16, 1e-3, 1.0, None, 1, catalog).do_sample
+
+
+def test_router_override_checked_before_queueing(tiny_model_dir, tiny_library):
+    """A logo.strategy the server cannot route with (no calibration statistics for it) is a 400 naming
+    logo.strategy before anything is queued, streamed or not; the server's own strategy still routes."""
+    _model, root = tiny_library("llama")
+    engine = EngineSpec(str(tiny_model_dir("llama")), str(root), RouterConfig(k=2, calibration="mean"),
+                        device="cpu").build()
+    engine.library.calibration = {engine.router.signal_key: {"values": [1.0] * len(engine.library)}}
+    with TestClient(create_app(engine, ServeConfig(base_id="base"))) as client:
+        for stream in (False, True):
+            body = {"prompt": "hi", "max_tokens": 2, "stream": stream, "logo": {"strategy": "entropy"}}
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["param"] == "logo.strategy"
+            assert "calibration statistics" in response.json()["error"]["message"]
+        body = {"prompt": "hi", "max_tokens": 2, "logo": {"strategy": "norm", "k": 1}}
+        assert client.post("/v1/completions", json=body).status_code == 200

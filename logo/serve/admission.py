@@ -9,14 +9,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from logo.errors import LogoError
 from logo.generation import GenerationSettings
-from logo.router import RouterConfig, Selection
+from logo.library import AdapterLibrary
+from logo.router import Router, RouterConfig, Selection
 from logo.serve.schemas import LogoOptions
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+GREEDY_BELOW = 1e-5
+"""A temperature below this is greedy (as 0 is): dividing logits by less overflows float32."""
+MAX_ADAPTER_WEIGHT = 10.0
+"""The largest weight ``logo.adapters`` may give one adapter (weights scale its update; far beyond 1 is noise)."""
+MAX_CHARS_PER_TOKEN = 16
+"""A prompt longer than this many characters per token of ``--max-prompt-tokens`` is refused before it is
+tokenized (tokenizing runs on the event loop); tokens average about 4 characters, so no real prompt is."""
 
 
 class ApiError(Exception):
@@ -29,9 +38,34 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+class RouterOverrides:
+    """The routers that requests' ``logo.k`` / ``logo.strategy`` ask for, each checked once (built, and its
+    calibration statistics looked up) so that one the worker could not route with is refused before it is
+    queued."""
+
+    def __init__(self, model: torch.nn.Module, library: AdapterLibrary) -> None:
+        self.model, self.library = model, library
+        self._problems: dict[str, str | None] = {}
+
+    def check(self, config: RouterConfig, param: str) -> None:
+        key = repr(config)
+        if key not in self._problems:
+            self._problems[key] = self._problem(config)
+        if self._problems[key] is not None:
+            raise ApiError(400, f"{param}: this server cannot route with it ({self._problems[key]}); drop {param} "
+                           "to use the server's router", param)
+
+    def _problem(self, config: RouterConfig) -> str | None:
+        try:
+            Router(self.model, self.library, config).check_statistics()
+        except LogoError as err:
+            return str(err)
+        return None
+
+
 @dataclass
 class Catalog:
-    """The models a request may name, and the server's limits."""
+    """The models a request may name, the server's limits, and the check of router overrides."""
 
     routed_id: str
     base_id: str
@@ -39,6 +73,8 @@ class Catalog:
     router: RouterConfig
     max_prompt_tokens: int
     max_tokens_limit: int
+    max_queue: int
+    overrides: RouterOverrides
 
     @property
     def model_ids(self) -> list[str]:
@@ -70,7 +106,13 @@ def choose_mixture(model: str | None, options: LogoOptions | None,
         if k > len(catalog.adapters):
             raise ApiError(400, f"logo.k={k} but the library holds {len(catalog.adapters)} adapters; choose 1 to "
                            f"{len(catalog.adapters)}", "logo.k")
-        return None, replace(config, k=k, strategy=options.strategy or config.strategy)
+        param = "logo.strategy" if options.strategy is not None else "logo.k"
+        try:
+            router = replace(config, k=k, strategy=options.strategy or config.strategy)
+        except LogoError as err:
+            raise ApiError(400, f"{param}: {err}", param) from None
+        catalog.overrides.check(router, param)
+        return None, router
     if overrides:
         raise ApiError(400, f"logo.k and logo.strategy apply only when LoGo routes (model {catalog.routed_id!r} "
                        f"or unset), not to model {model!r}", "logo")
@@ -89,15 +131,17 @@ def explicit_mixture(weights: dict[str, float], names: list[str]) -> Selection:
     if unknown:
         raise ApiError(400, f"unknown adapter(s) {unknown} in logo.adapters; GET /v1/adapters lists the "
                        f"{len(names)} adapters", "logo.adapters", "adapter_not_found")
-    bad = {n: w for n, w in weights.items() if not (math.isfinite(w) and w > 0)}
+    bad = {n: w for n, w in weights.items() if not (math.isfinite(w) and 0 < w <= MAX_ADAPTER_WEIGHT)}
     if bad:
-        raise ApiError(400, f"logo.adapters weights must be positive finite numbers, got {bad}", "logo.adapters")
+        raise ApiError(400, f"logo.adapters weights must be above 0 and at most {MAX_ADAPTER_WEIGHT:g}, got {bad}",
+                       "logo.adapters")
     return Selection([names.index(n) for n in weights], [float(w) for w in weights.values()])
 
 
 def settings_for(max_tokens: int | None, default_max_tokens: int, temperature: float, top_p: float,
                  seed: int | None, n: int, catalog: Catalog, param: str = "max_tokens") -> GenerationSettings:
-    """Generation settings (temperature 0 is greedy), checked against the server's ``--max-tokens-limit``."""
+    """Generation settings (a temperature below :data:`GREEDY_BELOW`, 0 included, is greedy), checked against
+    the server's ``--max-tokens-limit``."""
     if n != 1:
         raise ApiError(400, f"n={n}: this server returns one choice per prompt; use n=1 (send a list of prompts "
                        "for several)", "n")
@@ -106,9 +150,10 @@ def settings_for(max_tokens: int | None, default_max_tokens: int, temperature: f
     if tokens > limit:
         raise ApiError(400, f"{param}={tokens} is over this server's limit of {limit} (--max-tokens-limit); "
                        f"ask for at most {limit}", param, "max_tokens_over_limit")
+    sample = temperature >= GREEDY_BELOW
     try:
-        return GenerationSettings(max_new_tokens=tokens, do_sample=temperature > 0,
-                                  temperature=temperature if temperature > 0 else 1.0, top_p=top_p, seed=seed)
+        return GenerationSettings(max_new_tokens=tokens, do_sample=sample, temperature=temperature if sample else 1.0,
+                                  top_p=top_p, seed=seed)
     except LogoError as err:
         raise ApiError(400, str(err)) from None
 
@@ -124,14 +169,28 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
 
 def prompt_lengths(tokenizer: PreTrainedTokenizerBase, prompts: list[str], catalog: Catalog,
                    param: str = "prompt") -> list[int]:
-    """Each prompt's token count (as the engine tokenizes it); an empty or over-long prompt is refused."""
+    """Each prompt's token count (as the engine tokenizes it); an empty, over-long or not encodable prompt, or
+    more prompts than the queue holds, is refused."""
     if not prompts:
         raise ApiError(400, f"{param} is empty; give at least one prompt", param)
+    if len(prompts) > catalog.max_queue:
+        raise ApiError(400, f"{param} has {len(prompts)} prompts, more than this server queues ({catalog.max_queue}, "
+                       f"--max-queue); send at most {catalog.max_queue} per request", param, "too_many_prompts")
+    limit = catalog.max_prompt_tokens
+    chars = MAX_CHARS_PER_TOKEN * limit
     for i, prompt in enumerate(prompts):
         if not prompt.strip():
             raise ApiError(400, f"{param} {i} is empty; give some text to continue", param)
+        if len(prompt) > chars:
+            raise ApiError(400, f"{param} {i} has {len(prompt)} characters, over this server's limit of {chars} "
+                           f"({MAX_CHARS_PER_TOKEN} per token of --max-prompt-tokens {limit}); shorten it", param,
+                           "prompt_too_long")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ApiError(400, f"{param} {i} is not valid Unicode (a lone surrogate at character {err.start}); "
+                           "send UTF-8 text", param) from None
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
-    limit = catalog.max_prompt_tokens
     for i, length in enumerate(lengths):
         if length > limit:
             raise ApiError(400, f"{param} {i} has {length} tokens, over this server's limit of {limit} "

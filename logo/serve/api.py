@@ -23,8 +23,11 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from logo.engine import LoGoEngine
 from logo.errors import LogoError
@@ -33,6 +36,7 @@ from logo.router import RouterConfig, Selection
 from logo.serve.admission import (
     ApiError,
     Catalog,
+    RouterOverrides,
     choose_mixture,
     prompt_lengths,
     settings_for,
@@ -65,6 +69,7 @@ COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_TOKENS = 256
 RETRY_AFTER_S = 1
 DISCONNECT_CHECK_S = 0.5  # how often a non-streamed request looks for its client having gone
+CLIENT_GONE = 499  # nginx's "client closed request": no one reads it, but the request metrics count it
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/adapters", "/v1/completions", "/v1/chat/completions")
 
 
@@ -92,6 +97,41 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+class Guard:
+    """The API key check on ``/v1/`` and the request count per endpoint and status, as plain ASGI middleware
+    (Starlette's ``BaseHTTPMiddleware`` would hide a client's disconnect from the handlers)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics: Metrics) -> None:
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
+        if self.api_key and path.startswith("/v1/"):
+            given = Headers(scope=scope).get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                self.metrics.requests.labels(endpoint=endpoint, status="401").inc()
+                response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                          code="invalid_api_key")
+                await response(scope, receive, send)
+                return
+        status = 500  # what Starlette answers when the app raises before it starts a response
+
+        async def counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        finally:
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+
 class Exchange:
     """One HTTP request's jobs (one per prompt), their events, and their text so far."""
 
@@ -107,6 +147,8 @@ class Exchange:
         self.metrics: Metrics = app_state.metrics
         self.started = time.perf_counter()
         self.first_token = [True] * len(prompts)
+        self.gone = False
+        """The client disconnected (seen by :meth:`updates`); the jobs are cancelled."""
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         try:
@@ -135,6 +177,7 @@ class Exchange:
             if request is not None and time.perf_counter() - checked >= DISCONNECT_CHECK_S:
                 checked = time.perf_counter()
                 if await request.is_disconnected():
+                    self.gone = True
                     self.cancel()
                     return
             if event is None:
@@ -183,7 +226,8 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
         raise LogoError(f"--max-tokens-limit must be at least 1, got {config.max_tokens_limit}")
     metrics = Metrics()
     catalog = Catalog(config.routed_id, config.base_id, list(engine.library.names), engine.router.config,
-                      config.max_prompt_tokens, config.max_tokens_limit)
+                      config.max_prompt_tokens, config.max_tokens_limit, config.max_queue,
+                      RouterOverrides(engine.model, engine.library))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -232,18 +276,7 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
         log.exception("request failed")
         return error_response(500, f"internal error: {type(err).__name__}: {err}", kind="server_error")
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        if config.api_key and path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
-                metrics.requests.labels(endpoint=path if path in ENDPOINTS else "other", status="401").inc()
-                return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                      code="invalid_api_key")
-        response = await call_next(request)
-        metrics.requests.labels(endpoint=path if path in ENDPOINTS else "other", status=str(response.status_code)).inc()
-        return response
+    app.add_middleware(Guard, api_key=config.api_key, metrics=metrics)
 
     # ---------------------------------------------------------- endpoints
     @app.get("/", response_class=HTMLResponse)
@@ -280,13 +313,16 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
         exchange = _exchange(request, body, prompts, body.max_tokens, COMPLETION_DEFAULT_TOKENS, "prompt")
         model = body.model or config.routed_id
         if body.stream:
-            return StreamingResponse(_stream_completion(exchange, model), media_type="text/event-stream")
+            return StreamingResponse(_stream_completion(exchange, model, _include_usage(body)),
+                                     media_type="text/event-stream")
         texts = [""] * len(prompts)
         try:
             async for index, text, _reason in exchange.updates(request):
                 texts[index] += text
         finally:
             exchange.cancel()
+        if exchange.gone:
+            return Response(status_code=CLIENT_GONE)
         multi = len(prompts) > 1
         choices = [CompletionChoice(index=i, text=t, finish_reason=exchange.reasons[i],
                                     logo=exchange.info[i] if multi else None) for i, t in enumerate(texts)]
@@ -302,13 +338,16 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
         exchange.id = f"chatcmpl-{uuid.uuid4().hex}"
         model = body.model or config.routed_id
         if body.stream:
-            return StreamingResponse(_stream_chat(exchange, model), media_type="text/event-stream")
+            return StreamingResponse(_stream_chat(exchange, model, _include_usage(body)),
+                                     media_type="text/event-stream")
         text = ""
         try:
             async for _index, delta, _reason in exchange.updates(request):
                 text += delta
         finally:
             exchange.cancel()
+        if exchange.gone:
+            return Response(status_code=CLIENT_GONE)
         choice = ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=exchange.reasons[0])
         return ChatCompletion(id=exchange.id, created=exchange.created, model=model, choices=[choice],
                               usage=exchange.usage(), logo=exchange.info[0]).model_dump()
@@ -320,12 +359,20 @@ def _exchange(request: Request, body, prompts: list[str], max_tokens: int | None
               param: str, tokens_param: str = "max_tokens") -> Exchange:
     state = request.app.state
     catalog: Catalog = state.catalog
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options applies only to streamed requests; set stream to true or drop "
+                       "stream_options", "stream_options")
     selection, router = choose_mixture(body.model, body.logo, catalog)
     settings = settings_for(max_tokens, default_tokens, body.temperature, body.top_p, body.seed, body.n, catalog,
                             tokens_param)
     stops = stop_strings(body.stop)
     lengths = prompt_lengths(state.tokenizer, prompts, catalog, param)
     return Exchange(prompts, lengths, settings, selection, router, stops, state)
+
+
+def _include_usage(body) -> bool:
+    """Whether a streamed request asked for the final usage chunk (OpenAI sends it only then)."""
+    return body.stream_options is not None and body.stream_options.include_usage
 
 
 def _targets(config: dict) -> set[str]:
@@ -342,15 +389,21 @@ def _chat_prompt(tokenizer, body: ChatRequest) -> str:
         if not content.strip() and message.role == "user":
             raise ApiError(400, f"messages {i} (user) is empty; give some text", "messages")
         messages.append({"role": message.role, "content": content})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as err:
+        raise ApiError(400, f"this model's chat template refuses these messages: {err}", "messages") from None
 
 
-async def _stream(exchange: Exchange, chunks: AsyncIterator[str], final: Callable[[], dict]) -> AsyncIterator[str]:
-    """SSE lines: the chunks, then ``final()`` (the usage chunk); an error chunk instead on failure; ``[DONE]``."""
+async def _stream(exchange: Exchange, chunks: AsyncIterator[str],
+                  final: Callable[[], dict] | None) -> AsyncIterator[str]:
+    """SSE lines: the chunks, then ``final()`` (the usage chunk) if given; an error chunk instead on failure;
+    ``[DONE]``."""
     try:
         async for line in chunks:
             yield line
-        yield sse(final())
+        if final is not None:
+            yield sse(final())
     except ApiError as err:
         yield sse(ErrorBody(error=ErrorDetail(message=err.message, type=err.kind)).model_dump())
     finally:
@@ -358,7 +411,7 @@ async def _stream(exchange: Exchange, chunks: AsyncIterator[str], final: Callabl
     yield sse("[DONE]")
 
 
-def _stream_completion(exchange: Exchange, model: str) -> AsyncIterator[str]:
+def _stream_completion(exchange: Exchange, model: str, usage: bool) -> AsyncIterator[str]:
     def chunk(index: int, text: str, reason: str | None, info: LogoInfo | None = None) -> str:
         choice = CompletionChoice(index=index, text=text, finish_reason=reason)
         return sse(Completion(id=exchange.id, created=exchange.created, model=model, choices=[choice],
@@ -369,11 +422,14 @@ def _stream_completion(exchange: Exchange, model: str) -> AsyncIterator[str]:
             first = exchange.info[index] is not None and not text and reason is None
             yield chunk(index, text, reason, exchange.info[index] if first else None)
 
-    return _stream(exchange, chunks(), lambda: Completion(id=exchange.id, created=exchange.created, model=model,
-                                                          choices=[], usage=exchange.usage()).model_dump())
+    def final() -> dict:
+        return Completion(id=exchange.id, created=exchange.created, model=model, choices=[],
+                          usage=exchange.usage()).model_dump()
+
+    return _stream(exchange, chunks(), final if usage else None)
 
 
-def _stream_chat(exchange: Exchange, model: str) -> AsyncIterator[str]:
+def _stream_chat(exchange: Exchange, model: str, usage: bool) -> AsyncIterator[str]:
     def chunk(delta: Delta, reason: str | None = None, info: LogoInfo | None = None) -> str:
         choice = ChatChunkChoice(index=0, delta=delta, finish_reason=reason)
         return sse(ChatChunk(id=exchange.id, created=exchange.created, model=model, choices=[choice],
@@ -389,5 +445,8 @@ def _stream_chat(exchange: Exchange, model: str) -> AsyncIterator[str]:
             if reason is not None:
                 yield chunk(Delta(), reason)
 
-    return _stream(exchange, chunks(), lambda: ChatChunk(id=exchange.id, created=exchange.created, model=model,
-                                                         choices=[], usage=exchange.usage()).model_dump())
+    def final() -> dict:
+        return ChatChunk(id=exchange.id, created=exchange.created, model=model, choices=[],
+                         usage=exchange.usage()).model_dump()
+
+    return _stream(exchange, chunks(), final if usage else None)

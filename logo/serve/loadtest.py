@@ -59,7 +59,8 @@ def percentile(values: list[float], q: float) -> float:
 
 async def _one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, headers: dict) -> tuple:
     """``(status, ttft, latency, tokens)``; status "ok", "error" or "lost"."""
-    body = {"model": "logo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"model": "logo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     ttft, tokens, done = None, 0, False
     try:

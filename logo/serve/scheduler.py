@@ -120,6 +120,7 @@ class Scheduler:
         with self._wake:
             if self._closing:
                 raise LogoError("the server is shutting down")
+            self._purge()
             if len(self._waiting) + len(jobs) > self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting requests, --max-queue); retry shortly")
             self._waiting.extend(jobs)
@@ -128,7 +129,16 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        """Waiting jobs whose client still waits (cancelled ones leave the queue here)."""
+        with self._wake:
+            self._purge()
+            return len(self._waiting)
+
+    def _purge(self) -> None:
+        """Drop the cancelled jobs from the queue (the caller holds the lock)."""
+        if any(job.cancelled for job in self._waiting):
+            self._waiting = deque(job for job in self._waiting if not job.cancelled)
+            self.metrics.queue_depth.set(len(self._waiting))
 
     @property
     def running(self) -> int:

@@ -24,6 +24,11 @@ class LogoOptions(_Strict):
     adapters: dict[str, float] | None = Field(None, description="An explicit mixture {adapter name: weight}.")
 
 
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    """End the stream with a chunk of no choices carrying the request's usage (as OpenAI)."""
+
+
 class _Generation(_Strict):
     """The sampling fields both endpoints share (OpenAI's names and defaults)."""
 
@@ -31,13 +36,14 @@ class _Generation(_Strict):
     """``logo`` (or unset): LoGo routes; the base model's id: no adapter; an adapter's name: that adapter."""
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
-    """0 is greedy."""
+    """0, or anything below ``GREEDY_BELOW`` (1e-5), is greedy."""
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
-    stream_options: dict[str, bool] | None = None
+    stream_options: StreamOptions | None = None
+    """Only with ``stream``."""
     user: str | None = None
     logo: LogoOptions | None = None
 
