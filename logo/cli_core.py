@@ -37,18 +37,27 @@ from logo.generation import GenerationSettings, check_prompts
 from logo.router import router_overrides
 
 
-def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:
+def read_prompts(prompts: list[str] | None, prompts_file: Path | None,
+                 options: str = "--prompt TEXT (repeatable) or --prompts-file FILE") -> list[str]:
+    """The prompts of ``--prompt`` and of ``--prompts-file`` (one per line, ``-`` for stdin; ``\\n`` in a prompt
+    is a newline); ``options``: the command's own, for the message when there are none."""
     out = [p.replace("\\n", "\n") for p in prompts or []]
     if prompts_file is not None:
         if str(prompts_file) == "-":
             text = sys.stdin.read()
+        elif prompts_file.is_dir():
+            raise LogoError(f"prompts file {prompts_file} is a directory; give a text file, one prompt per line")
         elif not prompts_file.is_file():
             raise LogoError(f"prompts file {prompts_file} does not exist")
         else:
-            text = prompts_file.read_text()
+            try:
+                text = prompts_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise LogoError(f"prompts file {prompts_file} is not UTF-8 text (byte {err.start}); save it as "
+                                "UTF-8, one prompt per line") from None
         out += [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
     if not out:
-        raise LogoError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
+        raise LogoError(f"no prompts: give {options}")
     check_prompts(out)
     return out
 
@@ -195,7 +204,7 @@ def calibrate(
     official signal (or the one the flags give) and store them with the library."""
     overrides = router_overrides(selection_strategy, 1, signal_layer, signal_module, post_norm, position)
     engine = build_engine(base_model, adapters, overrides, "official", device, dtype)
-    prompts = read_prompts(None, prompts_file) if prompts_file else None
+    prompts = read_prompts(None, prompts_file, "prompts in --prompts-file FILE") if prompts_file else None
     entry = engine.calibrate(prompts, batch_size=batch_size, source=str(prompts_file) if prompts_file else None,
                              progress=True)
     print(f"calibrated {len(engine.library)} adapters on {entry['n_prompts']} prompts -> {entry['file']}")

@@ -162,6 +162,7 @@ class LoGoEngine:
             raise LogoError(f"batch size must be at least 1, got {batch_size}")
         check_prompts(prompts)
         lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+        check_prompts(prompts, lengths, MAX_PROMPT_TOKENS)  # here, where a prompt's number is its input position
         order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 

@@ -112,10 +112,18 @@ def examples_from_manifest(manifest_file: Path, split: str = "valid", n_per_temp
         raise LogoError(f"unknown template split {split!r}; use valid or test")
     try:
         manifest = json.loads(Path(manifest_file).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise LogoError(f"cannot read the library manifest {manifest_file}: {err}") from err
-    entries = [(a, a["name"]) for a in manifest.get("adapters", [])]
+    if not isinstance(manifest, dict) or not all(isinstance(manifest.get(key, []), list)
+                                                 for key in ("adapters", "unseen_tasks")):
+        raise LogoError(f"the library manifest {manifest_file} is not a manifest (an object whose \"adapters\" and "
+                        "\"unseen_tasks\" are lists); rebuild it or give example prompts with --prompts-dir")
+    entries = [(a, a.get("name") if isinstance(a, dict) else None) for a in manifest.get("adapters", [])]
     entries += [(u, None) for u in manifest.get("unseen_tasks", [])]
+    for entry, _ in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise LogoError(f"the library manifest {manifest_file} has an entry without a \"name\" ({entry!r:.60}); "
+                            "rebuild it or give example prompts with --prompts-dir")
     out = []
     instance_split = "valid" if split == "valid" else "eval"
     for entry, adapter in entries:
@@ -141,7 +149,11 @@ def examples_from_jsonl(folder: Path) -> list[Example]:
         raise LogoError(f"no *.jsonl files in {folder}; give one file of example prompts per adapter")
     out = []
     for file in files:
-        for number, line in enumerate(file.read_text().splitlines(), 1):
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise LogoError(f"{file} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -150,6 +162,11 @@ def examples_from_jsonl(folder: Path) -> list[Example]:
                 raise LogoError(f"{file}:{number} is not JSON: {err.msg}") from err
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 raise LogoError(f'{file}:{number} needs a "prompt" string')
+            if not record["prompt"].strip():
+                raise LogoError(f"{file}:{number} has an empty prompt; give some text or drop the line")
+            if not isinstance(record.get("adapter", ""), (str, type(None))):
+                raise LogoError(f'{file}:{number}: "adapter" must be an adapter\'s name or null, got '
+                                f'{record["adapter"]!r:.60}')
             default = None if file.stem == "none" else file.stem
             template = record.get("template")
             out.append(Example(record["prompt"], record.get("adapter", default),

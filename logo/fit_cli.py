@@ -57,6 +57,10 @@ def fit_router_command(
         if root is None:
             raise LogoError("the adapters share no folder to store the router in; give --out FILE")
         out = root / FILE_NAME
+    if out.is_dir():
+        raise LogoError(f"--out {out} is a directory; give the router file's path, e.g. {out / FILE_NAME}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise LogoError(f"cannot write {out}: {out.parent} is a file, not a folder; give --out FILE elsewhere")
     if not os.access(out.parent if out.parent.exists() else out.parent.parent, os.W_OK):
         raise LogoError(f"cannot write {out}; give --out FILE somewhere writable")
     engine = spec.build(progress=True)
@@ -65,7 +69,11 @@ def fit_router_command(
                             abstain=not no_abstain, abstain_from=abstain_from)
     finally:
         engine.close()
-    fitted.save(out)
+    try:
+        fitted.save(out)
+    except OSError as err:
+        raise LogoError(f"cannot write the fitted router to {out} ({err.strerror}); give --out FILE elsewhere and "
+                        "fit again") from None
     fit = fitted.fit
     abstain = fit.get("abstain") or {}
     print(f"signal: {fit['signal']}; k={fitted.config.k} ({fitted.config.weighting}); "

@@ -137,3 +137,38 @@ def test_bad_model_path_is_a_clear_error(tmp_path, model_and_lib):
     _, lib = model_and_lib
     res = run_logo("route", "-m", str(tmp_path / "no_model"), "-a", str(lib), "-p", "x", "-k", "1")
     assert res.returncode == 2 and "cannot load" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_prompt_file_and_position_mistakes_are_one_clear_line(model_and_lib, tmp_path, monkeypatch, capsys):
+    """A prompts file that is a folder or not UTF-8, and an over-long prompt named by its input position (batches
+    are sorted by length, so a batch's position would name another prompt)."""
+    from logo import cli
+
+    model_dir, lib = model_and_lib
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    cases = [(["--prompts-file", str(tmp_path)], "is a directory"),
+             (["--prompts-file", str(tmp_path / "latin1.txt")], "is not UTF-8 text"),
+             (["-p", "short", "-p", "short too", "-p", "word " * 3000], "prompt 2 has")]
+    for args, message in cases:
+        monkeypatch.setattr(sys, "argv", ["logo", "route", "-m", str(model_dir), "-a", str(lib), "-k", "1", *args])
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+        stderr = capsys.readouterr().err
+        assert exc.value.code == 2 and message in stderr and "Traceback" not in stderr, stderr
+
+
+def test_fit_router_refuses_an_out_it_cannot_write_before_fitting(model_and_lib, tmp_path, monkeypatch, capsys):
+    from logo import cli
+
+    model_dir, lib = model_and_lib
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "a_r4.jsonl").write_text('{"prompt": "one"}\n{"prompt": "two"}\n')
+    (tmp_path / "a_file").write_text("")
+    for out, message in [(tmp_path, "is a directory"), (tmp_path / "a_file" / "r.json", "is a file, not a folder")]:
+        monkeypatch.setattr(sys, "argv", ["logo", "fit-router", "-m", str(model_dir), "-a", str(lib),
+                                          "--prompts-dir", str(prompts), "--out", str(out)])
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+        stderr = capsys.readouterr().err
+        assert exc.value.code == 2 and message in stderr and "Traceback" not in stderr, stderr

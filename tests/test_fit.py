@@ -12,7 +12,7 @@ import torch
 
 from logo.engine import LoGoEngine
 from logo.errors import LogoError
-from logo.fit import Example, check_examples, examples_from_jsonl, fit_router
+from logo.fit import Example, check_examples, examples_from_jsonl, examples_from_manifest, fit_router
 from logo.library import AdapterLibrary
 from logo.methods import Fitted
 from logo.router import Router, RouterConfig
@@ -149,6 +149,20 @@ def test_examples_from_jsonl(tmp_path):
         examples_from_jsonl(tmp_path)
     with pytest.raises(LogoError, match="no \\*.jsonl files"):
         examples_from_jsonl(tmp_path / "nowhere")
+    for text, message in [(b"\xff\xfe not utf-8\n", "is not UTF-8"), (b'{"prompt": "  "}\n', "c.jsonl:1 has an empty"),
+                          (b'{"prompt": "x", "adapter": ["a"]}\n', '"adapter" must be')]:
+        (tmp_path / "c.jsonl").write_bytes(text)
+        with pytest.raises(LogoError, match=message):
+            examples_from_jsonl(tmp_path)
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ("[]", "is not a manifest"), ('{"adapters": {"a": 1}}', "is not a manifest"),
+    ('{"adapters": [{"templates": []}]}', 'without a "name"'), ("\u00ff", "cannot read")])
+def test_a_malformed_manifest_is_one_line_error(tmp_path, manifest, message):
+    (tmp_path / "manifest.json").write_text(manifest, encoding="latin-1" if message == "cannot read" else "utf-8")
+    with pytest.raises(LogoError, match=message):
+        examples_from_manifest(tmp_path / "manifest.json")
 
 
 def fitted_file(model, lib, config: RouterConfig) -> RouterFile:
