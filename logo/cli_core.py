@@ -104,6 +104,8 @@ def _print_table(records: list[dict]) -> None:
         for rank, sel in enumerate(rec["selected"], 1):
             table.add_row(str(rank), sel["name"], f"{sel['score']:.4g}", f"{sel['weight']:.3f}")
         console.print(table)
+        if rec.get("abstained"):
+            console.print("abstained: no adapter fits this prompt well enough, so it runs on the base model")
         if "output" in rec:
             console.print(f"[bold]output:[/bold] {rec['output']}\n")
 
@@ -137,7 +139,7 @@ def route(
     engine = build_engine(base_model, adapters, overrides, router, device, dtype)
     routes = engine.route(prompts, batch_size=batch_size, progress=len(prompts) > batch_size)
     records = [route_record(p, r, engine.library.names) for p, r in zip(prompts, routes)]
-    _emit(records, json_out)
+    print_records(records, json_out)
 
 
 def generate(
@@ -184,7 +186,7 @@ def generate(
         rec = route_record(res.prompt, res.route, engine.library.names)
         rec["output"] = res.text
         records.append(rec)
-    _emit(records, json_out)
+    print_records(records, json_out)
 
 
 def calibrate(
@@ -210,7 +212,8 @@ def calibrate(
     print(f"calibrated {len(engine.library)} adapters on {entry['n_prompts']} prompts -> {entry['file']}")
 
 
-def _emit(records: list[dict], json_out: bool) -> None:
+def print_records(records: list[dict], json_out: bool) -> None:
+    """Routed (and generated) records as JSON lines, or as one table per prompt."""
     if json_out:
         for rec in records:
             print(json.dumps(rec, ensure_ascii=False))

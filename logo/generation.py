@@ -24,6 +24,10 @@ def check_decode(decode: str) -> str:
     return decode
 
 
+SEED_LIMIT = 2**63
+"""Seeds are below this (an int64: what a torch generator and the server's per-row seeds take)."""
+
+
 @dataclass
 class GenerationSettings:
     """How to continue each prompt. Greedy by default; ``do_sample`` uses ``temperature`` and ``top_p``."""
@@ -49,6 +53,8 @@ class GenerationSettings:
             raise LogoError(f"temperature must be positive, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise LogoError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT):
+            raise LogoError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

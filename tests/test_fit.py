@@ -198,11 +198,13 @@ def test_engine_spec_uses_the_library_router_file_unless_told_otherwise(lib_copy
         EngineSpec(model_dir, str(root), router_file="nope").resolved()
 
 
-def test_route_record_of_an_abstained_prompt():
-    from logo.cli_core import route_record
+def test_route_record_of_an_abstained_prompt(capsys):
+    from logo.cli_core import print_records, route_record
     from logo.router import Route
 
     record = route_record("p", Route([], [], all_scores=[0.1, 0.2], abstained=True), ["a", "b"])
+    print_records([record], json_out=False)
+    assert "abstained" in capsys.readouterr().out  # the table view says so, not just an empty table
     assert record["abstained"] is True and record["selected"] == [] and record["scores"] == {"a": 0.1, "b": 0.2}
 
 
