@@ -12,8 +12,6 @@ from typing import Annotated
 
 import typer
 
-from logo.router import RouterConfig
-
 BaseModel = Annotated[
     str,
     typer.Option(
@@ -63,13 +61,3 @@ Decode = Annotated[str, typer.Option(
     "--decode", help="eager (transformers generate) | static (static KV cache) | compiled (static cache + "
     "torch.compile; CUDA graphs on GPU; the first batch of each size compiles)")]
 Json = Annotated[bool, typer.Option("--json", help="One JSON object per prompt per line.")]
-
-
-
-def router_from_options(strategy: str, k: int | None, layer: int, module: str, post_norm: bool, position: str,
-                        weighting: str, temperature: float, calibration: str) -> RouterConfig:
-    """The router the flags describe, with no fitted router under it; ``k=None`` means the official 20 (fitted to
-    a smaller library). `logo route/generate` use :func:`logo.router.router_overrides` over the fitted router."""
-    return RouterConfig(strategy=strategy, k=20 if k is None else k, layer=layer, module=module,
-                        post_norm=post_norm, position=position, weighting=weighting, temperature=temperature,
-                        calibration=calibration)

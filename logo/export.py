@@ -9,7 +9,13 @@ so ``B A`` is the mixture exactly (``--exact``). Rank pairs that are zero in the
 (an adapter's rank below the library's largest, or a module it does not train) are dropped, which changes
 nothing. ``--rank R`` compresses each module to its best rank-R approximation in Frobenius norm without ever
 forming the ``d_out x d_in`` delta: QR of ``B`` and ``A^T``, SVD of the small ``R x R`` core, keep the top
-``R`` singular triplets; the relative error ``||delta - delta_R|| / ||delta||`` is reported per module.
+``R`` singular triplets; the relative error ``||delta - delta_R|| / ||delta||`` is reported per module. ``R``
+above the exact rank (the largest module's concatenated rank, what ``--exact`` writes) is refused: it would only
+add zero rows.
+
+A prompt's mixture is routed exactly as `logo route` routes it: the library's fitted router (``--router auto``)
+or the one ``--router`` names, with the router flags over it. A prompt the router abstains on (sends to the base
+model) has no mixture: alone it is an error; in a ``--prompts-file`` it counts as weight 0 for every adapter.
 
 Every module is written with the same rank (zero-padded where a module needs fewer), ``lora_alpha`` equal to
 that rank (scaling 1: weights and scalings are folded into B), and ``target_modules`` as the leaf names, which
@@ -19,6 +25,7 @@ is what vLLM's ``--lora-modules`` and PEFT's ``PeftModel.from_pretrained`` load.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -27,8 +34,10 @@ import torch
 import typer
 from safetensors.torch import save_file
 
-from logo.cli_core import read_prompts
+from logo.cli_core import engine_spec, read_prompts
 from logo.cli_options import (
+    Abstain,
+    AbstainBelow,
     Adapters,
     BaseModel,
     BatchSize,
@@ -41,13 +50,14 @@ from logo.cli_options import (
     Position,
     PostNorm,
     PromptsFile,
+    Router,
     Strategy,
     Weighting,
     WeightTemp,
-    router_from_options,
 )
 from logo.errors import LogoError
 from logo.library import AdapterLibrary
+from logo.router import router_overrides
 
 
 @dataclass
@@ -67,9 +77,14 @@ class ExportedMixture:
 
 
 def average_mixture(weight_rows: list[dict[str, float]]) -> dict[str, float]:
-    """The task mixture of several routed prompts: each adapter's mean weight (0 where a prompt did not select it)."""
+    """The task mixture of several routed prompts: each adapter's mean weight (0 where a prompt did not select it,
+    and for every adapter where the router abstained on the prompt: an empty row)."""
     if not weight_rows:
         raise LogoError("no prompts to average a mixture over")
+    if not any(weight_rows):
+        raise LogoError(f"the router abstained on {'the prompt' if len(weight_rows) == 1 else 'every prompt'} "
+                        "(sent it to the base model), so there is no mixture to export; give --abstain none "
+                        "to export the routed mixture anyway")
     total: dict[str, float] = {}
     for row in weight_rows:
         for name, weight in row.items():
@@ -134,12 +149,16 @@ def export_mixture(library: AdapterLibrary, mixture: dict[str, float], output: P
     if output.exists() and any(output.iterdir()):
         raise LogoError(f"{output} exists and is not empty; choose a new --output directory (nothing was written)")
     factors = mixture_factors(library, mixture)
+    exact_rank = max(a.shape[0] for a, _ in factors.values())
+    if rank is not None and rank > exact_rank:
+        raise LogoError(f"--rank {rank} is above this mixture's exact rank {exact_rank} (it would only add zero "
+                        f"rows); give --rank {exact_rank} or less, or --exact (nothing was written)")
     errors: dict[str, float] = {}
     if rank is not None:
         for module, (a, b) in factors.items():
             new_a, new_b, errors[module] = compress(a, b, rank)
             factors[module] = (new_a, new_b)
-    width = max(a.shape[0] for a, _ in factors.values()) if rank is None else rank
+    width = exact_rank if rank is None else rank
     dtype = dtype or next(iter(library.stacks.values())).dtype
     tensors = {}
     for module, (a, b) in factors.items():
@@ -168,43 +187,63 @@ def export(
     output: Annotated[Path, typer.Option("--output", help="Directory to write the PEFT adapter to (new or empty).")],
     base_model: BaseModel = "smollm2-135m",
     adapters: Adapters = None,
-    prompt: Annotated[str | None, typer.Option("--prompt", help="Export this prompt's routed mixture.")] = None,
+    prompt: Annotated[str | None, typer.Option(
+        "--prompt", help="Export this prompt's routed mixture (routed as `logo route` routes it).")] = None,
     prompts_file: PromptsFile = None,
     mixture: Annotated[str | None, typer.Option(
         "--mixture", help="Export this fixed mixture: NAME=WEIGHT,NAME=WEIGHT,...")] = None,
     exact: Annotated[bool, typer.Option("--exact", help="Concatenate the factors: rank = sum of the ranks.")] = False,
-    rank: Annotated[int | None, typer.Option("--rank", help="Compress every module to this rank (SVD).")] = None,
-    selection_strategy: Strategy = "norm",
+    rank: Annotated[int | None, typer.Option(
+        "--rank", help="Compress every module to this rank (SVD); at most the exact rank (what --exact writes), "
+        "higher is refused.")] = None,
+    router: Router = "auto",
+    selection_strategy: Strategy = None,
     n_selected_modules: K = None,
-    signal_layer: Layer = -1,
-    signal_module: Module = "q_proj",
-    post_norm: PostNorm = False,
-    position: Position = "last",
-    weighting: Weighting = "normalize",
-    weight_temperature: WeightTemp = 1.0,
-    calibration: Calibration = "none",
+    signal_layer: Layer = None,
+    signal_module: Module = None,
+    post_norm: PostNorm = None,
+    position: Position = None,
+    weighting: Weighting = None,
+    weight_temperature: WeightTemp = None,
+    calibration: Calibration = None,
+    abstain: Abstain = None,
+    abstain_below: AbstainBelow = None,
     device: Device = None,
     dtype: Dtype = "auto",
     batch_size: BatchSize = 8,
 ) -> None:
-    """Write a mixture (one prompt's, a file of prompts' average, or a named one) as a standard PEFT LoRA adapter."""
-    from logo.spec import EngineSpec  # lazy: keeps `logo --help` free of the transformers import
+    """Write a mixture (one prompt's, a file of prompts' average, or a named one) as a standard PEFT LoRA adapter.
 
+    Prompts are routed as `logo route` routes them: the library's fitted router unless --router says otherwise,
+    with the router flags over it. A --prompts-file prompt the router abstains on counts as weight 0."""
     if sum(x is not None for x in (prompt, prompts_file, mixture)) != 1:
         raise LogoError("give exactly one of --prompt, --prompts-file and --mixture")
     if exact == (rank is not None):
         raise LogoError("give exactly one of --exact and --rank R")
+    overrides = router_overrides(selection_strategy, n_selected_modules, signal_layer, signal_module, post_norm,
+                                 position, weighting, weight_temperature, calibration, abstain, abstain_below)
+    if mixture is not None and (overrides or router != "auto"):
+        raise LogoError("--mixture gives the mixture itself: --router and the router flags (-k, --selection-strategy, "
+                        "...) only apply to --prompt/--prompts-file; leave them out")
     prompts = read_prompts([prompt] if prompt is not None else None, prompts_file) if mixture is None else []
-    router = router_from_options(selection_strategy, n_selected_modules, signal_layer, signal_module, post_norm,
-                                 position, weighting, weight_temperature, calibration)
-    engine = EngineSpec(base_model, adapters, router, device, dtype, fit_k=n_selected_modules is None).build(True)
-    if mixture is not None:
-        chosen = parse_mixture(mixture, engine.library)
-    else:
-        routes = engine.route(prompts, batch_size=batch_size, progress=len(prompts) > batch_size)
-        chosen = average_mixture([dict(zip(r.names, r.weights)) for r in routes])
-    result = export_mixture(engine.library, chosen, output, rank, base_model)
-    engine.close()
+    if mixture is not None:  # no routing: load the library without its router file (k=1 fits any library)
+        spec = engine_spec(base_model, adapters, {"k": 1}, "official", device, dtype)
+    else:  # the engine `logo route` builds from the same flags
+        spec = engine_spec(base_model, adapters, overrides, router, device, dtype)
+    engine = spec.build(progress=True)
+    try:
+        if mixture is not None:
+            chosen = parse_mixture(mixture, engine.library)
+        else:
+            routes = engine.route(prompts, batch_size=batch_size, progress=len(prompts) > batch_size)
+            chosen = average_mixture([dict(zip(r.names, r.weights)) for r in routes])
+            abstained = sum(r.abstained for r in routes)
+            if abstained:
+                print(f"note: the router abstained on {abstained} of {len(routes)} prompts (sent them to the base "
+                      "model); they count as weight 0 in the average", file=sys.stderr)
+        result = export_mixture(engine.library, chosen, output, rank, base_model)
+    finally:
+        engine.close()
     mix = ", ".join(f"{n} {w:.3f}" for n, w in zip(result.names, result.weights))
     print(f"wrote {output} (rank {result.rank}, {'exact' if result.exact else 'SVD'}): {mix}")
     if result.errors:

@@ -1,9 +1,11 @@
 """`logo export`: a mixture written as one PEFT adapter gives the engine's logits (exact), or a rank-R
-approximation whose error falls as R grows; mixed ranks, rsLoRA and mixed target sets."""
+approximation whose error falls as R grows; mixed ranks, rsLoRA and mixed target sets; a prompt's mixture is
+the one `logo route` selects (the library's fitted router unless --router says otherwise)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -13,10 +15,12 @@ from peft import PeftModel
 
 from logo.engine import LoGoEngine
 from logo.errors import LogoError
-from logo.export import average_mixture, export_mixture, parse_mixture
+from logo.export import average_mixture, export, export_mixture, parse_mixture
 from logo.library import AdapterLibrary
 from logo.router import RouterConfig, Selection
+from logo.router_file import FILE_NAME
 from tests.helpers import MIXED_SPECS, make_tiny_model
+from tests.test_fit import fitted_file
 from tests.test_mixture import PROMPTS
 
 MIXTURE = {"a_r4": 0.3, "b_r8": 0.1, "c_r2_rslora": 0.2, "d_qonly": 0.15, "e_allattn": 0.15, "f_mlp": 0.1}
@@ -73,6 +77,14 @@ def test_rank_compression_error_falls_with_rank_and_matches_the_svd(engine, tmp_
     torch.testing.assert_close(_peft_logits(tmp_path / "r25", ids, mask), ours, atol=1e-4, rtol=1e-4)
 
 
+def test_rank_above_the_exact_rank_is_refused(engine, tmp_path):
+    for mixture, exact in (({"a_r4": 1.0}, 4), (MIXTURE, 25)):  # a_r4: rank 4 on q_proj and v_proj
+        with pytest.raises(LogoError, match=rf"--rank {exact + 1} is above this mixture's exact rank {exact}\b"):
+            export_mixture(engine.library, mixture, tmp_path / "big", rank=exact + 1)
+        assert not (tmp_path / "big").exists()
+    assert export_mixture(engine.library, {"a_r4": 1.0}, tmp_path / "r4", rank=4).rank == 4
+
+
 def test_mixture_parsing_and_averaging(engine):
     assert parse_mixture("a_r4=0.5, b_r8=0.25,a_r4=0.25", engine.library) == {"a_r4": 0.75, "b_r8": 0.25}
     for text, message in (("a_r4", "not NAME=WEIGHT"), ("a_r4=x", "not a number"), ("zz=1", "no adapter named 'zz'"),
@@ -80,6 +92,43 @@ def test_mixture_parsing_and_averaging(engine):
         with pytest.raises(LogoError, match=message):
             parse_mixture(text, engine.library)
     assert average_mixture([{"a": 0.75, "b": 0.25}, {"a": 0.5, "c": 0.5}]) == {"a": 0.625, "c": 0.25, "b": 0.125}
+    assert average_mixture([{"a": 1.0}, {}]) == {"a": 0.5}  # a prompt the router abstained on: weight 0
+    with pytest.raises(LogoError, match="abstained on every prompt.*--abstain none"):
+        average_mixture([{}, {}])
+
+
+def test_export_routes_a_prompt_as_logo_route_does(tiny_library, tiny_model_dir, tmp_path, capsys):
+    from logo.cli_core import route
+
+    model, source = tiny_library("llama")
+    root = shutil.copytree(source, tmp_path / "lib")
+    lib = AdapterLibrary.load(root, model)
+    fitted = RouterConfig(k=2, calibration="zscore", statistics="fit", weighting="softmax", layers=(-1, -2))
+    fitted_file(model, lib, fitted).save(root / FILE_NAME)
+    common = {"base_model": str(tiny_model_dir("llama")), "adapters": [str(root)], "device": "cpu"}
+    prompt = "Sort: zeta alpha\nA:"
+
+    def routed(**flags):
+        capsys.readouterr()
+        route(prompt=[prompt], json_out=True, **common, **flags)
+        (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+        return {sel["name"]: sel["weight"] for sel in json.loads(line)["selected"]}
+
+    def exported(name, **flags):
+        export(output=tmp_path / name, prompt=prompt, exact=True, **common, **flags)
+        return json.loads((tmp_path / name / "logo_export.json").read_text())["mixture"]
+
+    for name, flags in (("fitted", {}), ("official_k3", {"router": "official", "n_selected_modules": 3}),
+                        ("fitted_k1", {"n_selected_modules": 1})):
+        ours, theirs = exported(name, **flags), routed(**flags)
+        assert list(ours) == list(theirs) and list(ours.values()) == pytest.approx(list(theirs.values())), name
+    assert len(ours) == 1 and len(exported("fitted_again")) == 2  # the fitted router's k, not the official 20
+    fitted_file(model, lib, RouterConfig(k=2, abstain="top", abstain_below=1e9)).save(root / FILE_NAME)
+    assert routed() == {}
+    with pytest.raises(LogoError, match="abstained on the prompt.*--abstain none"):
+        exported("abstained")
+    assert not (tmp_path / "abstained").exists()
+    assert exported("not_abstained", abstain="none") == routed(abstain="none") != {}
 
 
 def test_export_command(tiny_model_dir, tiny_library, tmp_path):
@@ -96,6 +145,10 @@ def test_export_command(tiny_model_dir, tiny_library, tmp_path):
     for args, message in ((["--exact", "--output", str(tmp_path / "x")], "exactly one of --prompt"),
                           (["--mixture", "a_r4=1", "--output", str(tmp_path / "x")], "exactly one of --exact"),
                           (["--mixture", "a_r4=1", "--rank", "0", "--output", str(tmp_path / "x")], "at least 1"),
+                          (["--mixture", "a_r4=1", "--rank", "5", "--output", str(tmp_path / "x")],
+                           "--rank 5 is above this mixture's exact rank 4"),
+                          (["--mixture", "a_r4=1", "-k", "2", "--exact", "--output", str(tmp_path / "x")],
+                           "--mixture gives the mixture itself"),
                           (["--mixture", "a_r4=1", "--exact", "--output", str(tmp_path / "one")], "not empty")):
         res = logo(*args)
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
