@@ -17,6 +17,7 @@ that best tells the adapters apart).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
@@ -164,14 +165,64 @@ class RouterConfig:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "router config") -> RouterConfig:
-        """The inverse of :meth:`to_dict`; unknown keys are refused (a typo must not be ignored)."""
+        """The inverse of :meth:`to_dict` (JSON values): unknown keys are refused (a typo must not be ignored),
+        ``k`` is required (the library's size decides it; the official 20 is no safe guess), the other fields
+        left out take the official router's values, and every field must have its JSON type. Each error is one
+        line that names ``where`` and the field."""
+
+        def shown(value) -> str:
+            if value is None:
+                return "null"
+            kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
+                     dict: "an object"}
+            text = repr(value)
+            return f"{kinds.get(type(value), type(value).__name__)} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        def array_of(check):
+            return lambda value: isinstance(value, (list, tuple)) and all(check(x) for x in value)
+
+        def text(value) -> bool:
+            return isinstance(value, str)
+
+        def flag(value) -> bool:
+            return isinstance(value, bool)
+
+        types = {"strategy": (text, "a string"), "k": (integer, "an integer"), "layer": (integer, "an integer"),
+                 "module": (text, "a string"), "post_norm": (flag, "true or false"), "position": (text, "a string"),
+                 "weighting": (text, "a string"), "temperature": (number, "a finite number"),
+                 "calibration": (text, "a string"), "layers": (array_of(integer), "null or an array of integers"),
+                 "modules": (array_of(text), "null or an array of strings"), "statistics": (text, "a string"),
+                 "abstain": (text, "a string"), "abstain_below": (number, "a finite number"),
+                 "abstain_signal": (lambda value: isinstance(value, dict), "null or an object")}
+        nullable = ("layers", "modules", "abstain_signal")
         if not isinstance(data, dict):
-            raise LogoError(f"{where} must be a JSON object, got {type(data).__name__}")
+            raise LogoError(f"{where} must be a JSON object, got {shown(data)}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise LogoError(f"{where} has unknown field(s) {unknown}; known: {', '.join(sorted(known))}")
-        return cls(**data)
+        if "k" not in data:
+            raise LogoError(f"{where} lacks the field 'k' (how many adapters to select)")
+        checks = [(name, value, *types[name]) for name, value in data.items()
+                  if not (value is None and name in nullable)]
+        own = data.get("abstain_signal")
+        if isinstance(own, dict):  # its fields' names are checked on construction
+            own_fields = {f.name for f in fields(AbstainSignal)}
+            checks += [(f"abstain_signal.{name}", value, *types[name]) for name, value in own.items()
+                       if name in own_fields]
+        for name, value, check, wanted in checks:
+            if not check(value):
+                raise LogoError(f"{where}: field {name!r} must be {wanted}, got {shown(value)}")
+        try:
+            return cls(**data)
+        except LogoError as err:
+            raise LogoError(f"{where}: {err}") from None
 
 
 @dataclass

@@ -10,6 +10,7 @@ library or the model it is used with; :meth:`RouterFile.apply` then hands the st
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,6 +22,46 @@ from logo.router import RouterConfig
 FILE_NAME = "logo_router.json"
 VERSION = 1
 FINGERPRINT_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+
+
+REFIT = "fit the router again with `logo fit-router`"
+
+
+def json_kind(value) -> str:
+    """A JSON value as an error message shows it: its JSON type and (the start of) the value."""
+    if value is None:
+        return "null"
+    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
+             dict: "an object"}
+    text = repr(value)
+    return f"{kinds.get(type(value), type(value).__name__)} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
+def check_fields(data: dict) -> str | None:
+    """What is wrong with the types of a router file's fields other than ``router`` (None: nothing): ``model``
+    and ``fit`` are objects, ``adapters`` an array of names, ``base_model`` a string, and each ``statistics``
+    entry an object whose ``values`` and ``std`` are arrays of finite numbers."""
+    def numbers(value) -> bool:
+        return isinstance(value, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                               and math.isfinite(x) for x in value)
+
+    for name, check, wanted in (("model", lambda v: isinstance(v, dict), "an object"),
+                                ("adapters", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                                 "an array of adapter names"),
+                                ("statistics", lambda v: isinstance(v, dict), "an object"),
+                                ("base_model", lambda v: isinstance(v, str), "a string"),
+                                ("fit", lambda v: isinstance(v, dict), "an object")):
+        if name in data and not check(data[name]):
+            return f"field {name!r} must be {wanted}, got {json_kind(data[name])}"
+    for key, entry in data["statistics"].items():
+        if not isinstance(entry, dict):
+            return f"statistics entry {key!r} must be an object, got {json_kind(entry)}"
+        for name in ("values", "std"):
+            if name not in entry:
+                return f"statistics entry {key!r} lacks {name!r}"
+            if not numbers(entry[name]):
+                return f"statistics entry {key!r}: {name!r} must be an array of numbers, got {json_kind(entry[name])}"
+    return None
 
 
 def model_fingerprint(model: nn.Module) -> dict:
@@ -60,16 +101,22 @@ class RouterFile:
             raise LogoError(f"router file {path} does not exist; fit one with `logo fit-router`")
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
             raise LogoError(f"cannot read router file {path}: {err}") from err
         if not isinstance(data, dict) or data.get("version") != VERSION:
-            raise LogoError(f"router file {path} is not a version-{VERSION} logo router file; fit it again")
+            raise LogoError(f"router file {path} is not a version-{VERSION} logo router file; {REFIT}")
         missing = [k for k in ("model", "adapters", "router", "statistics") if k not in data]
         if missing:
-            raise LogoError(f"router file {path} lacks {', '.join(missing)}; fit it again")
-        config = RouterConfig.from_dict(data["router"], where=f"router file {path}: 'router'")
+            raise LogoError(f"router file {path} lacks {', '.join(missing)}; {REFIT}")
+        wrong = check_fields(data)
+        if wrong:
+            raise LogoError(f"router file {path}: {wrong}; {REFIT}")
+        try:
+            config = RouterConfig.from_dict(data["router"], where=f"router file {path}: 'router'")
+        except LogoError as err:
+            raise LogoError(f"{err}; {REFIT}") from None
         return cls(config, list(data["adapters"]), dict(data["model"]), dict(data["statistics"]),
-                   str(data.get("base_model", "")), dict(data.get("fit", {})), path)
+                   data.get("base_model", ""), dict(data.get("fit", {})), path)
 
     def check(self, names: list[str], model: nn.Module | None = None, library_modules: list[str] | None = None,
               where: str = "router file") -> None:

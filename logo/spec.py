@@ -85,7 +85,8 @@ class EngineSpec:
     """``auto``: the library's fitted router (``logo_router.json`` next to the adapters) when ``router`` is None;
     ``official``: never (the paper's router); or the path of a router file."""
     router_overrides: dict = field(default_factory=dict)
-    """Router fields set on the command line, applied over the router chosen above (fitted or official)."""
+    """Router fields set on the command line, applied over the router chosen above (fitted or official); a
+    ``layer`` or ``module`` replaces a pooled router's ``layers`` or ``modules`` (the flag's signal is the one read)."""
 
     def __post_init__(self) -> None:
         check_base_model(self.base_model)
@@ -120,8 +121,14 @@ class EngineSpec:
         router = self.router or (file.config if file is not None else RouterConfig())
         if self.router_overrides:
             changes = dict(self.router_overrides)
-            if file is not None and self.router is None and SIGNAL_FIELDS & set(changes):
+            fitted = file is not None and self.router is None
+            if fitted and SIGNAL_FIELDS & set(changes):
                 changes.setdefault("statistics", "default")  # another signal: the fit's statistics do not apply
+            if fitted and router.abstain_signal is None and (SIGNAL_FIELDS | {"calibration"}) & set(changes):
+                changes.setdefault("abstain", "none")  # nor its abstain threshold, fitted on the fit's scores
+            for single, pooled in (("layer", "layers"), ("module", "modules")):
+                if single in changes and pooled not in changes and getattr(router, pooled) is not None:
+                    changes[pooled] = None  # --signal-layer/--signal-module replaces a pooled signal's layers/modules
             router = replace(router, **changes)
         if router.k > len(entries):
             if not self.fit_k:

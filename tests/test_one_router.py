@@ -3,6 +3,8 @@ batches, on Llama- and Qwen-shaped models, and equal to the formula written out 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -11,7 +13,9 @@ from logo.errors import LogoError
 from logo.experiments.signal_study import run_study
 from logo.library import AdapterLibrary
 from logo.methods import LoGo
-from logo.router import RouterConfig, SignalPoint
+from logo.router import Router, RouterConfig, SignalPoint, router_overrides
+from logo.router_file import FILE_NAME, RouterFile, model_fingerprint
+from logo.spec import EngineSpec
 from tests.test_router import PROMPTS, reference_scores
 
 OPTIONS = [{}, {"layer": 1, "post_norm": True}, {"layer": -2, "position": "mean"}]
@@ -75,3 +79,46 @@ def test_with_router_gives_a_consistent_engine_and_router_is_read_only(engine, t
     assert route.indices == [int((raw / means).argmax())]
     with pytest.raises(LogoError, match="with_router"):
         engine.router = RouterConfig(k=1, layer=-2)
+
+
+def test_signal_flags_replace_a_fitted_routers_pooled_signal(tiny_library, tiny_model_dir, tokenizer, tmp_path):
+    """--signal-layer/--signal-module over a fitted router that pools layers (as the embedded library's does):
+    the flag's signal is the one read, so it is checked and used, not silently ignored."""
+    model, root = tiny_library("llama")
+    shutil.copytree(root, tmp_path / "lib")
+    lib = AdapterLibrary.load(tmp_path / "lib", model)
+    pooled = RouterConfig(k=2, layer=-2, layers=(-2, -1), module="v_proj", modules=("v_proj",), calibration="zscore",
+                          statistics="fit", weighting="softmax", abstain="top", abstain_below=-1.5)
+    stats = {s.key: {"values": [1.0] * len(lib), "std": [2.0] * len(lib)} for s in Router(model, lib, pooled).signals}
+    RouterFile(pooled, list(lib.names), model_fingerprint(model), stats, "tiny").save(tmp_path / "lib" / FILE_NAME)
+
+    def spec(**flags) -> EngineSpec:  # as the CLI makes it
+        return EngineSpec(str(tiny_model_dir("llama")), str(tmp_path / "lib"), device="cpu",
+                          router_overrides=router_overrides(**flags))
+
+    with pytest.raises(LogoError, match="signal layer 100 is out of range"):
+        spec(k=2, calibration="none", layer=100).build()
+    with pytest.raises(LogoError, match="no adapter targets the signal module .*gate_proj"):
+        spec(calibration="none", module="gate_proj").build()
+    engine = spec(k=2, calibration="none", layer=-3).build()
+    try:
+        assert engine.router.config.signal_layers == (-3,)
+        assert [s.module for s in engine.router.signals] == ["model.layers.0.self_attn.v_proj"]
+        route = engine.route(PROMPTS[:1])[0]
+        ref = reference_scores(model, root, lib.names, tokenizer, PROMPTS[0], "norm", layer=-3, module="v_proj")
+        assert route.all_scores == pytest.approx(ref, rel=1e-4, abs=1e-5)
+    finally:
+        engine.close()
+    router = spec(calibration="none", module="q_proj").resolved()[1]
+    assert router.signal_layers == (-2, -1) and router.signal_modules == ("q_proj",)
+    assert router.abstain == "none"  # the fit's threshold was for the fit's signal's scores
+    assert spec(calibration="none", module="q_proj", abstain="top", abstain_below=0.5).resolved()[1].abstain == "top"
+    assert spec(k=1).resolved()[1].abstain == "top"  # the fit's signal: its rule stays
+    assert spec(calibration="mean").resolved()[1].abstain == "none"  # other scores: the threshold does not apply
+    # calibration statistics are per signal: the fit's cover the pooled signals, not the flag's single one
+    engine = spec(layer=-1).build()
+    try:
+        with pytest.raises(LogoError, match="no 'zscore' calibration statistics for signal .*layer=2"):
+            engine.route(PROMPTS[:1])
+    finally:
+        engine.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,6 +13,7 @@ from logo.engine import LoGoEngine
 from logo.errors import LogoError
 from logo.library import AdapterLibrary
 from logo.router import RouterConfig, Selection, select
+from logo.router_file import RouterFile
 
 PROMPTS = ["Q: What is 3 + 4?\nA:", "Sort: zeta alpha\nA:", "x"]
 
@@ -163,3 +166,56 @@ def test_mean_calibration_divides_raw_scores_and_is_stored(tiny_library, tokeniz
     engine.close()
     reloaded = AdapterLibrary.load(tmp_path / "lib", model)
     assert reloaded.calibration[raw.signal_key(3)]["values"] == pytest.approx(entry["values"])
+
+
+def router_file_data(**router) -> dict:
+    """A well-formed router file's contents for two adapters, with ``router`` fields changed (None: removed)."""
+    config = RouterConfig(k=1, calibration="zscore", statistics="fit", layers=(-2, -1)).to_dict()
+    config.update(router)
+    config = {name: value for name, value in config.items() if name not in router or router[name] is not None}
+    stats = {"norm|layer=2|module=q_proj": {"method": "fit", "values": [1.0, 2.0], "std": [0.5, 0.5]}}
+    return {"version": 1, "base_model": "tiny", "model": {"model_type": "llama"}, "adapters": ["a", "b"],
+            "router": config, "statistics": stats, "fit": {}}
+
+
+ABSENT = object()
+
+
+@pytest.mark.parametrize("change, field, message", [
+    ({"router": router_file_data(k="2")["router"]}, "'k'", "must be an integer, got a string '2'"),
+    ({"router": router_file_data(k=True)["router"]}, "'k'", "must be an integer, got a boolean"),
+    ({"router": {**router_file_data()["router"], "temperature": None}}, "'temperature'", "must be a finite number"),
+    ({"router": router_file_data(temperature=float("nan"))["router"]}, "'temperature'", "must be a finite number"),
+    ({"router": router_file_data(layers="abc")["router"]}, "'layers'", "null or an array of integers"),
+    ({"router": router_file_data(layers=[1.5])["router"]}, "'layers'", "null or an array of integers"),
+    ({"router": router_file_data(modules=[1])["router"]}, "'modules'", "null or an array of strings"),
+    ({"router": router_file_data(post_norm="yes")["router"]}, "'post_norm'", "true or false"),
+    ({"router": router_file_data(abstain_signal=[1])["router"]}, "'abstain_signal'", "null or an object"),
+    ({"router": router_file_data(abstain="top", abstain_signal={"layer": "-1", "module": "q_proj", "post_norm": False,
+                                                                 "position": "last", "strategy": "norm",
+                                                                 "calibration": "zscore"})["router"]},
+     "'abstain_signal.layer'", "must be an integer"),
+    ({"router": router_file_data(k=None)["router"]}, "'router'", "lacks the field 'k'"),
+    ({"router": router_file_data(k=0)["router"]}, "'router'", "at least 1"),
+    ({"router": "chain_sum"}, "'router'", "must be a JSON object"),
+    ({"model": None}, "'model'", "must be an object, got null"),
+    ({"adapters": "chain_sum"}, "'adapters'", "must be an array of adapter names"),
+    ({"base_model": 3}, "'base_model'", "must be a string"),
+    ({"statistics": {"norm|layer=2": "x"}}, "'norm|layer=2'", "must be an object, got a string"),
+    ({"statistics": {"norm|layer=2": {"values": [1.0, 2.0]}}}, "'norm|layer=2'", "lacks 'std'"),
+    ({"statistics": {"norm|layer=2": {"values": ["1", 2.0], "std": [1.0, 1.0]}}}, "'values'", "array of numbers"),
+    ({"statistics": ABSENT}, "lacks statistics", ""),
+])
+def test_a_router_file_with_a_wrongly_typed_field_is_a_one_line_error(tmp_path, change, field, message):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(router_file_data()))
+    assert RouterFile.load(good).config.layers == (-2, -1)
+    data = {**router_file_data(), **change}
+    data = {name: value for name, value in data.items() if value is not ABSENT}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(LogoError) as err:
+        RouterFile.load(bad)
+    text = str(err.value)
+    assert "\n" not in text and str(bad) in text and field in text and message in text, text
+    assert text.endswith("fit the router again with `logo fit-router`"), text
