@@ -26,6 +26,17 @@ def is_adapter_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file()
 
 
+def _check_no_orphan_weights(folders: list[Path]) -> None:
+    """A folder holding adapter weights but no config is a broken adapter, not something to skip."""
+    for folder in folders:
+        weights = sorted(f.name for f in folder.glob("adapter_model.*") if f.is_file())
+        if weights and not is_adapter_dir(folder):
+            raise AdapterError(
+                f"adapter folder {folder} holds {', '.join(weights)} but no {CONFIG_FILE}; copy the adapter's "
+                f"{CONFIG_FILE} (written by PEFT's save_pretrained) into it, or remove the folder"
+            )
+
+
 def _from_directory(directory: Path) -> list[tuple[str, Path]]:
     if not directory.exists():
         raise AdapterError(f"adapter directory {directory} does not exist")
@@ -33,7 +44,9 @@ def _from_directory(directory: Path) -> list[tuple[str, Path]]:
         raise AdapterError(f"{directory} is not a directory; give a directory of PEFT adapters")
     if is_adapter_dir(directory):
         return [(directory.name, directory)]
-    found = sorted((p.name, p) for p in directory.iterdir() if p.is_dir() and is_adapter_dir(p))
+    subfolders = sorted(p for p in directory.iterdir() if p.is_dir())
+    _check_no_orphan_weights([directory, *subfolders])
+    found = [(p.name, p) for p in subfolders if is_adapter_dir(p)]
     if not found:
         raise AdapterError(
             f"no adapters in {directory}: expected subdirectories holding {CONFIG_FILE} and "
@@ -66,9 +79,9 @@ def _from_hub(spec: str) -> list[tuple[str, Path]]:
     parent, stem = (base, "") if prefix.endswith("/") or not prefix else (base.parent, base.name)
     if not parent.is_dir():
         raise AdapterError(f"hub repo {repo_id} has no folder {parent.relative_to(root)}")
-    found = sorted(
-        (p.name, p) for p in parent.iterdir() if p.is_dir() and p.name.startswith(stem) and is_adapter_dir(p)
-    )
+    folders = sorted(p for p in parent.iterdir() if p.is_dir() and p.name.startswith(stem))
+    _check_no_orphan_weights(folders)
+    found = [(p.name, p) for p in folders if is_adapter_dir(p)]
     if not found:
         raise AdapterError(f"hub repo {repo_id} has no adapter folders starting with {prefix!r}")
     return found
@@ -82,6 +95,7 @@ def resolve_adapters(spec: str | Path | list[str | Path]) -> list[tuple[str, Pat
         out = []
         for item in spec:
             path = Path(item)
+            _check_no_orphan_weights([path])
             if not is_adapter_dir(path):
                 raise AdapterError(f"{path} is not a PEFT adapter directory (no {CONFIG_FILE} in it)")
             out.append((path.name, path))

@@ -246,14 +246,79 @@ def _read_weights(name: str, path: Path) -> tuple[Path, dict[str, torch.Tensor]]
                            "the file is corrupt or truncated, re-download or re-save it") from err
 
 
-def _scaling(config: dict, module: str, rank: int) -> float:
-    alpha = config.get("lora_alpha", 8)
-    pattern = config.get("alpha_pattern") or {}
-    if pattern:
-        from peft.utils.other import get_pattern_key
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-        key = get_pattern_key(list(pattern), module)
-        alpha = pattern.get(key, alpha)
+
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_regex(where: str, key: str, text: str) -> None:
+    try:
+        re.compile(text)
+    except re.error as err:
+        raise AdapterError(f"{where} has {key} {text!r}, which is not a valid regular expression ({err})") from err
+
+
+def _check_lora_fields(name: str, path: Path, config: dict) -> None:
+    """The fields that say which modules an adapter targets, at what rank and scaling, hold what PEFT's LoraConfig
+    expects (target_modules, exclude_modules, r, rank_pattern, lora_alpha, alpha_pattern, use_rslora)."""
+    where = f"adapter {name!r} ({path / CONFIG_FILE})"
+    for key in ("target_modules", "exclude_modules"):
+        value = config.get(key)
+        if isinstance(value, str):
+            _check_regex(where, key, value)
+        elif value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise AdapterError(f"{where} has {key}={value!r}; {key} must be a list of module names or a regex string")
+    if "r" in config and not _is_rank(config["r"]):
+        raise AdapterError(f"{where} has r={config['r']!r}; r (the LoRA rank) must be an integer >= 1")
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        raise AdapterError(f"{where} has lora_alpha={config['lora_alpha']!r}; lora_alpha must be a number")
+    if "use_rslora" in config and not isinstance(config["use_rslora"], bool):
+        raise AdapterError(f"{where} has use_rslora={config['use_rslora']!r}; use_rslora must be true or false")
+    for key, valid, what in (("rank_pattern", _is_rank, "an integer >= 1"), ("alpha_pattern", _is_number, "a number")):
+        pattern = config.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise AdapterError(f"{where} has {key}={pattern!r}; {key} must map module names or patterns to values")
+        for module, value in pattern.items():
+            _check_regex(where, f"{key} key", module)
+            if not valid(value):
+                raise AdapterError(f"{where} has {key}[{module!r}]={value!r}; each value must be {what}")
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    """PEFT's rule for rank_pattern/alpha_pattern: the first key that matches the end of the module's name."""
+    if not pattern:
+        return default
+    from peft.utils.other import get_pattern_key
+
+    return pattern.get(get_pattern_key(list(pattern), module), default)
+
+
+def _declared_rank(config: dict, module: str) -> int:
+    return _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
+
+
+def _targets(config: dict, module: str) -> bool:
+    """Whether PEFT, given this config, would put a LoRA on ``module`` (target_modules as a list of names or name
+    suffixes, or a regex string; exclude_modules and layers_to_transform as PEFT applies them)."""
+    if config.get("target_modules") is None or config.get("target_modules") == "all-linear":
+        # PEFT picks the modules itself then (from the model type, or every linear layer); nothing to check against.
+        return True
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    fields = ("target_modules", "exclude_modules", "modules_to_save", "target_parameters", "layers_to_transform",
+              "layers_pattern")
+    return bool(check_target_module_exists(SimpleNamespace(**{f: config.get(f) for f in fields}), module))
+
+
+def _scaling(config: dict, module: str, rank: int) -> float:
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
@@ -267,6 +332,8 @@ def read_adapter(name: str, path: Path, linears: dict[str, nn.Linear]) -> Adapte
     if not isinstance(config, dict):
         raise AdapterError(f"adapter {name!r}: {config_file} does not hold a JSON object")
     _check_config(name, path, config)
+    _check_lora_fields(name, path, config)
+    target_modules = config.get("target_modules")
     file, tensors = _read_weights(name, path)
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -290,13 +357,42 @@ def read_adapter(name: str, path: Path, linears: dict[str, nn.Linear]) -> Adapte
                 "was it trained for another base model?"
             )
         a, b = pair["A"], pair["B"]
+        if not (a.dtype.is_floating_point and b.dtype.is_floating_point):
+            raise AdapterError(
+                f"adapter {name!r}, module {module!r}: {file} holds lora_A as {a.dtype} and lora_B as {b.dtype}; "
+                "LoRA weights must be floating point (quantized or integer files are not supported), re-save it "
+                "in float32, bfloat16 or float16"
+            )
         linear = linears[module]
-        r = a.shape[0]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != linear.in_features or b.shape != (linear.out_features, r):
+        if (a.dim() != 2 or b.dim() != 2 or a.shape[1] != linear.in_features
+                or b.shape[0] != linear.out_features):
             raise AdapterError(
                 f"adapter {name!r}, module {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not "
                 f"fit the base layer ({linear.in_features} -> {linear.out_features}); expected A [r, "
                 f"{linear.in_features}] and B [{linear.out_features}, r]: the adapter belongs to another model"
+            )
+        r = a.shape[0]
+        if b.shape[1] != r:
+            raise AdapterError(
+                f"adapter {name!r}, module {module!r}: {file} holds lora_A of rank {r} {tuple(a.shape)} but "
+                f"lora_B of rank {b.shape[1]} {tuple(b.shape)}; A and B must share one rank, the file is "
+                "inconsistent: re-save the adapter"
+            )
+        if r == 0:
+            raise AdapterError(f"adapter {name!r}, module {module!r}: {file} holds rank-0 LoRA weights (empty A and "
+                               "B); the rank must be >= 1, re-save the adapter or remove the module")
+        declared = _declared_rank(config, module)
+        if r != declared:
+            raise AdapterError(
+                f"adapter {name!r}, module {module!r}: {file} holds rank-{r} weights but {config_file} declares "
+                f"rank {declared} (r / rank_pattern); the config does not belong to these weights, re-save the "
+                "adapter with PEFT"
+            )
+        if not _targets(config, module):
+            raise AdapterError(
+                f"adapter {name!r}: {file} holds weights for {module!r}, which {config_file} does not target "
+                f"(target_modules={target_modules!r}); the config does not belong to these weights, re-save the "
+                "adapter with PEFT"
             )
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterError(f"adapter {name!r}, module {module!r}: {file} holds NaN or Inf weights")

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from logo.errors import ModelLoadError
@@ -52,9 +53,13 @@ def _smollm2_gguf_dir() -> Path:
     return directory
 
 
+def _embedded_target() -> Path:
+    return cache_dir() / "models" / "smollm2-135m"
+
+
 def embedded_checkpoint() -> Path:
     """Path of the plain checkpoint of SmolLM2-135M-Instruct, converting the GGUF file on first use."""
-    target = cache_dir() / "models" / "smollm2-135m"
+    target = _embedded_target()
     marker = target / "logo_converted.json"
     if marker.exists():
         return target
@@ -90,15 +95,61 @@ def resolve_model_path(spec: str) -> str:
     return spec
 
 
+# What transformers raises for a model directory or file it cannot use: a missing or unreadable file (OSError), a
+# config without a known model_type or an unreadable tokenizer (ValueError, json.JSONDecodeError among them), a
+# truncated or corrupt safetensors file (SafetensorError).
+_UNLOADABLE = (OSError, ValueError, SafetensorError)
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _broken_safetensors(directory: Path) -> Path | None:
+    """The first ``*.safetensors`` file in ``directory`` whose header cannot be read, if any."""
+    from safetensors import safe_open
+
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except SafetensorError:
+            return file
+    return None
+
+
+def _load_error(what: str, spec: str, path: str, err: Exception) -> ModelLoadError:
+    """A one-line error for ``what`` (the base model, the tokenizer) of ``spec`` that ``path`` failed to give."""
+    reason = f"{type(err).__name__}: {_first_line(err)}"
+    local = Path(path)
+    culprit = _broken_safetensors(local) if isinstance(err, SafetensorError) and local.is_dir() else None
+    what_failed = f"{culprit} is corrupt or truncated ({reason})" if culprit else reason
+    preset = get_preset(spec)
+    if preset is not None and preset.hub_id is None:
+        return ModelLoadError(
+            f"cannot load {what} of the embedded model {spec!r} from its converted copy {path}: {what_failed}; "
+            f"that cache is broken: delete the directory {path} so that it is converted again on the next run"
+        )
+    if culprit:
+        return ModelLoadError(f"cannot load {what} from {path}: {what_failed}; re-download or re-save it")
+    if local.is_dir():
+        return ModelLoadError(
+            f"cannot load {what} from the directory {path} ({reason}); it must hold a model as transformers' "
+            "save_pretrained writes it (config.json with a known model_type, the weights and the tokenizer files)"
+        )
+    return ModelLoadError(
+        f"cannot load {what} {spec!r} ({path}): {reason}. Give a local model directory, "
+        "a hub id reachable from here (or cached, with HF_HUB_OFFLINE=1), or a preset name."
+    )
+
+
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     path = resolve_model_path(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as err:
-        raise ModelLoadError(
-            f"cannot load the tokenizer of {spec!r} ({path}): {err}. Give a local model directory, "
-            "a hub id reachable from here (or cached, with HF_HUB_OFFLINE=1), or a preset name."
-        ) from err
+    except _UNLOADABLE as err:
+        raise _load_error("the tokenizer", spec, path, err) from err
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id
@@ -113,11 +164,8 @@ def load_base_model(
     torch_dtype = resolve_dtype(dtype, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    except OSError as err:
-        raise ModelLoadError(
-            f"cannot load the base model {spec!r} ({path}): {err}. Give a local model directory, "
-            "a hub id reachable from here (or cached, with HF_HUB_OFFLINE=1), or a preset name."
-        ) from err
+    except _UNLOADABLE as err:
+        raise _load_error("the base model", spec, path, err) from err
     model.to(device)
     model.eval()
     return model, load_tokenizer(spec)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -215,3 +216,108 @@ def test_duplicate_names_and_empty(tiny_library, tmp_path):
         AdapterLibrary.load(tmp_path / "empty", model)
     with pytest.raises(AdapterError, match="empty"):
         AdapterLibrary.from_entries([], model)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lora_alpha": "eight"}, r"lora_alpha='eight'; lora_alpha must be a number"),
+        ({"lora_alpha": None}, r"lora_alpha=None; lora_alpha must be a number"),
+        ({"use_rslora": "yes"}, r"use_rslora='yes'; use_rslora must be true or false"),
+        ({"r": 0}, r"r=0; r \(the LoRA rank\) must be an integer >= 1"),
+        ({"r": "8"}, r"r='8'; r \(the LoRA rank\) must be an integer >= 1"),
+        ({"rank_pattern": {"q_proj": 2.5}}, r"rank_pattern\['q_proj'\]=2.5; each value must be an integer >= 1"),
+        ({"alpha_pattern": {"q_proj": "x"}}, r"alpha_pattern\['q_proj'\]='x'; each value must be a number"),
+        ({"alpha_pattern": {"q_proj(": 4}}, r"alpha_pattern key 'q_proj\(', which is not a valid regular expression"),
+        ({"target_modules": {"q_proj": 1}}, r"target_modules=.*must be a list of module names or a regex string"),
+        ({"target_modules": "(q_proj"}, r"target_modules '\(q_proj', which is not a valid regular expression"),
+    ],
+)
+def test_malformed_rank_and_alpha_fields_are_refused(lib_copy, change, message):
+    model, root = lib_copy
+    _edit_config(root / "b_r8", **change)
+    with pytest.raises(AdapterError, match=rf"adapter 'b_r8' \(.*adapter_config.json\) has {message}"):
+        AdapterLibrary.load(root, model)
+
+
+def _edit_weights(path: Path, edit) -> None:
+    file = path / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    save_file({key: edit(key, t).contiguous() for key, t in tensors.items()}, str(file))
+
+
+def test_rank_zero_weights_are_refused(lib_copy):
+    model, root = lib_copy
+    _edit_weights(root / "a_r4", lambda key, t: t[:0] if ".lora_A." in key else t[:, :0])
+    with pytest.raises(AdapterError, match=r"adapter 'a_r4', module .*rank-0 LoRA weights.*the rank must be >= 1"):
+        AdapterLibrary.load(root, model)
+
+
+def test_a_and_b_of_different_ranks_are_not_called_another_model(lib_copy):
+    model, root = lib_copy
+    _edit_weights(root / "a_r4", lambda key, t: t[:2] if ".lora_A." in key else t)
+    with pytest.raises(AdapterError, match=r"'a_r4', module .*lora_A of rank 2 \(2, 64\) but lora_B of rank 4 "
+                       r"\(64, 4\); A and B must share one rank") as err:
+        AdapterLibrary.load(root, model)
+    assert "another model" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"r": 64}, r"'b_r8', module .*holds rank-8 weights but .*adapter_config.json declares rank 64"),
+        ({"rank_pattern": {"v_proj": 2}}, r"'b_r8', module .*v_proj'.*holds rank-8 weights but .* declares rank 2"),
+        ({"target_modules": ["o_proj"]}, r"'b_r8': .*q_proj', which .*adapter_config.json does not target "
+                                         r"\(target_modules=\['o_proj'\]\)"),
+        ({"target_modules": r".*\.v_proj"}, r"'b_r8': .*q_proj', which .* does not target"),
+        ({"exclude_modules": ["q_proj"]}, r"'b_r8': .*q_proj', which .* does not target"),
+        ({"layers_to_transform": [0]}, r"'b_r8': .*layers\.1\..*, which .* does not target"),
+    ],
+)
+def test_a_config_that_does_not_describe_its_weights_is_refused(lib_copy, change, message):
+    """PEFT itself fails on a rank that differs from r / rank_pattern, and ignores (with a warning) weights for modules
+    the config does not target: logo refuses both."""
+    model, root = lib_copy
+    _edit_config(root / "b_r8", **change)
+    with pytest.raises(AdapterError, match=message):
+        AdapterLibrary.load(root, model)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"target_modules": r".*\.(q_proj|v_proj)"},
+        {"target_modules": ["model.layers.0.self_attn.q_proj", "q_proj", "self_attn.v_proj"]},
+        {"r": 2, "rank_pattern": {"q_proj": 8, r"layers\.\d\.self_attn\.v_proj": 8}, "alpha_pattern": {"v_proj": 4}},
+        {"target_modules": None},
+    ],
+)
+def test_peft_conventions_for_targets_and_patterns_are_accepted(lib_copy, change):
+    model, root = lib_copy
+    _edit_config(root / "b_r8", **change)
+    lib = AdapterLibrary.load(root, model)
+    i = lib.index("b_r8")
+    assert lib.stacks["model.layers.0.self_attn.q_proj"].scaling[i].item() == pytest.approx(2.0)
+    expected_v = 0.5 if "alpha_pattern" in change else 2.0
+    assert lib.stacks["model.layers.2.self_attn.v_proj"].scaling[i].item() == pytest.approx(expected_v)
+
+
+def test_integer_weights_are_refused(lib_copy):
+    model, root = lib_copy
+    _edit_weights(root / "a_r4", lambda key, t: (t * 100).to(torch.int8))
+    with pytest.raises(AdapterError, match=r"adapter 'a_r4', module .*lora_A as torch.int8 and lora_B as torch.int8; "
+                       "LoRA weights must be floating point"):
+        AdapterLibrary.load(root, model)
+
+
+def test_a_library_folder_with_weights_but_no_config_is_an_error(lib_copy):
+    model, root = lib_copy
+    (root / "c_r2_rslora" / "adapter_config.json").unlink()
+    with pytest.raises(AdapterError, match=rf"adapter folder {re.escape(str(root / 'c_r2_rslora'))} holds "
+                       r"adapter_model.safetensors but no adapter_config.json"):
+        AdapterLibrary.load(root, model)
+    with pytest.raises(AdapterError, match="c_r2_rslora holds adapter_model.safetensors but no adapter_config.json"):
+        AdapterLibrary.load([root / "a_r4", root / "c_r2_rslora"], model)
+    # a folder with neither (notes, plots) is not an adapter and is still passed over
+    (root / "c_r2_rslora" / "adapter_model.safetensors").unlink()
+    assert "c_r2_rslora" not in AdapterLibrary.load(root, model).names

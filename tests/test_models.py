@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 import shutil
 
 import pytest
@@ -73,3 +75,48 @@ def test_embedded_model_converts_once_and_loads_fast():
     ids = tok(["Q: What is the capital of France?\nA:"], return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def _broken_copy(src, dest, how: str):
+    shutil.copytree(src, dest)
+    if how == "no config.json":
+        (dest / "config.json").unlink()
+    elif how == "unknown model_type":
+        config = json.loads((dest / "config.json").read_text())
+        (dest / "config.json").write_text(json.dumps(config | {"model_type": "nonsense"}))
+    elif how == "truncated weights":
+        weights = dest / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "corrupt tokenizer":
+        (dest / "tokenizer.json").write_text("{broken")
+    return dest
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("no config.json", r"directory {d} \(ValueError: Unrecognized model.*it must hold a model as"),
+        ("unknown model_type", r"directory {d} \(ValueError: .*model type `nonsense`.*it must hold a model"),
+        ("truncated weights", r"{d}/model\.safetensors is corrupt or truncated \(SafetensorError: .*re-download"),
+        ("corrupt tokenizer", r"the tokenizer from the directory {d} \(JSONDecodeError"),
+    ],
+)
+def test_a_broken_model_directory_is_a_one_line_error_naming_it(tiny_model_dir, tmp_path, how, message):
+    broken = _broken_copy(tiny_model_dir("llama"), tmp_path / "broken", how)
+    with pytest.raises(ModelLoadError, match=message.format(d=re.escape(str(broken)))) as err:
+        load_base_model(str(broken))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("how", ["no config.json", "unknown model_type", "truncated weights", "corrupt tokenizer"])
+def test_a_broken_embedded_cache_says_to_delete_it(tiny_model_dir, tmp_path, monkeypatch, how):
+    """The converted copy of the embedded model is reused as long as its marker is there: when its files break, the
+    way out is to delete it so it is converted again."""
+    monkeypatch.setenv("LOGO_CACHE", str(tmp_path))
+    target = _broken_copy(tiny_model_dir("llama"), tmp_path / "models" / "smollm2-135m", how)
+    (target / "logo_converted.json").write_text("{}")
+    assert embedded_checkpoint() == target
+    message = rf"embedded model 'smollm2-135m'.*delete the directory {re.escape(str(target))} so that it is converted"
+    with pytest.raises(ModelLoadError, match=message) as err:
+        load_base_model("smollm2-135m")
+    assert "\n" not in str(err.value)
