@@ -48,8 +48,11 @@ def load_calibration(library) -> dict:
         if file.is_file():
             try:
                 data = json.loads(file.read_text())
-            except (OSError, json.JSONDecodeError) as err:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise LogoError(f"cannot read calibration file {file}: {err}; delete it and recalibrate") from err
+            if not isinstance(data, dict) or not isinstance(data.get("entries", {}), dict):
+                raise LogoError(f"calibration file {file} is not one `logo calibrate` writes (an object whose "
+                                "\"entries\" map signals to statistics); delete it and recalibrate")
             if data.get("adapters") != library.names:
                 continue  # statistics for another set of adapters
             return data.get("entries", {})

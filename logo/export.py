@@ -25,6 +25,7 @@ is what vLLM's ``--lora-modules`` and PEFT's ``PeftModel.from_pretrained`` load.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,8 @@ def parse_mixture(text: str, library: AdapterLibrary) -> dict[str, float]:
             weight = float(value)
         except ValueError:
             raise LogoError(f"--mixture entry {part!r}: {value!r} is not a number") from None
+        if not math.isfinite(weight):
+            raise LogoError(f"--mixture entry {part!r}: the weight must be a finite number")
         library.index(name.strip())  # an unknown adapter is an error that names it
         mixture[name.strip()] = mixture.get(name.strip(), 0.0) + weight
     if not mixture or not any(mixture.values()):

@@ -83,6 +83,9 @@ def fit_router_command(
         print(f"abstain: {abstain['rule']} of {abstain['signal']} below {abstain['threshold']:.4g}: "
               f"{abstain['unseen_abstained']:.2f} of "
               f"{fit['n_unseen']} prompts with no adapter abstain, {abstain['seen_abstained']:.2f} of the others")
+    elif not no_abstain:
+        print("abstain: none fitted (no example prompt is for no adapter: add a none.jsonl, or lines with "
+              '"adapter": null, of prompts the library should leave to the base model)')
     print(f"wrote {out}")
 
 

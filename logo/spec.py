@@ -124,8 +124,11 @@ class EngineSpec:
             fitted = file is not None and self.router is None
             if fitted and SIGNAL_FIELDS & set(changes):
                 changes.setdefault("statistics", "default")  # another signal: the fit's statistics do not apply
-            if fitted and router.abstain_signal is None and (SIGNAL_FIELDS | {"calibration"}) & set(changes):
+            rescored = (fitted and router.abstain_signal is None
+                        and bool((SIGNAL_FIELDS | {"calibration"}) & set(changes)))
+            if rescored:
                 changes.setdefault("abstain", "none")  # nor its abstain threshold, fitted on the fit's scores
+            _check_abstain_flags(self.router_overrides, router, keeps_threshold=not rescored)
             for single, pooled in (("layer", "layers"), ("module", "modules")):
                 if single in changes and pooled not in changes and getattr(router, pooled) is not None:
                     changes[pooled] = None  # --signal-layer/--signal-module replaces a pooled signal's layers/modules
@@ -148,6 +151,19 @@ class EngineSpec:
             file.check(library.names, model, library.modules, where=f"router file {file.path}")
             file.apply(library)
         return LoGoEngine(model, tokenizer, library, router, decode=self.decode)
+
+
+def _check_abstain_flags(flags: dict, before: RouterConfig, keeps_threshold: bool) -> None:
+    """``--abstain-below`` needs a rule to set the threshold of, and a rule the router did not have (or whose scores
+    the flags change) needs its threshold: no silent 0 and no ignored flag."""
+    rule = flags.get("abstain", before.abstain)
+    if "abstain_below" in flags and rule == "none":
+        raise LogoError("--abstain-below sets the threshold of an abstain rule, but this router does not abstain; "
+                        "add --abstain top|margin")
+    if flags.get("abstain", "none") != "none" and "abstain_below" not in flags and not (
+            keeps_threshold and before.abstain == rule):
+        raise LogoError(f"--abstain {rule} needs its threshold: add --abstain-below X (or fit one with "
+                        "`logo fit-router`, which stores it in the router file)")
 
 
 SIGNAL_FIELDS = {"strategy", "layer", "module", "post_norm", "position", "layers", "modules"}

@@ -88,7 +88,7 @@ def test_rank_above_the_exact_rank_is_refused(engine, tmp_path):
 def test_mixture_parsing_and_averaging(engine):
     assert parse_mixture("a_r4=0.5, b_r8=0.25,a_r4=0.25", engine.library) == {"a_r4": 0.75, "b_r8": 0.25}
     for text, message in (("a_r4", "not NAME=WEIGHT"), ("a_r4=x", "not a number"), ("zz=1", "no adapter named 'zz'"),
-                          ("a_r4=0", "non-zero weight")):
+                          ("a_r4=0", "non-zero weight"), ("a_r4=inf", "finite"), ("a_r4=nan", "finite")):
         with pytest.raises(LogoError, match=message):
             parse_mixture(text, engine.library)
     assert average_mixture([{"a": 0.75, "b": 0.25}, {"a": 0.5, "c": 0.5}]) == {"a": 0.625, "c": 0.25, "b": 0.125}

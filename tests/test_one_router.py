@@ -115,6 +115,15 @@ def test_signal_flags_replace_a_fitted_routers_pooled_signal(tiny_library, tiny_
     assert spec(calibration="none", module="q_proj", abstain="top", abstain_below=0.5).resolved()[1].abstain == "top"
     assert spec(k=1).resolved()[1].abstain == "top"  # the fit's signal: its rule stays
     assert spec(calibration="mean").resolved()[1].abstain == "none"  # other scores: the threshold does not apply
+    assert spec(abstain="top").resolved()[1].abstain_below == -1.5  # the fit's rule, named again: its threshold
+    for flags, message in [({"abstain": "top", "calibration": "mean"}, "--abstain top needs its threshold"),
+                           ({"abstain": "margin"}, "--abstain margin needs its threshold"),
+                           ({"abstain": "none", "abstain_below": 1.0}, "this router does not abstain")]:
+        with pytest.raises(LogoError, match=message):
+            spec(**flags).resolved()
+    with pytest.raises(LogoError, match="this router does not abstain"):  # the official router abstains on nothing
+        EngineSpec(str(tiny_model_dir("llama")), str(tmp_path / "lib"), router_file="official",
+                   router_overrides=router_overrides(abstain_below=0.3)).resolved()
     # calibration statistics are per signal: the fit's cover the pooled signals, not the flag's single one
     engine = spec(layer=-1).build()
     try:

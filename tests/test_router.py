@@ -219,3 +219,16 @@ def test_a_router_file_with_a_wrongly_typed_field_is_a_one_line_error(tmp_path, 
     text = str(err.value)
     assert "\n" not in text and str(bad) in text and field in text and message in text, text
     assert text.endswith("fit the router again with `logo fit-router`"), text
+
+
+@pytest.mark.parametrize("text", ["[]", '{"adapters": [], "entries": []}', "\udcff"])
+def test_a_malformed_calibration_file_is_one_line_error(tiny_library, tmp_path, text):
+    import shutil
+
+    from logo.calibration import FILE_NAME
+
+    model, root = tiny_library("llama")
+    shutil.copytree(root, tmp_path / "lib")
+    (tmp_path / "lib" / FILE_NAME).write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(LogoError, match="calibration file .* recalibrate"):
+        AdapterLibrary.load(tmp_path / "lib", model)
