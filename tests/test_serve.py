@@ -281,6 +281,7 @@ def test_unknown_path_and_method(setup):
     assert missing.status_code == 404 and "error" in missing.json()
     wrong = httpx.get(setup["main"].url + "/v1/completions")
     assert wrong.status_code == 405 and "error" in wrong.json()
+    assert wrong.headers["allow"] == "POST"  # the exception's headers are kept
 
 
 def test_api_key(setup):

@@ -15,7 +15,7 @@ from logo.router import RouterConfig
 from logo.serve.admission import Catalog, settings_for
 from logo.serve.api import ServeConfig, create_app
 from logo.serve.sampling import RowSettings, choose, uniform
-from logo.serve.scheduler import Job, Scheduler
+from logo.serve.scheduler import Job, Scheduler, ShuttingDown
 from logo.serve.text_stream import TextStream
 from logo.spec import EngineSpec
 from tests.helpers import make_tokenizer
@@ -173,6 +173,56 @@ def test_prefill_failure_while_rows_run_loses_nothing(engine):
             assert engine.tokenizer.decode(results[i][0], skip_special_tokens=True) == alone.text
     finally:
         scheduler.close()
+
+
+def test_batch_retried_alone_is_routed_once(engine):
+    """When a batch's prefill fails after its jobs were routed, the jobs are admitted again one by one; each
+    still gets exactly one ``routed`` event (a second would repeat the stream's role / ``logo`` chunk)."""
+    scheduler = Scheduler(engine, max_batch_size=8)
+    model = scheduler.model
+    marker = engine.tokenizer.convert_tokens_to_ids("~")
+
+    def failing_prefill(*args, **kwargs):
+        if bool((kwargs["input_ids"] == marker).any()):
+            raise RuntimeError("prefill failed on purpose")
+        return model(*args, **kwargs)
+
+    scheduler.model = failing_prefill
+    try:
+        events: list[list[str]] = [[], []]
+        done = threading.Semaphore(0)
+
+        def listener(i):
+            def on_event(event):
+                events[i].append(event.kind)
+                if event.kind in ("done", "error"):
+                    done.release()
+            return on_event
+
+        scheduler.submit([Job(p, GenerationSettings(max_new_tokens=3), on_event=listener(i))
+                          for i, p in enumerate(["a good prompt", "bad ~ prompt"])])
+        for _ in range(2):
+            assert done.acquire(timeout=60)
+        assert events[0].count("routed") == 1 and events[0][-1] == "done", events[0]
+        assert events[1] == ["routed", "error"]
+    finally:
+        scheduler.close()
+
+
+def test_submit_while_shutting_down_is_a_503(engine):
+    """A request that arrives while the server shuts down gets a 503 (no Retry-After) saying so, not a 500."""
+    with TestClient(create_app(engine, ServeConfig(base_id="base"))) as client:
+        client.app.state.scheduler.close()
+        for stream in (False, True):
+            response = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": stream})
+            assert response.status_code == 503, response.text
+            assert "retry-after" not in response.headers
+            error = response.json()["error"]
+            assert "shutting down" in error["message"] and error["type"] == "server_error"
+    with pytest.raises(ShuttingDown):
+        scheduler = Scheduler(engine)
+        scheduler.close()
+        scheduler.submit([Job("hi", GenerationSettings(max_new_tokens=1))])
 
 
 def test_cancelled_jobs_leave_the_queue(engine):

@@ -43,7 +43,7 @@ from logo.serve.admission import (
     stop_strings,
 )
 from logo.serve.metrics import Metrics
-from logo.serve.scheduler import Event, Job, QueueFull, Scheduler
+from logo.serve.scheduler import Event, Job, QueueFull, Scheduler, ShuttingDown
 from logo.serve.schemas import (
     AdapterCard,
     AssistantMessage,
@@ -156,6 +156,8 @@ class Exchange:
         except QueueFull as err:
             raise ApiError(429, str(err), code="queue_full", kind="rate_limit_error",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except ShuttingDown as err:
+            raise ApiError(503, str(err), code="shutting_down", kind="server_error") from None
         self.metrics.prompt_tokens.inc(sum(lengths))
 
     def _listener(self, index: int):
@@ -269,7 +271,7 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return error_response(err.status_code, str(err.detail), code=str(err.status_code))
+        return error_response(err.status_code, str(err.detail), code=str(err.status_code), headers=err.headers)
 
     @app.exception_handler(Exception)
     async def crash(_request: Request, err: Exception) -> JSONResponse:

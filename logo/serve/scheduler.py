@@ -42,6 +42,10 @@ class QueueFull(LogoError):
     """The server's queue is full; the client should retry later."""
 
 
+class ShuttingDown(LogoError):
+    """The server is shutting down and takes no more requests."""
+
+
 @dataclass
 class Event:
     """What the worker tells a request: ``routed`` (selected), ``token`` (token), ``done`` (reason: stop | length),
@@ -116,10 +120,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------ front
     def submit(self, jobs: list[Job]) -> None:
-        """Queue jobs (all or none); :class:`QueueFull` when they do not fit in the queue."""
+        """Queue jobs (all or none); :class:`QueueFull` when they do not fit in the queue, :class:`ShuttingDown`
+        after :meth:`close`."""
         with self._wake:
             if self._closing:
-                raise LogoError("the server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             self._purge()
             if len(self._waiting) + len(jobs) > self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting requests, --max-queue); retry shortly")
@@ -192,10 +197,12 @@ class Scheduler:
                     self._reset()
             self.metrics.running.set(len(self._rows))
 
-    def _admit_safely(self, jobs: list[Job]) -> None:
-        """Admit jobs together; if that fails, one by one, so only the request at fault gets the error."""
+    def _admit_safely(self, jobs: list[Job], routed: set[int] | None = None) -> None:
+        """Admit jobs together; if that fails, one by one, so only the request at fault gets the error.
+        ``routed``: the ids of the jobs already told their ``routed`` event (each is told once)."""
+        routed = set() if routed is None else routed
         try:
-            self._admit(jobs)
+            self._admit(jobs, routed)
             return
         except Exception as err:  # noqa: BLE001 - a bad request must not stop the loop
             if len(jobs) == 1:
@@ -206,7 +213,7 @@ class Scheduler:
                     self._fail(jobs, f"internal error: {type(err).__name__}: {err}")
                 return
         for job in jobs:
-            self._admit_safely([job])
+            self._admit_safely([job], routed)
 
     def _fail(self, jobs: list[Job], message: str, invalid: bool = False) -> None:
         """Tell ``jobs`` they failed; ``invalid``: the request was at fault (a 400), else the server (a 500)."""
@@ -214,7 +221,7 @@ class Scheduler:
         self.deliver([(job, Event("error", message=message, reason=reason)) for job in jobs])
 
     # ------------------------------------------------------------- admission
-    def _admit(self, jobs: list[Job]) -> None:
+    def _admit(self, jobs: list[Job], routed: set[int]) -> None:
         engine = self.engine
         ids, mask = engine.encode([job.prompt for job in jobs])
         start = time.perf_counter()
@@ -222,7 +229,8 @@ class Scheduler:
         self.metrics.route_seconds.observe(time.perf_counter() - start)
         self.deliver([(job, Event("routed", selected=self._describe(sel),
                                   abstained=isinstance(sel, Route) and sel.abstained))
-                      for job, sel in zip(jobs, selections)])
+                      for job, sel in zip(jobs, selections) if id(job) not in routed])
+        routed.update(id(job) for job in jobs)
         first = len(self._rows)
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
         cache = DynamicCache()
