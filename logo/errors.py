@@ -11,3 +11,13 @@ class AdapterError(LogoError):
 
 class ModelLoadError(LogoError):
     """The base model could not be loaded."""
+
+
+def json_kind(value) -> str:
+    """A JSON value as an error message shows it: its JSON type and (the start of) the value."""
+    if value is None:
+        return "null"
+    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
+             dict: "an object"}
+    text = repr(value)
+    return f"{kinds.get(type(value), type(value).__name__)} {text[:40]}{'...' if len(text) > 40 else ''}"

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from logo.calibration import calibrate_scores, score_statistics, statistics_for
-from logo.errors import LogoError
+from logo.errors import LogoError, json_kind
 from logo.library import AdapterLibrary
 
 STRATEGIES = ("norm", "entropy")
@@ -170,14 +170,6 @@ class RouterConfig:
         left out take the official router's values, and every field must have its JSON type. Each error is one
         line that names ``where`` and the field."""
 
-        def shown(value) -> str:
-            if value is None:
-                return "null"
-            kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
-                     dict: "an object"}
-            text = repr(value)
-            return f"{kinds.get(type(value), type(value).__name__)} {text[:40]}{'...' if len(text) > 40 else ''}"
-
         def integer(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
@@ -202,7 +194,7 @@ class RouterConfig:
                  "abstain_signal": (lambda value: isinstance(value, dict), "null or an object")}
         nullable = ("layers", "modules", "abstain_signal")
         if not isinstance(data, dict):
-            raise LogoError(f"{where} must be a JSON object, got {shown(data)}")
+            raise LogoError(f"{where} must be a JSON object, got {json_kind(data)}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -218,7 +210,7 @@ class RouterConfig:
                        if name in own_fields]
         for name, value, check, wanted in checks:
             if not check(value):
-                raise LogoError(f"{where}: field {name!r} must be {wanted}, got {shown(value)}")
+                raise LogoError(f"{where}: field {name!r} must be {wanted}, got {json_kind(value)}")
         try:
             return cls(**data)
         except LogoError as err:

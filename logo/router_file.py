@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from logo.errors import LogoError
+from logo.errors import LogoError, json_kind
 from logo.router import RouterConfig
 
 FILE_NAME = "logo_router.json"
@@ -25,16 +25,6 @@ FINGERPRINT_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "num_att
 
 
 REFIT = "fit the router again with `logo fit-router`"
-
-
-def json_kind(value) -> str:
-    """A JSON value as an error message shows it: its JSON type and (the start of) the value."""
-    if value is None:
-        return "null"
-    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
-             dict: "an object"}
-    text = repr(value)
-    return f"{kinds.get(type(value), type(value).__name__)} {text[:40]}{'...' if len(text) > 40 else ''}"
 
 
 def check_fields(data: dict) -> str | None:
