@@ -70,3 +70,15 @@ def test_user_mistakes_are_one_line_errors(monkeypatch, capsys, tmp_path):
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(message) and "\n" not in err
+
+
+def test_fitted_says_which_router_flags_it_ignores(captured):
+    """Method fitted routes as the router file says: flags set away from the official router are named, not
+    silently dropped; the official defaults draw no note."""
+    app, calls = captured
+    quiet = CliRunner().invoke(app, ["run", "--dataset", "bbh.boolean_expressions", "--method", "logo,fitted"])
+    assert quiet.exit_code == 0 and "note" not in quiet.output, quiet.output
+    noted = CliRunner().invoke(app, ["run", "--dataset", "bbh.boolean_expressions", "--method", "fitted",
+                                     "--n_selected_modules", "5", "--signal-layer", "-3"])
+    assert noted.exit_code == 0, noted.output
+    assert "--n-selected-modules, --signal-layer apply only to the other methods" in noted.output

@@ -72,3 +72,14 @@ def test_cli_passes_ray_options(monkeypatch, tmp_path):
                                       "--gpus-per-worker", "0.5"])
     assert result.exit_code == 0, result.output
     assert calls == [(["logo", "base"], {"address": "local", "workers": 3, "gpus_per_worker": 0.5})]
+
+
+def test_a_users_mistake_on_a_worker_is_one_line():
+    from ray.exceptions import RayActorError, RayTaskError
+
+    from logo.errors import LogoError
+    from logo.eval.distributed import worker_error
+
+    mistake = RayTaskError("predict", "Traceback (most recent call last): ...", LogoError("fixed:nope: no adapter"))
+    assert str(worker_error(mistake)) == "fixed:nope: no adapter"
+    assert "run the same command again to resume" in str(worker_error(RayActorError()))

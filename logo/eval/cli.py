@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -92,6 +93,10 @@ def run(
                         "weighting": weighting, "temperature": weight_temperature, "calibration": calibration},
         overwrite=overwrite,
     )
+    fitted_ignores = _flags_fitted_ignores(config)
+    if "fitted" in methods and fitted_ignores:
+        print(f"note: method 'fitted' routes with the library's router file as it was fitted; "
+              f"{', '.join(fitted_ignores)} apply only to the other methods", file=sys.stderr)
     if ray is None:
         run_methods(config, methods)
         return
@@ -119,3 +124,17 @@ def register(app: typer.Typer) -> None:
     """Add run and compare to ``app``."""
     app.command()(run)
     app.command()(compare)
+
+
+def _flags_fitted_ignores(config) -> list[str]:
+    """The router flags of ``config`` set away from the official router's values (method ``fitted`` ignores them)."""
+    from logo.router import RouterConfig  # lazy: keeps `logo --help` free of the torch import
+
+    official = RouterConfig()
+    flags = {"layer": "--signal-layer", "module": "--signal-module", "post_norm": "--post-norm",
+             "position": "--position", "weighting": "--weighting", "temperature": "--weight-temperature",
+             "calibration": "--calibration"}
+    given = {"--selection-strategy": (config.selection_strategy, official.strategy),
+             "--n-selected-modules": (config.n_selected_modules, official.k)}
+    given.update({flags[name]: (value, getattr(official, name)) for name, value in config.router_options.items()})
+    return [flag for flag, (value, default) in given.items() if value != default]

@@ -55,6 +55,16 @@ class EvalWorker:
         return method, dataset, records, time.perf_counter() - start, self.loading_s
 
 
+def worker_error(err: Exception) -> LogoError:
+    """The one-line error for a failure on a worker: a user's mistake (a LogoError raised there) as it is, anything
+    else as a worker that kept failing (the finished shards are recorded)."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, LogoError):
+        return LogoError(str(cause))
+    return LogoError(f"a Ray worker failed {MAX_RESTARTS + 1} times ({type(err).__name__}: {err}); every finished "
+                     "shard is recorded: run the same command again to resume")
+
+
 def run_methods_ray(config: RunConfig, methods: list[str], address: str = "", workers: int = 2,
                     gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, progress: bool = True,
                     on_shard: Callable[[list], None] | None = None) -> dict[str, dict[str, float]]:
@@ -104,5 +114,4 @@ def _run_phase(units: list, jobs: dict, pool: ActorPool, actors: list, bar, on_s
             if on_shard is not None:
                 on_shard(actors)
     except RayError as err:
-        raise LogoError(f"a Ray worker failed {MAX_RESTARTS + 1} times ({type(err).__name__}: {err}); every "
-                        "finished shard is recorded: run the same command again to resume") from err
+        raise worker_error(err) from err
