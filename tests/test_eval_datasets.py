@@ -91,6 +91,62 @@ def test_bad_local_files_are_named(tmp_path):
         ds.load_instances("bbh.navigate", SHARED, limit=0)
 
 
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"context": "Q: x\nA:", "completion": 3},
+     r"test.jsonl:2: 'completion' must be a string \(metric em\), got a number 3"),
+    ({"context": None, "completion": "a"}, r"test.jsonl:2: 'context' must be a string, got null"),
+    ({"context": "Q: x\nA:", "completion": ["a", "b"]}, r"'completion' must be a string \(metric em\), got an array"),
+])
+def test_wrong_types_in_jsonl_are_named_when_loading(tmp_path, row, message):
+    (tmp_path / "bbh" / "navigate").mkdir(parents=True)
+    good = json.dumps({"context": "Q: y\nA:", "completion": "yes"})
+    (tmp_path / "bbh" / "navigate" / "test.jsonl").write_text(good + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(LogoError, match=message):
+        ds.load_instances("bbh.navigate", tmp_path)
+
+
+def test_labels_take_the_metrics_types(tmp_path):
+    """em_multi (NQ, TQA) takes a list of answers; not an empty one, nor one with a non-string."""
+    (tmp_path / "nq" / "x").mkdir(parents=True)
+    file = tmp_path / "nq" / "x" / "test.jsonl"
+    file.write_text(json.dumps({"context": "q", "completion": ["a", "b"]}) + "\n")
+    assert ds.load_instances("nq.x", tmp_path) == [ds.Instance("q", ["a", "b"])]
+    for bad in ([], ["a", 1], {"a": 1}):
+        file.write_text(json.dumps({"context": "q", "completion": bad}) + "\n")
+        with pytest.raises(LogoError, match=r"test.jsonl:1: 'completion' must be a string or a list of strings"):
+            ds.load_instances("nq.x", tmp_path)
+
+
+def test_wrong_types_in_bbh_json_are_named(tmp_path):
+    file = tmp_path / "web_of_lies.json"
+    file.write_text(json.dumps({"examples": [{"input": "x", "target": "Yes"}, {"input": "y", "target": 5}]}))
+    with pytest.raises(LogoError, match=r"web_of_lies.json: example 1: 'target' must be a string .*got a number 5"):
+        ds.load_instances("bbh.web_of_lies", tmp_path)
+    file.write_text(json.dumps({"examples": [{"input": None, "target": "Yes"}]}))
+    with pytest.raises(LogoError, match=r"web_of_lies.json: example 0: 'input' must be a string, got null"):
+        ds.load_instances("bbh.web_of_lies", tmp_path)
+
+
+def test_files_not_in_utf8_are_named(tmp_path):
+    (tmp_path / "bbh" / "navigate").mkdir(parents=True)
+    (tmp_path / "bbh" / "navigate" / "test.jsonl").write_bytes(
+        b'{"context": "a", "completion": "b"}\n{"context": "caf\xe9", "completion": "b"}\n')
+    with pytest.raises(LogoError, match=r"navigate/test.jsonl:2 is not UTF-8 text .*save the file as UTF-8"):
+        ds.load_instances("bbh.navigate", tmp_path)
+    (tmp_path / "web_of_lies.json").write_bytes(b'{"examples": [{"input": "caf\xe9", "target": "b"}]}')
+    with pytest.raises(LogoError, match=r"web_of_lies.json:1 is not UTF-8 text"):
+        ds.load_instances("bbh.web_of_lies", tmp_path)
+
+
+def test_hub_rows_of_the_wrong_types_are_refused():
+    spec = ds.get_dataset_spec("bbh.navigate")
+    with pytest.raises(LogoError, match=r"bbh.navigate: row 0: 'label' must be a string \(metric em\), got a number 5"):
+        ds.convert_rows(spec, [{"input": "x", "target": 5}])
+    with pytest.raises(LogoError, match=r"bbh.navigate: row 0's question must be a string, got null"):
+        ds.convert_rows(spec, [{"input": None, "target": "Yes"}])
+
+
 # ------------------------------------------------------------------ hub repositories, offline
 def write_snapshots(root: Path) -> Path:
     """Write each repository's files as parquet, with a README declaring its configs as the real repo's does."""

@@ -2,20 +2,23 @@
 
 Each cell is the dataset's headline number: accuracy x100 for ``em`` / ``em_multi``, BLEU x100, ROUGE-L x100
 (read from ``eval_results.json``; per-instance dicts are ROUGE). Runs evaluated on different numbers of
-instances of a dataset are flagged: their numbers are not comparable.
+instances of a dataset are flagged: their numbers are not comparable. The average is over the datasets every
+compared run has (the header says how many when some run lacks one, and each missing cell is warned about).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from logo.errors import LogoError
+from logo.errors import LogoError, json_kind
+from logo.paths import check_output_dir
 from logo.plots import selection_heatmap
 
 
@@ -43,6 +46,23 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return runs
 
 
+def _is_score(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_scores(file: Path, scores) -> list:
+    """``scores`` if it is what `logo run` writes: a list of numbers, or of ROUGE dicts with a numeric 'rouge-L'."""
+    expected = "a list of per-instance scores (numbers, or dicts with a numeric 'rouge-L')"
+    if not isinstance(scores, list):
+        raise LogoError(f"{file} is not {expected} but {json_kind(scores)}; rerun `logo run` for it")
+    rouge = bool(scores) and isinstance(scores[0], dict)
+    for i, s in enumerate(scores):
+        if not (isinstance(s, dict) and _is_score(s.get("rouge-L")) if rouge else _is_score(s)):
+            raise LogoError(f"{file}: entry {i} ({json_kind(s)}) is not {'like entry 0 ' if i else ''}"
+                            f"in {expected}; rerun `logo run` for it")
+    return scores
+
+
 def headline_value(scores: list) -> float:
     """Mean x100; ROUGE-L F1 for per-instance ROUGE dicts."""
     if not scores:
@@ -63,9 +83,10 @@ def collect(runs: list[Path]) -> tuple[list[str], dict[str, dict[str, tuple[floa
             if not file.is_file():
                 continue
             try:
-                scores = json.loads(file.read_text())
-            except json.JSONDecodeError as err:
+                scores = json.loads(file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise LogoError(f"{file} is not valid JSON ({err}); rerun `logo run` for it") from err
+            scores = check_scores(file, scores)
             row[d.name] = (headline_value(scores), len(scores))
             if d.name not in datasets:
                 datasets.append(d.name)
@@ -74,13 +95,19 @@ def collect(runs: list[Path]) -> tuple[list[str], dict[str, dict[str, tuple[floa
     return datasets, table
 
 
+def shared_datasets(datasets: list[str], table: dict[str, dict[str, tuple[float, int]]]) -> list[str]:
+    """The datasets every run has: the only ones the average is over, so that averages compare."""
+    return [d for d in datasets if all(d in row for row in table.values())]
+
+
 def render(datasets: list[str], table: dict[str, dict[str, tuple[float, int]]]) -> tuple[str, list[list[str]]]:
-    header = ["method", *datasets, "average"]
+    shared = shared_datasets(datasets, table)
+    average = "average" if len(shared) == len(datasets) else f"average of {len(shared)} shared"
+    header = ["method", *datasets, average]
     rows = []
     for method, row in table.items():
         values = [row[d][0] if d in row else None for d in datasets]
-        present = [v for v in values if v is not None]
-        avg = sum(present) / len(present) if present else None
+        avg = sum(row[d][0] for d in shared) / len(shared) if shared else None
         rows.append([method, *["" if v is None else f"{v:.2f}" for v in values], "" if avg is None else f"{avg:.2f}"])
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
@@ -89,6 +116,15 @@ def render(datasets: list[str], table: dict[str, dict[str, tuple[float, int]]]) 
 
 def check_same_data(datasets: list[str], table: dict[str, dict[str, tuple[float, int]]]) -> list[str]:
     warnings = []
+    missing = {method: [d for d in datasets if d not in row] for method, row in table.items()}
+    missing = {method: lacks for method, lacks in missing.items() if lacks}
+    if missing:
+        shared = shared_datasets(datasets, table)
+        cells = "; ".join(f"{m} lacks {', '.join(lacks)}" for m, lacks in missing.items())
+        noun = "dataset" if len(shared) == 1 else "datasets"
+        scope = (f"averages are over the {len(shared)} {noun} every run has ({', '.join(shared)})" if shared
+                 else "no dataset is in every run, so there are no averages")
+        warnings.append(f"missing results: {cells}; {scope}")
     for d in datasets:
         sizes = {method: row[d][1] for method, row in table.items() if d in row}
         if len(set(sizes.values())) > 1:
@@ -134,6 +170,7 @@ def selection_png(runs: list[Path], path: Path, top: int = 25) -> bool:
 
 def compare(paths: list[Path], out_dir: Path) -> Report:
     """Write ``compare.md``, ``compare.csv`` and (if any run selected adapters) ``selection.png`` to ``out_dir``."""
+    check_output_dir(out_dir)
     runs = find_runs(paths)
     datasets, table = collect(runs)
     md, rows = render(datasets, table)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from logo.errors import LogoError
+from logo.errors import LogoError, json_kind
 from logo.eval import hub
 from logo.eval.hub import PARQUET_EXPORT, Convert, HubSource
 
@@ -140,33 +140,71 @@ def format_prompt(description: str, question: str) -> str:
     return f"{description}\n\nQ: {question}\nA:"
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        lineno = data.count(b"\n", 0, err.start) + 1
+        raise LogoError(f"{path}:{lineno} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                        "save the file as UTF-8") from err
+
+
+def _label_ok(metric: str, label) -> bool:
+    """A string; for ``em_multi`` (any of several answers) also a non-empty list of strings."""
+    if isinstance(label, str):
+        return True
+    return metric == "em_multi" and isinstance(label, list) and bool(label) and all(isinstance(x, str) for x in label)
+
+
+def _instance(where: str, prompt, label, metric: str, prompt_key: str, label_key: str) -> Instance:
+    """``Instance(prompt, label)`` once their types suit the metric; else a LogoError naming ``where``."""
+    if not isinstance(prompt, str):
+        raise LogoError(f"{where}: {prompt_key!r} must be a string, got {json_kind(prompt)}")
+    if not _label_ok(metric, label):
+        wanted = "a string or a list of strings" if metric == "em_multi" else "a string"
+        raise LogoError(f"{where}: {label_key!r} must be {wanted} (metric {metric}), got {json_kind(label)}")
+    return Instance(prompt, label)
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, row)`` of each non-blank line."""
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(_decode(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append((lineno, json.loads(line)))
         except json.JSONDecodeError as err:
             raise LogoError(f"{path}:{lineno} is not valid JSON ({err})") from err
     return rows
 
 
-def _from_official(path: Path) -> list[Instance]:
+def _from_official(path: Path, spec: DatasetSpec) -> list[Instance]:
     out = []
-    for i, row in enumerate(_read_jsonl(path)):
+    for lineno, row in _read_jsonl(path):
         if not isinstance(row, dict) or "context" not in row or "completion" not in row:
-            raise LogoError(f"{path}: line {i + 1} lacks 'context'/'completion' (the official LoGo jsonl layout)")
-        out.append(Instance(row["context"], row["completion"]))
+            raise LogoError(f"{path}: line {lineno} lacks 'context'/'completion' (the official LoGo jsonl layout)")
+        out.append(_instance(f"{path}:{lineno}", row["context"], row["completion"], spec.metric, "context",
+                             "completion"))
     return out
 
 
 def _from_bbh_json(path: Path, spec: DatasetSpec) -> list[Instance]:
+    text = _decode(path)
     try:
-        examples = json.loads(path.read_text(encoding="utf-8"))["examples"]
-        return [Instance(format_prompt(spec.description, ex["input"]), ex["target"]) for ex in examples]
+        examples = json.loads(text)["examples"]
+        pairs = [(ex["input"], ex["target"]) for ex in examples]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise LogoError(f"{path} is not BBH JSON ({{'examples': [{{'input', 'target'}}]}}): {err!r}") from err
+    out = []
+    for i, (question, target) in enumerate(pairs):
+        where = f"{path}: example {i}"
+        if not isinstance(question, str):
+            raise LogoError(f"{where}: 'input' must be a string, got {json_kind(question)}")
+        out.append(_instance(where, format_prompt(spec.description, question), target, spec.metric, "input",
+                             "target"))
+    return out
 
 
 def convert_rows(spec: DatasetSpec, rows) -> list[Instance]:
@@ -179,7 +217,10 @@ def convert_rows(spec: DatasetSpec, rows) -> list[Instance]:
             question, label = spec.convert(row)
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise LogoError(f"{spec.name}: row {i} does not have the expected fields ({err!r}): {row}") from err
-        out.append(Instance(format_prompt(spec.description, question), label))
+        if not isinstance(question, str):
+            raise LogoError(f"{spec.name}: row {i}'s question must be a string, got {json_kind(question)}: {row}")
+        out.append(_instance(f"{spec.name}: row {i}", format_prompt(spec.description, question), label, spec.metric,
+                             "question", "label"))
     return out
 
 
@@ -187,7 +228,7 @@ def _local_file(spec: DatasetSpec, root: Path) -> list[Instance] | None:
     family, _, sub = spec.name.partition(".")
     official = root / family / sub / "test.jsonl"
     if official.is_file():
-        return _from_official(official)
+        return _from_official(official, spec)
     if family == "bbh":
         for candidate in (root / f"{sub}.json", root / "bbh" / f"{sub}.json"):
             if candidate.is_file():

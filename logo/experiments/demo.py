@@ -23,6 +23,7 @@ from tqdm import tqdm
 from logo.engine import LoGoEngine
 from logo.generation import GenerationSettings, first_line
 from logo.methods import Fitted, LoGo, Method, get_method
+from logo.paths import check_output_dir
 from logo.plots import selection_heatmap
 from logo.router import RouterConfig, Selection
 from logo.spec import EngineSpec
@@ -198,6 +199,7 @@ def run_demo(
     console: Console | None = None,
 ) -> dict:
     """The whole demo: load, route, generate for every method, score, report. Returns the summary."""
+    check_output_dir(output_dir)  # before the minute of loading and generating
     console = console or Console()
     start = time.perf_counter()
     engine = EngineSpec("smollm2-135m", adapters, device="cpu").build()  # the library's fitted router
