@@ -29,7 +29,9 @@ FILE_NAME = "logo_calibration.json"
 DEFAULT_PROMPTS = Path(__file__).parent / "assets" / "calibration_prompts.txt"
 
 
-def _cache_file(names: list[str]) -> Path:
+def cache_file(names: list[str]) -> Path:
+    """Where the logo cache keeps the statistics of the library of adapters ``names`` (when its folder is not
+    writable)."""
     digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
     return cache_dir() / "calibration" / f"{digest}.json"
 
@@ -38,7 +40,7 @@ def _candidates(library) -> list[Path]:
     files = []
     if library.root is not None:
         files.append(library.root / FILE_NAME)
-    files.append(_cache_file(library.names))
+    files.append(cache_file(library.names))
     return files
 
 
@@ -65,7 +67,7 @@ def save_calibration(library, path: Path | None = None) -> Path:
     if path is None:
         beside = library.root / FILE_NAME if library.root is not None else None
         writable = beside is not None and os.access(beside.parent, os.W_OK)
-        path = beside if writable else _cache_file(library.names)
+        path = beside if writable else cache_file(library.names)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1))
     return path

@@ -21,6 +21,7 @@ import difflib
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from logo.arrow import ArrowGenerator
 from logo.engine import Generation, LoGoEngine
@@ -38,6 +39,10 @@ class Method:
     """True when the method routes with LoGo (its generations carry a :class:`~logo.router.Route`)."""
     takes_over_model: bool = False
     """True when the method changes the engine's model for good (run it after every other method)."""
+
+    def check_library(self, names: list[str], paths: list[Path]) -> None:
+        """Raise where this method cannot run on the library of adapters ``names`` (stored in ``paths``): checked
+        before any model loads, and again when the method runs."""
 
     def select(self, engine: LoGoEngine, prompts: list[str], indices: Sequence[int],
                seed: int) -> list[Selection | None]:
@@ -77,11 +82,14 @@ class Fitted(LoGo):
     abstain: bool = True
     name: str = "fitted"
 
-    def engine(self, engine: LoGoEngine) -> LoGoEngine:
-        path = library_router_file(engine.library.paths)
-        if path is None:
+    def check_library(self, names: list[str], paths: list[Path]) -> None:
+        if library_router_file(paths) is None:
             raise LogoError("method 'fitted': the library has no fitted router (logo_router.json next to the "
                             "adapters); fit one with `logo fit-router`")
+
+    def engine(self, engine: LoGoEngine) -> LoGoEngine:
+        self.check_library(engine.library.names, engine.library.paths)
+        path = library_router_file(engine.library.paths)
         file = RouterFile.load(path)
         file.check(engine.library.names, engine.model, engine.library.modules, where=f"router file {path}")
         file.apply(engine.library)
@@ -112,9 +120,12 @@ class Random(Method):
     k: int = 3
     name: str = "random"
 
+    def check_library(self, names: list[str], paths: list[Path]) -> None:
+        check_k(self.k, len(names))
+
     def select(self, engine, prompts, indices, seed):
         n = len(engine.library)
-        check_k(self.k, n)
+        self.check_library(engine.library.names, engine.library.paths)
         picks = []
         for index in indices:
             rng = random.Random(seed * 1_000_003 + index)
@@ -134,10 +145,14 @@ class Fixed(Method):
             raise LogoError("fixed:NAME needs an adapter name, e.g. fixed:word_sorting")
         self.name = f"fixed:{self.adapter}"
 
+    def check_library(self, names: list[str], paths: list[Path]) -> None:
+        if self.adapter not in names:
+            raise LogoError(f"{self.name}: no adapter of that name in the library ({len(names)} adapters: "
+                            f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}); give --method fixed:NAME "
+                            "with one of them")
+
     def select(self, engine, prompts, indices, seed):
-        if self.adapter not in engine.library.names:
-            raise LogoError(f"{self.name}: no adapter of that name in the library ({len(engine.library)} adapters: "
-                            f"{', '.join(engine.library.names[:8])}{', ...' if len(engine.library) > 8 else ''})")
+        self.check_library(engine.library.names, engine.library.paths)
         return [Selection([engine.library.index(self.adapter)], [1.0])] * len(prompts)
 
 

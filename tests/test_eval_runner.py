@@ -187,3 +187,95 @@ def test_arrow_matches_peft_arrow_directly(setup, tmp_path):
         text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         expected.append((text.splitlines() or [text])[0])
     assert predictions == expected
+
+
+def no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded")
+
+
+def test_a_changed_library_is_not_mixed(setup, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    lib = tmp_path / "lib"
+    shutil.copytree(setup[1], lib)
+    cfg = config(setup, tmp_path / "out", adapters=[str(lib)], method="base", limit=2)
+    run(cfg, progress=False)
+    monkeypatch.setattr(runner_mod, "load_engine", no_model)
+    run(cfg, progress=False)  # the same library: resumed (nothing left to do)
+    weights = next(p for p in (lib / "task_0").iterdir() if p.name.startswith("adapter_model"))
+    config_file = lib / "task_1" / "adapter_config.json"
+    stat, text = config_file.stat(), config_file.read_text()
+
+    def touch_weights():
+        os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+
+    def untouch_weights():
+        os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns - 10**9))
+
+    def restore_config():
+        config_file.write_text(text)
+        os.utime(config_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    changes = [
+        (lambda: (lib / "logo_router.json").write_text("{}"), (lib / "logo_router.json").unlink),
+        (lambda: (lib / "logo_calibration.json").write_text("{}"), (lib / "logo_calibration.json").unlink),
+        (touch_weights, untouch_weights),
+        (lambda: config_file.write_text(text + " "), restore_config),
+    ]
+    for change, undo in changes:
+        change()
+        with pytest.raises(LogoError, match=r"other settings \(library differ\).*--overwrite"):
+            run(cfg, progress=False)
+        undo()
+        run(cfg, progress=False)  # back as it was: accepted again
+
+
+def test_overwrite_and_a_larger_limit_remove_the_old_official_files(setup, tmp_path, monkeypatch):
+    target = tmp_path / config(setup, tmp_path, method="base").run_name() / "bbh.toy"
+
+    def official() -> list[str]:
+        return sorted(name for name in OFFICIAL_FILES if (target / name).exists())
+
+    def interrupted(self, chunk, *args):
+        raise Interrupted
+
+    run(config(setup, tmp_path, method="base", limit=2), progress=False)
+    assert official() == sorted(OFFICIAL_FILES)
+    with monkeypatch.context() as m:
+        m.setattr(runner_mod.Runner, "_predict", interrupted)
+        with pytest.raises(Interrupted):  # more instances: the files of 2 are no longer this run's results
+            run(config(setup, tmp_path, method="base", limit=3), progress=False)
+    assert official() == []
+    run(config(setup, tmp_path, method="base", limit=3), progress=False)
+    assert len(json.loads((target / "eval_results.json").read_text())) == 3
+    with monkeypatch.context() as m:
+        m.setattr(runner_mod.Runner, "_predict", interrupted)
+        with pytest.raises(Interrupted):
+            run(config(setup, tmp_path, method="base", limit=3, max_new_tokens=3, overwrite=True), progress=False)
+    assert official() == []
+
+
+def test_a_bad_output_dir_is_refused_before_the_model_loads(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_mod, "load_engine", no_model)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, message in ((afile, r"--output-dir .*afile is a file"), (afile / "sub", "--output-dir .*afile/sub"),
+                         ("/proc/logo_x", "cannot make --output-dir /proc/logo_x")):
+        with pytest.raises(LogoError, match=message):
+            run(config(setup, out, method="base", limit=2), progress=False)
+        with pytest.raises(LogoError, match=message):
+            run_methods(config(setup, out, limit=2), ["base", "uniform"], progress=False)
+
+
+def test_every_method_is_checked_against_the_library_before_any_generation(setup, tmp_path, monkeypatch):
+    predicted = []
+    monkeypatch.setattr(runner_mod, "load_engine", no_model)
+    monkeypatch.setattr(runner_mod.Runner, "_predict", lambda self, chunk, *a: predicted.append(chunk))
+    cases = [(["base", "fixed:nope"], {}, r"fixed:nope: no adapter of that name .*task_0, task_1"),
+             (["base", "fitted"], {}, "the library has no fitted router"),
+             (["base", "random"], {"n_selected_modules": 5}, "k=5 adapters requested but the library holds 4")]
+    for methods, kw, message in cases:
+        with pytest.raises(LogoError, match=message):
+            run_methods(config(setup, tmp_path, limit=2, **kw), methods, progress=False)
+    assert predicted == [] and not list(tmp_path.iterdir())

@@ -4,7 +4,10 @@ Each finished instance is appended, as one JSON line, to ``<dataset>/.logo_recor
 batch completes; ``<dataset>/.logo_run.json`` holds the run's settings and the seconds spent so far. A run
 that stops (crash, Ctrl-C, lost machine) and is started again keeps every complete line and generates only
 what is missing; a finished dataset is not generated again. The settings guard against mixing: a rerun with
-other generation settings into the same directory is refused; ``overwrite`` starts the dataset afresh.
+other generation settings into the same directory is refused; ``overwrite`` starts the dataset afresh. The
+official files are written only when a dataset is complete, and removed whenever the records stop covering them
+(a store started afresh, or a rerun with more instances), so that a stopped run never leaves old results looking
+current.
 """
 
 from __future__ import annotations
@@ -39,7 +42,11 @@ class RecordStore:
     def __init__(self, directory: Path, settings: dict, overwrite: bool = False) -> None:
         self.dir = directory
         self.settings = settings
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise LogoError(f"cannot make the result directory {directory}: {err.strerror or err}; "
+                            "give another --output-dir") from None
         self.records_path = directory / RECORDS
         self.meta_path = directory / META
         meta = json.loads(self.meta_path.read_text()) if self.meta_path.is_file() else None
@@ -50,6 +57,7 @@ class RecordStore:
                 f"{directory} holds results made with other settings ({', '.join(changed)} differ); "
                 "give --overwrite to replace them, or another --output-dir")
         if meta is None or overwrite:
+            self.remove_official()  # first: a run stopped after this leaves no results of the old records
             self.records_path.unlink(missing_ok=True)
             meta = {"settings": settings, "inference_s": 0.0, "loading_s": None}
             _write_atomic(self.meta_path, json.dumps(meta))
@@ -67,6 +75,8 @@ class RecordStore:
                 i = rec.get("index")
                 if isinstance(i, int) and 0 <= i < len(keys) and rec.get("key") == keys[i]:
                     done[i] = rec
+        if len(done) < len(keys):
+            self.remove_official()  # they describe other instances than the ones this run will finish
         kept = sorted(done.values(), key=lambda r: r["index"])
         _write_atomic(self.records_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
         return done
@@ -83,6 +93,11 @@ class RecordStore:
     def set_loading(self, seconds: float) -> None:
         self.meta["loading_s"] = seconds
         _write_atomic(self.meta_path, json.dumps(self.meta))
+
+    def remove_official(self) -> None:
+        """Remove the official files (before the records they came from are replaced or extended)."""
+        for filename in OFFICIAL_FILES:
+            (self.dir / filename).unlink(missing_ok=True)
 
     def write_official(self, records: list[dict], metric_dict: dict, loading_s: float) -> None:
         """The official six files, in instance order."""

@@ -10,6 +10,8 @@ all N adapters, ``{strategy: [[N scores], ...]}``; empty for the baselines) and 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -17,12 +19,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from logo import calibration, router_file
+from logo.adapter_source import resolve_adapters
 from logo.errors import LogoError
 from logo.eval.datasets import PAPER_DATASETS, get_dataset_spec, load_instances
 from logo.eval.metrics import headline, score_instance, summary_line
 from logo.eval.records import RecordStore, instance_key
 from logo.generation import GenerationSettings, first_line
 from logo.methods import Method, get_method
+from logo.paths import check_output_dir as check_writable_dir
 from logo.router import RouterConfig
 from logo.spec import EngineSpec
 
@@ -74,15 +79,67 @@ class RunConfig:
         """What decides the predictions (the resumable store refuses to mix results of other settings)."""
         keep = ("base_model", "adapters", "method", "selection_strategy", "n_selected_modules", "seed",
                 "generation_early_stop", "max_new_tokens", "dtype", "router_options")
-        return {k: v for k, v in asdict(self).items() if k in keep}
+        return {k: v for k, v in asdict(self).items() if k in keep} | {"library": library_fingerprint(self.entries())}
+
+    def engine_spec(self, methods: list[str]) -> EngineSpec:
+        """The engine for ``methods`` (k only matters to LoGo routing)."""
+        router = self.router(None if "logo" in methods else 1)
+        return EngineSpec(self.base_model, self.adapters, router, self.device, self.dtype, self.decode)
+
+    def entries(self) -> list[tuple[str, Path]]:
+        """The library's adapters as ``(name, dir)`` (resolved, no model loaded)."""
+        return resolve_adapters(self.engine_spec([self.method]).adapter_spec())
+
+
+def library_fingerprint(entries: list[tuple[str, Path]]) -> str:
+    """What identifies the library's content, cheaply (no weights are read): each adapter's name and its files'
+    names, sizes and modification times, and the bytes of the library's router and calibration files."""
+    paths = [path for _, path in entries]
+    parts: list = []
+    for name, path in entries:
+        files = sorted(f for f in Path(path).rglob("*") if f.is_file())
+        parts.append([name, [[f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns] for f in files]])
+    roots = {Path(p).parent for p in paths}
+    side = [router_file.library_router_file(paths), calibration.cache_file([n for n, _ in entries])]
+    side += [roots.pop() / calibration.FILE_NAME] if len(roots) == 1 else []
+    digest = hashlib.sha256(json.dumps(parts).encode())
+    for file in side:
+        digest.update(b"\0" + (file.read_bytes() if file is not None and file.is_file() else b""))
+    return digest.hexdigest()[:16]
+
+
+def check_output_dir(output_dir: str) -> None:
+    """--output-dir must be (or become) a writable directory: checked, and made, before any model loads."""
+    path = Path(output_dir)
+    check_writable_dir(path, "--output-dir")
+    try:  # what access() cannot tell (a read-only or virtual file system, or root's permissions)
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LogoError(f"cannot make --output-dir {output_dir}: {err.strerror or err}; "
+                        "give a writable directory") from None
+
+
+def check_run(config: RunConfig, methods: list[str]) -> list[Method]:
+    """Every check that needs no model, before any generation: the options, the output directory, the datasets,
+    the library, and each method against it (a fixed: adapter name, a fitted router, k). The methods, in order."""
+    config.generation()
+    if config.batch_size < 1:
+        raise LogoError(f"--batch-size must be at least 1, got {config.batch_size}")
+    objects = [get_method(m, k=config.n_selected_modules) for m in methods]
+    for name in config.datasets():
+        get_dataset_spec(name)  # every dataset, before hours of generation
+    check_output_dir(config.output_dir)
+    entries = config.entries()
+    names, paths = [n for n, _ in entries], [p for _, p in entries]
+    for method in objects:
+        method.check_library(names, paths)
+    return objects
 
 
 def load_engine(config: RunConfig, methods: list[str], progress: bool = True):
     """The engine for ``methods`` (k only matters to LoGo routing) and the seconds it took to load."""
     start = time.perf_counter()
-    router = config.router(None if "logo" in methods else 1)
-    engine = EngineSpec(config.base_model, config.adapters, router, config.device, config.dtype,
-                        config.decode).build(progress)
+    engine = config.engine_spec(methods).build(progress)
     return engine, time.perf_counter() - start
 
 
@@ -90,11 +147,8 @@ class Runner:
     """Runs one method over datasets; loads the model only when something is left to generate."""
 
     def __init__(self, config: RunConfig, engine_factory: Callable[[], tuple] | None = None,
-                 progress: bool = True) -> None:
-        self.method = config.method_object()
-        config.generation()  # settings are checked before any model loads
-        if config.batch_size < 1:
-            raise LogoError(f"--batch-size must be at least 1, got {config.batch_size}")
+                 progress: bool = True, checked: bool = False) -> None:
+        self.method = config.method_object() if checked else check_run(config, [config.method])[0]
         self.config = config
         self.progress = progress
         self._factory = engine_factory or (lambda: load_engine(config, [config.method], progress))
@@ -217,9 +271,7 @@ def method_suffix(method: str) -> str:
 def run_methods(config: RunConfig, methods: list[str], progress: bool = True) -> dict[str, dict[str, float]]:
     """Several methods on the same data, sharing one model load (made only if something is left to generate):
     ``{method: {dataset: score}}``. A method that takes over the engine's base model (Arrow) runs last."""
-    takes_over = {m: get_method(m).takes_over_model for m in methods}  # every name is checked here, and
-    for name in config.datasets():
-        get_dataset_spec(name)  # every dataset, before hours of generation
+    takes_over = {m: obj.takes_over_model for m, obj in zip(methods, check_run(config, methods))}
     order = [m for m in methods if not takes_over[m]] + [m for m in methods if takes_over[m]]
     loaded: list[tuple] = []
 
@@ -228,4 +280,4 @@ def run_methods(config: RunConfig, methods: list[str], progress: bool = True) ->
             loaded.append(load_engine(config, order, progress))
         return loaded[0]
 
-    return {m: Runner(replace(config, method=m), shared, progress).run() for m in order}
+    return {m: Runner(replace(config, method=m), shared, progress, checked=True).run() for m in order}
