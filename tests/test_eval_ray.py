@@ -83,3 +83,14 @@ def test_a_users_mistake_on_a_worker_is_one_line():
     mistake = RayTaskError("predict", "Traceback (most recent call last): ...", LogoError("fixed:nope: no adapter"))
     assert str(worker_error(mistake)) == "fixed:nope: no adapter"
     assert "run the same command again to resume" in str(worker_error(RayActorError()))
+
+
+def test_ray_run_checks_every_method_before_any_worker(setup, tmp_path, monkeypatch):
+    """As the plain run: a fixed: name the library lacks fails before Ray starts or anything is generated."""
+    from logo.errors import LogoError
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the methods were checked"))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(LogoError, match="fixed:nope: no adapter of that name"):
+        distributed.run_methods_ray(config(setup, tmp_path), ["base", "fixed:nope"], workers=1, progress=False)
+    assert not any(tmp_path.rglob(RECORDS))

@@ -25,8 +25,7 @@ import torch
 from tqdm import tqdm
 
 from logo.errors import LogoError
-from logo.eval.datasets import get_dataset_spec
-from logo.eval.runner import DatasetJob, RunConfig, load_engine, predict
+from logo.eval.runner import DatasetJob, RunConfig, check_run, load_engine, predict
 from logo.methods import get_method
 
 try:
@@ -77,9 +76,7 @@ def run_methods_ray(config: RunConfig, methods: list[str], address: str = "", wo
         raise LogoError(f"--workers must be at least 1, got {workers}")
     if gpus_per_worker < 0 or cpus_per_worker <= 0:
         raise LogoError("--gpus-per-worker must be >= 0 and the CPUs per worker > 0")
-    takes_over = {m: get_method(m).takes_over_model for m in methods}
-    for name in config.datasets():
-        get_dataset_spec(name)
+    takes_over = {m: method.takes_over_model for m, method in zip(methods, check_run(config, methods))}
     jobs = {(m, name): DatasetJob.open(replace(config, method=m), name) for m in methods for name in config.datasets()}
     units = [(m, name, shard) for (m, name), job in jobs.items() for shard in job.shards()]
     if units:
