@@ -205,6 +205,9 @@ def test_batch_retried_alone_is_routed_once(engine):
             assert done.acquire(timeout=60)
         assert events[0].count("routed") == 1 and events[0][-1] == "done", events[0]
         assert events[1] == ["routed", "error"]
+        counted = sum(sample.value for metric in scheduler.metrics.selections.collect() for sample in metric.samples
+                      if sample.name.endswith("_total"))
+        assert counted == 2 * engine.router.config.k  # each job's selection counted once, not again on its retry
     finally:
         scheduler.close()
 

@@ -227,9 +227,12 @@ class Scheduler:
         start = time.perf_counter()
         selections = self._select(jobs, ids, mask)  # the probe runs with the running rows' mixture suspended
         self.metrics.route_seconds.observe(time.perf_counter() - start)
+        told = [(job, sel) for job, sel in zip(jobs, selections) if id(job) not in routed]  # each job once
+        for _job, sel in told:
+            if isinstance(sel, Route):
+                self.metrics.count_selection(sel.names)
         self.deliver([(job, Event("routed", selected=self._describe(sel),
-                                  abstained=isinstance(sel, Route) and sel.abstained))
-                      for job, sel in zip(jobs, selections) if id(job) not in routed])
+                                  abstained=isinstance(sel, Route) and sel.abstained)) for job, sel in told])
         routed.update(id(job) for job in jobs)
         first = len(self._rows)
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
@@ -270,7 +273,6 @@ class Scheduler:
             picked = torch.tensor(members, device=ids.device)
             for i, route in zip(members, router_engine.route_batch(ids[picked], mask[picked])):
                 selections[i] = route
-                self.metrics.count_selection(route.names)
         return selections  # type: ignore[return-value]
 
     def _router_engine(self, key: str, config: RouterConfig | None) -> LoGoEngine:
