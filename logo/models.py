@@ -99,6 +99,8 @@ def resolve_model_path(spec: str) -> str:
 # config without a known model_type or an unreadable tokenizer (ValueError, json.JSONDecodeError among them), a
 # truncated or corrupt safetensors file (SafetensorError).
 _UNLOADABLE = (OSError, ValueError, SafetensorError)
+SIZE_MISMATCH = "ignore_mismatched_sizes"
+"""In transformers' RuntimeError when a checkpoint's weights do not fit the shapes its config gives."""
 
 
 def _first_line(err: Exception) -> str:
@@ -166,6 +168,12 @@ def load_base_model(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except _UNLOADABLE as err:
         raise _load_error("the base model", spec, path, err) from err
+    except RuntimeError as err:  # only transformers' refusal of weights whose shapes the config contradicts
+        if SIZE_MISMATCH not in str(err):
+            raise
+        raise ModelLoadError(f"cannot load the base model from {path}: its weights do not have the shapes its "
+                             "config.json gives (transformers printed which above); the config belongs to another "
+                             "model: restore the model's own config.json") from err
     model.to(device)
     model.eval()
     return model, load_tokenizer(spec)

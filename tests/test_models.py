@@ -89,6 +89,9 @@ def _broken_copy(src, dest, how: str):
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     elif how == "corrupt tokenizer":
         (dest / "tokenizer.json").write_text("{broken")
+    elif how == "config of another size":
+        config = json.loads((dest / "config.json").read_text())
+        (dest / "config.json").write_text(json.dumps(config | {"intermediate_size": config["intermediate_size"] + 8}))
     return dest
 
 
@@ -99,6 +102,7 @@ def _broken_copy(src, dest, how: str):
         ("unknown model_type", r"directory {d} \(ValueError: .*model type `nonsense`.*it must hold a model"),
         ("truncated weights", r"{d}/model\.safetensors is corrupt or truncated \(SafetensorError: .*re-download"),
         ("corrupt tokenizer", r"the tokenizer from the directory {d} \(JSONDecodeError"),
+        ("config of another size", r"from {d}: its weights do not have the shapes its config.json gives"),
     ],
 )
 def test_a_broken_model_directory_is_a_one_line_error_naming_it(tiny_model_dir, tmp_path, how, message):
