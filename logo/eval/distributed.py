@@ -76,7 +76,8 @@ def run_methods_ray(config: RunConfig, methods: list[str], address: str = "", wo
         raise LogoError(f"--workers must be at least 1, got {workers}")
     if gpus_per_worker < 0 or cpus_per_worker <= 0:
         raise LogoError("--gpus-per-worker must be >= 0 and the CPUs per worker > 0")
-    takes_over = {m: method.takes_over_model for m, method in zip(methods, check_run(config, methods))}
+    config, objects = check_run(config, methods)
+    takes_over = {m: method.takes_over_model for m, method in zip(methods, objects)}
     jobs = {(m, name): DatasetJob.open(replace(config, method=m), name) for m in methods for name in config.datasets()}
     units = [(m, name, shard) for (m, name), job in jobs.items() for shard in job.shards()]
     if units:

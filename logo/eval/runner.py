@@ -27,7 +27,7 @@ from logo.eval.metrics import headline, score_instance, summary_line
 from logo.eval.records import RecordStore, instance_key
 from logo.generation import GenerationSettings, first_line
 from logo.methods import Method, get_method
-from logo.paths import check_output_dir as check_writable_dir
+from logo.paths import check_output_dir
 from logo.router import RouterConfig
 from logo.spec import EngineSpec
 
@@ -55,6 +55,9 @@ class RunConfig:
     router_options: dict = field(default_factory=dict)
     """Every other :class:`RouterConfig` field (layer, module, post_norm, position, weighting, temperature,
     calibration); strategy and k are the official arguments above."""
+    library: str | None = None
+    """The library's fingerprint (:func:`library_fingerprint`), taken once by :func:`check_run` for the whole run
+    (resolving the adapters again for every dataset would ask the hub each time); None: taken when asked."""
     overwrite: bool = False
 
     def run_name(self) -> str:
@@ -79,7 +82,8 @@ class RunConfig:
         """What decides the predictions (the resumable store refuses to mix results of other settings)."""
         keep = ("base_model", "adapters", "method", "selection_strategy", "n_selected_modules", "seed",
                 "generation_early_stop", "max_new_tokens", "dtype", "router_options")
-        return {k: v for k, v in asdict(self).items() if k in keep} | {"library": library_fingerprint(self.entries())}
+        library = self.library or library_fingerprint(self.entries())
+        return {k: v for k, v in asdict(self).items() if k in keep} | {"library": library}
 
     def engine_spec(self, methods: list[str]) -> EngineSpec:
         """The engine for ``methods`` (k only matters to LoGo routing)."""
@@ -108,32 +112,22 @@ def library_fingerprint(entries: list[tuple[str, Path]]) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_output_dir(output_dir: str) -> None:
-    """--output-dir must be (or become) a writable directory: checked, and made, before any model loads."""
-    path = Path(output_dir)
-    check_writable_dir(path, "--output-dir")
-    try:  # what access() cannot tell (a read-only or virtual file system, or root's permissions)
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise LogoError(f"cannot make --output-dir {output_dir}: {err.strerror or err}; "
-                        "give a writable directory") from None
-
-
-def check_run(config: RunConfig, methods: list[str]) -> list[Method]:
+def check_run(config: RunConfig, methods: list[str]) -> tuple[RunConfig, list[Method]]:
     """Every check that needs no model, before any generation: the options, the output directory, the datasets,
-    the library, and each method against it (a fixed: adapter name, a fitted router, k). The methods, in order."""
+    the library, and each method against it (a fixed: adapter name, a fitted router, k). Returns the config with
+    the library's fingerprint taken (see ``RunConfig.library``) and the methods, in order."""
     config.generation()
     if config.batch_size < 1:
         raise LogoError(f"--batch-size must be at least 1, got {config.batch_size}")
     objects = [get_method(m, k=config.n_selected_modules) for m in methods]
     for name in config.datasets():
         get_dataset_spec(name)  # every dataset, before hours of generation
-    check_output_dir(config.output_dir)
+    check_output_dir(Path(config.output_dir), "--output-dir")
     entries = config.entries()
     names, paths = [n for n, _ in entries], [p for _, p in entries]
     for method in objects:
         method.check_library(names, paths)
-    return objects
+    return replace(config, library=library_fingerprint(entries)), objects
 
 
 def load_engine(config: RunConfig, methods: list[str], progress: bool = True):
@@ -148,7 +142,10 @@ class Runner:
 
     def __init__(self, config: RunConfig, engine_factory: Callable[[], tuple] | None = None,
                  progress: bool = True, checked: bool = False) -> None:
-        self.method = config.method_object() if checked else check_run(config, [config.method])[0]
+        if not checked:
+            config, (self.method,) = check_run(config, [config.method])
+        else:
+            self.method = config.method_object()
         self.config = config
         self.progress = progress
         self._factory = engine_factory or (lambda: load_engine(config, [config.method], progress))
@@ -271,7 +268,8 @@ def method_suffix(method: str) -> str:
 def run_methods(config: RunConfig, methods: list[str], progress: bool = True) -> dict[str, dict[str, float]]:
     """Several methods on the same data, sharing one model load (made only if something is left to generate):
     ``{method: {dataset: score}}``. A method that takes over the engine's base model (Arrow) runs last."""
-    takes_over = {m: obj.takes_over_model for m, obj in zip(methods, check_run(config, methods))}
+    config, objects = check_run(config, methods)
+    takes_over = {m: obj.takes_over_model for m, obj in zip(methods, objects)}
     order = [m for m in methods if not takes_over[m]] + [m for m in methods if takes_over[m]]
     loaded: list[tuple] = []
 
