@@ -126,7 +126,7 @@ class EngineSpec:
                 changes.setdefault("statistics", "default")  # another signal: the fit's statistics do not apply
             rescored = (fitted and router.abstain_signal is None
                         and bool((SIGNAL_FIELDS | {"calibration"}) & set(changes)))
-            if rescored:
+            if rescored and "abstain_below" not in changes:
                 changes.setdefault("abstain", "none")  # nor its abstain threshold, fitted on the fit's scores
             _check_abstain_flags(self.router_overrides, router, keeps_threshold=not rescored)
             for single, pooled in (("layer", "layers"), ("module", "modules")):

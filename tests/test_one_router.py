@@ -116,6 +116,8 @@ def test_signal_flags_replace_a_fitted_routers_pooled_signal(tiny_library, tiny_
     assert spec(k=1).resolved()[1].abstain == "top"  # the fit's signal: its rule stays
     assert spec(calibration="mean").resolved()[1].abstain == "none"  # other scores: the threshold does not apply
     assert spec(abstain="top").resolved()[1].abstain_below == -1.5  # the fit's rule, named again: its threshold
+    new_threshold = spec(calibration="mean", abstain_below=0.25).resolved()[1]  # other scores, a threshold given
+    assert (new_threshold.abstain, new_threshold.abstain_below) == ("top", 0.25)
     for flags, message in [({"abstain": "top", "calibration": "mean"}, "--abstain top needs its threshold"),
                            ({"abstain": "margin"}, "--abstain margin needs its threshold"),
                            ({"abstain": "none", "abstain_below": 1.0}, "this router does not abstain")]:
