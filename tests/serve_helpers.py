@@ -1,4 +1,5 @@
-"""Start `logo serve` as a real uvicorn process on a free loopback port (for the server tests)."""
+"""Start `logo serve` as a real uvicorn process on a free loopback port (for the server tests); OpenAI's
+penalties written out."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
+
+from logo.serve.sampling import Penalties
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CHAT_TEMPLATE = (  # refuses a system message, as some models' templates do
@@ -63,3 +67,22 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self._log.close()
+
+
+def penalized_greedy(engine, prompt: str, tokens: int, penalties: Penalties) -> list[int]:
+    """The base model's greedy tokens under OpenAI's penalties, one full forward pass per token, no cache."""
+    ids, _mask = engine.encode([prompt])
+    stops = set(engine.stop_ids(False))
+    counts: dict[int, int] = {}
+    out: list[int] = []
+    for _ in range(tokens):
+        logits = engine.model(input_ids=ids).logits[0, -1].float()
+        for token, c in counts.items():
+            logits[token] -= penalties.frequency * c + penalties.presence
+        token = int(logits.argmax())
+        if token in stops:
+            break
+        out.append(token)
+        counts[token] = counts.get(token, 0) + 1
+        ids = torch.cat([ids, torch.tensor([[token]])], 1)
+    return out

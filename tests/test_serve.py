@@ -11,12 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from logo.router import RouterConfig, Selection
+from logo.serve.sampling import Penalties
 from logo.spec import EngineSpec
 from tests.helpers import MIXED_SPECS, make_library, make_tiny_model, save_tiny_model
-from tests.serve_helpers import TINY_CHAT_TEMPLATE, ServerProcess
+from tests.serve_helpers import TINY_CHAT_TEMPLATE, ServerProcess, penalized_greedy
 
 openai = pytest.importorskip("openai")
 
@@ -100,6 +102,28 @@ def test_chat_plain_and_streamed(setup, client):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == response.choices[0].message.content
     assert chunks[-1].usage.total_tokens == response.usage.total_tokens
+
+
+def test_openai_fields_clients_send(setup, client):
+    """Penalties reach the rows (the formula written out); the neutral values of fields this server does not act
+    on (logprobs false, top_logprobs 0) and an assistant message with null content are accepted."""
+    engine = setup["engine"]
+    prompt = "a b a b a b"
+    penalties = Penalties(presence=0.5, frequency=2.0)
+    response = client.completions.create(model=setup["base"], prompt=prompt, max_tokens=10, temperature=0,
+                                         presence_penalty=0.5, frequency_penalty=2.0)
+    with torch.no_grad():
+        expected = penalized_greedy(engine, prompt, 10, penalties)
+        plain = penalized_greedy(engine, prompt, 10, Penalties())
+    assert expected != plain
+    assert response.choices[0].text == engine.tokenizer.decode(expected, skip_special_tokens=True)
+    history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": None},
+               {"role": "user", "content": "again"}]
+    chat = client.chat.completions.create(model="logo", messages=history, max_tokens=6, temperature=0,
+                                          logprobs=False, top_logprobs=0, presence_penalty=0, frequency_penalty=0)
+    filled = [{**m, "content": m["content"] or ""} for m in history]
+    prompt = engine.tokenizer.apply_chat_template(filled, tokenize=False, add_generation_prompt=True)
+    assert chat.choices[0].message.content == greedy(engine, prompt, 6)
 
 
 def test_usage_chunk_only_when_asked(client):
@@ -254,6 +278,17 @@ BAD_REQUESTS = {
     "chat empty user message": ("/v1/chat/completions", {"messages": [{"role": "user", "content": " "}]}, "empty"),
     "chat lone surrogate": ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}',
                             "Unicode"),
+    "penalty over 2": ("/v1/completions", {"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
+    "completion logprobs": ("/v1/completions", {"prompt": "hi", "logprobs": 0}, "logprobs"),
+    "chat logprobs": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+                      "log probabilities"),
+    "chat top_logprobs": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                   "top_logprobs": 3}, "top_logprobs"),
+    "chat null user content": ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]},
+                               "no content"),
+    "chat developer reaches the template as system": (
+        "/v1/chat/completions", {"messages": [{"role": "developer", "content": "be brief"},
+                                              {"role": "user", "content": "hi"}]}, "System role not supported"),
     "chat template refuses": ("/v1/chat/completions", {"messages": [{"role": "system", "content": "be brief"},
                                                                     {"role": "user", "content": "hi"}]},
                               "System role not supported"),

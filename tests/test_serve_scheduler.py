@@ -11,14 +11,15 @@ import torch
 from fastapi.testclient import TestClient
 
 from logo.generation import GenerationSettings
-from logo.router import RouterConfig
+from logo.router import RouterConfig, Selection
 from logo.serve.admission import Catalog, settings_for
 from logo.serve.api import ServeConfig, create_app
-from logo.serve.sampling import RowSettings, choose, uniform
+from logo.serve.sampling import Penalties, RowSettings, choose, count, penalize, uniform
 from logo.serve.scheduler import Job, Scheduler, ShuttingDown
 from logo.serve.text_stream import TextStream
 from logo.spec import EngineSpec
 from tests.helpers import make_tokenizer
+from tests.serve_helpers import penalized_greedy
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,8 @@ def test_choose_greedy_and_sampled_rows():
     torch.manual_seed(0)
     logits = torch.randn(4, 7)
     rows = RowSettings(greedy=torch.tensor([True, False, False, True]), temperature=torch.tensor([1.0, 1.0, 0.5, 1.0]),
-                       top_p=torch.tensor([1.0, 1e-6, 1.0, 1.0]), seed=torch.tensor([1, 2, 3, 4]))
+                       top_p=torch.tensor([1.0, 1e-6, 1.0, 1.0]), seed=torch.tensor([1, 2, 3, 4]),
+                       presence=torch.zeros(4), frequency=torch.zeros(4))
     tokens = choose(logits, rows, torch.zeros(4, dtype=torch.long))
     argmax = logits.argmax(-1)
     assert tokens[0] == argmax[0] and tokens[3] == argmax[3]
@@ -83,7 +85,8 @@ def test_sampling_follows_the_softmax():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
     n, temperature = 4000, 0.8
     rows = RowSettings(greedy=torch.zeros(n, dtype=torch.bool), temperature=torch.full((n,), temperature),
-                       top_p=torch.ones(n), seed=torch.arange(n) * 7919 + 11)
+                       top_p=torch.ones(n), seed=torch.arange(n) * 7919 + 11, presence=torch.zeros(n),
+                       frequency=torch.zeros(n))
     tokens = choose(logits.expand(n, -1), rows, torch.full((n,), 3))
     expected = torch.exp(logits / temperature) / torch.exp(logits / temperature).sum()
     observed = torch.bincount(tokens, minlength=5).float() / n
@@ -91,6 +94,63 @@ def test_sampling_follows_the_softmax():
     rows.top_p = torch.full((n,), 0.7)
     kept = torch.bincount(choose(logits.expand(n, -1), rows, torch.full((n,), 3)), minlength=5)
     assert kept[2:].sum() == 0 and kept[:2].min() > 0  # p(0)=.66 < .7 <= p(0)+p(1)
+
+
+def test_penalties_are_openais_formula():
+    """``logit - frequency * c - presence * (c > 0)``, written out element by element; rows without a penalty
+    keep their logits, and greedy rows choose after the penalty."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 6, generator=generator)
+    counts = torch.zeros(3, 6, dtype=torch.int32)
+    for row, tokens in enumerate([[1, 1, 4], [], [0, 2, 2, 2]]):
+        for token in tokens:
+            count(counts[row:row + 1], torch.tensor([token]))
+    assert counts[2].tolist() == [1, 0, 3, 0, 0, 0]
+    rows = RowSettings(greedy=torch.ones(3, dtype=torch.bool), temperature=torch.ones(3), top_p=torch.ones(3),
+                       seed=torch.zeros(3, dtype=torch.long), presence=torch.tensor([0.5, 1.0, 0.0]),
+                       frequency=torch.tensor([1.5, 0.0, -0.25]))
+    expected = logits.clone()
+    for b in range(3):
+        for j in range(6):
+            c = int(counts[b, j])
+            expected[b, j] -= float(rows.frequency[b]) * c + float(rows.presence[b]) * (1.0 if c > 0 else 0.0)
+    assert torch.allclose(penalize(logits, counts, rows), expected)
+    assert torch.equal(choose(logits, rows, torch.zeros(3, dtype=torch.long), counts), expected.argmax(-1))
+
+
+def test_penalized_rows_in_a_batch_match_the_formula(engine):
+    """Greedy requests with presence/frequency penalties, batched beside requests without any and joining while
+    they decode, get the tokens the penalties written out give (and the others the engine's own tokens)."""
+    prompts = ["one two three", "a b a b a b", "the cat sat on", "x y z"]
+    penalties = [Penalties(0.0, 2.0), Penalties(), Penalties(1.5, 0.5), Penalties()]
+    tokens = 12
+    with torch.no_grad():
+        expected = [penalized_greedy(engine, p, tokens, pen) for p, pen in zip(prompts, penalties)]
+        plain = penalized_greedy(engine, prompts[0], tokens, Penalties())
+    assert expected[0] != plain  # the penalty changes this prompt's tokens
+    scheduler = Scheduler(engine, max_batch_size=8, max_prefill_rows=2)  # the later two join a running batch
+    try:
+        results: list = [None] * len(prompts)
+        done = threading.Semaphore(0)
+
+        def listener(i: int):
+            ids: list[int] = []
+
+            def on_event(event):
+                if event.kind == "token":
+                    ids.append(event.token)
+                elif event.kind in ("done", "error"):
+                    results[i] = ids if event.kind == "done" else event.message
+                    done.release()
+            return on_event
+
+        scheduler.submit([Job(p, GenerationSettings(max_new_tokens=tokens), Selection([], []), penalties=pen,
+                              on_event=listener(i)) for i, (p, pen) in enumerate(zip(prompts, penalties))])
+        for _ in prompts:
+            assert done.acquire(timeout=60)
+    finally:
+        scheduler.close()
+    assert results == expected
 
 
 def test_uniform_is_spread_and_reproducible():

@@ -6,6 +6,7 @@ into OpenAI's error body.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
 
@@ -156,6 +157,17 @@ def settings_for(max_tokens: int | None, default_max_tokens: int, temperature: f
                                   top_p=top_p, seed=seed)
     except LogoError as err:
         raise ApiError(400, str(err)) from None
+
+
+def check_logprobs(logprobs: bool | int | None, top_logprobs: int | None) -> None:
+    """Refuse a request for log probabilities (this server returns none); unset, ``false`` and
+    ``top_logprobs: 0`` are accepted."""
+    if logprobs is not None and logprobs is not False:  # completions' 0 asks for the chosen tokens' ones
+        raise ApiError(400, f"logprobs={json.dumps(logprobs)}: this server returns no log probabilities; drop logprobs "
+                       "or set it to null (chat: false)", "logprobs")
+    if top_logprobs is not None and top_logprobs != 0:
+        raise ApiError(400, f"top_logprobs={top_logprobs}: this server returns no log probabilities; drop "
+                       "top_logprobs", "top_logprobs")
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:

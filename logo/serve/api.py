@@ -37,12 +37,14 @@ from logo.serve.admission import (
     ApiError,
     Catalog,
     RouterOverrides,
+    check_logprobs,
     choose_mixture,
     prompt_lengths,
     settings_for,
     stop_strings,
 )
 from logo.serve.metrics import Metrics
+from logo.serve.sampling import Penalties
 from logo.serve.scheduler import Event, Job, QueueFull, Scheduler, ShuttingDown
 from logo.serve.schemas import (
     AdapterCard,
@@ -136,9 +138,11 @@ class Exchange:
     """One HTTP request's jobs (one per prompt), their events, and their text so far."""
 
     def __init__(self, prompts: list[str], lengths: list[int], settings: GenerationSettings,
-                 selection: Selection | None, router: RouterConfig | None, stops: list[str], app_state) -> None:
+                 selection: Selection | None, router: RouterConfig | None, stops: list[str], app_state,
+                 penalties: Penalties = Penalties()) -> None:
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        self.jobs = [Job(p, settings, selection, router, on_event=self._listener(i)) for i, p in enumerate(prompts)]
+        self.jobs = [Job(p, settings, selection, router, penalties, on_event=self._listener(i))
+                     for i, p in enumerate(prompts)]
         self.lengths = lengths
         self.streams = [TextStream(app_state.tokenizer, stops) for _ in prompts]
         self.info: list[LogoInfo | None] = [None] * len(prompts)
@@ -368,8 +372,10 @@ def _exchange(request: Request, body, prompts: list[str], max_tokens: int | None
     settings = settings_for(max_tokens, default_tokens, body.temperature, body.top_p, body.seed, body.n, catalog,
                             tokens_param)
     stops = stop_strings(body.stop)
+    check_logprobs(body.logprobs, getattr(body, "top_logprobs", None))
     lengths = prompt_lengths(state.tokenizer, prompts, catalog, param)
-    return Exchange(prompts, lengths, settings, selection, router, stops, state)
+    penalties = Penalties(presence=body.presence_penalty, frequency=body.frequency_penalty)
+    return Exchange(prompts, lengths, settings, selection, router, stops, state, penalties)
 
 
 def _include_usage(body) -> bool:
@@ -387,10 +393,15 @@ def _chat_prompt(tokenizer, body: ChatRequest) -> str:
         raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
     messages = []
     for i, message in enumerate(body.messages):
-        content = message.content if isinstance(message.content, str) else "".join(p.text for p in message.content)
+        if message.content is None and message.role != "assistant":
+            raise ApiError(400, f"messages {i} ({message.role}) has no content; give some text (only an assistant "
+                           "message may have null content)", "messages")
+        content = message.content or ""
+        content = content if isinstance(content, str) else "".join(p.text for p in content)
         if not content.strip() and message.role == "user":
             raise ApiError(400, f"messages {i} (user) is empty; give some text", "messages")
-        messages.append({"role": message.role, "content": content})
+        role = "system" if message.role == "developer" else message.role
+        messages.append({"role": role, "content": content})
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except TemplateError as err:

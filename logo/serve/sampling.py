@@ -1,8 +1,10 @@
 """Per-row token choice for a batch whose rows each have their own settings, with no loop over rows.
 
-Each row is greedy (temperature 0) or samples with its own temperature and top-p. A sampling row draws its
-uniform number from a counter-based hash of ``(seed, step)``, so a seeded request gives the same tokens
-whatever else shares its batch, and no generator object per row is needed.
+Each row is greedy (temperature 0) or samples with its own temperature and top-p, after its own presence and
+frequency penalties (OpenAI's: ``logit[j] - frequency * c[j] - presence * (c[j] > 0)``, where ``c[j]`` counts
+the times the row has generated token ``j``). A sampling row draws its uniform number from a counter-based hash
+of ``(seed, step)``, so a seeded request gives the same tokens whatever else shares its batch, and no generator
+object per row is needed.
 """
 
 from __future__ import annotations
@@ -38,6 +40,18 @@ def uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return (state >> 8).double() / float(1 << 24)
 
 
+@dataclass(frozen=True)
+class Penalties:
+    """OpenAI's ``presence_penalty`` and ``frequency_penalty`` of one request (0: none; the API checks the
+    range, -2 to 2)."""
+
+    presence: float = 0.0
+    frequency: float = 0.0
+
+
+_FIELDS = ("greedy", "temperature", "top_p", "seed", "presence", "frequency")
+
+
 @dataclass
 class RowSettings:
     """The sampling settings of every row of the running batch, as tensors ``[B]``."""
@@ -46,19 +60,42 @@ class RowSettings:
     temperature: torch.Tensor  # float32 (1.0 for greedy rows)
     top_p: torch.Tensor  # float32
     seed: torch.Tensor  # int64
+    presence: torch.Tensor  # float32 (0: no penalty)
+    frequency: torch.Tensor  # float32
+
+    @property
+    def penalized(self) -> bool:
+        """Whether some row has a penalty (only then are generated tokens counted)."""
+        return bool((self.presence != 0).any() or (self.frequency != 0).any())
 
     def select(self, keep: torch.Tensor) -> RowSettings:
-        return RowSettings(self.greedy[keep], self.temperature[keep], self.top_p[keep], self.seed[keep])
+        return RowSettings(*(getattr(self, f)[keep] for f in _FIELDS))
 
     @staticmethod
     def cat(parts: list[RowSettings]) -> RowSettings:
-        return RowSettings(*(torch.cat([getattr(p, f) for p in parts]) for f in ("greedy", "temperature",
-                                                                                  "top_p", "seed")))
+        return RowSettings(*(torch.cat([getattr(p, f) for p in parts]) for f in _FIELDS))
 
 
-def choose(logits: torch.Tensor, rows: RowSettings, step: torch.Tensor) -> torch.Tensor:
+def penalize(logits: torch.Tensor, counts: torch.Tensor, rows: RowSettings) -> torch.Tensor:
+    """Each row's logits after its penalties: ``logits - frequency * counts - presence * (counts > 0)`` (fp32),
+    ``counts [B, V]`` the times each row has generated each token."""
+    counts = counts.to(device=logits.device, dtype=torch.float32)
+    presence, frequency = rows.presence.to(logits.device), rows.frequency.to(logits.device)
+    return logits.float() - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+
+
+def count(counts: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Add one generated token per row (``tokens [B]``) to ``counts [B, V]`` in place."""
+    counts.scatter_add_(1, tokens[:, None].to(counts.device), torch.ones_like(counts[:, :1]))
+
+
+def choose(logits: torch.Tensor, rows: RowSettings, step: torch.Tensor,
+           counts: torch.Tensor | None = None) -> torch.Tensor:
     """The next token of every row ``[B]``: argmax for greedy rows; for the others a draw after temperature and
-    top-p filtering (the smallest set of most likely tokens whose mass reaches ``top_p`` is kept)."""
+    top-p filtering (the smallest set of most likely tokens whose mass reaches ``top_p`` is kept). ``counts``
+    (the rows' generated tokens so far, ``[B, V]``) given: after each row's penalties (:func:`penalize`)."""
+    if counts is not None:
+        logits = penalize(logits, counts, rows)
     greedy_tokens = logits.argmax(-1)
     if bool(rows.greedy.all()):
         return greedy_tokens

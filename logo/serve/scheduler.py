@@ -33,7 +33,7 @@ from logo.generation import GenerationSettings
 from logo.router import Route, RouterConfig, Selection
 from logo.serve.batch_cache import BatchCache
 from logo.serve.metrics import Metrics
-from logo.serve.sampling import RowSettings, choose
+from logo.serve.sampling import Penalties, RowSettings, choose, count
 
 log = logging.getLogger("logo.serve")
 
@@ -69,6 +69,7 @@ class Job:
     settings: GenerationSettings
     selection: Selection | None = None
     router: RouterConfig | None = None
+    penalties: Penalties = field(default_factory=Penalties)
     cancelled: bool = False
     """Set by the front end (client gone, stop string seen); the worker drops the row at its next step."""
     on_event: Callable[[Event], None] = lambda event: None
@@ -166,6 +167,8 @@ class Scheduler:
         self._steps = torch.zeros(0, dtype=torch.long, device=device)  # tokens generated so far
         self._limits = torch.zeros(0, dtype=torch.long, device=device)  # max_tokens
         self._settings: RowSettings | None = None
+        self._counts: torch.Tensor | None = None
+        """``[B, V]``: the times each row has generated each token; kept only while some row has a penalty."""
 
     def _take(self) -> list[Job]:
         with self._wake:
@@ -245,14 +248,15 @@ class Scheduler:
         with engine.mixture_rows_from(first):  # the newcomers' prefill, under their own mixtures only
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                                 use_cache=True, logits_to_keep=1).logits[:, -1, :]
-        settings = _row_settings([job.settings for job in jobs], engine.device)
+        settings = _row_settings(jobs, engine.device)
         steps = torch.zeros(len(jobs), dtype=torch.long, device=engine.device)
-        tokens = choose(logits, settings, steps)
+        tokens = choose(logits, settings, steps)  # nothing generated yet: no penalty applies
 
         new = BatchCache(cache, mask)
         self._batch = new if self._batch is None else self._batch.merged(new)
         self._rows += [_Row(job, sel) for job, sel in zip(jobs, selections)]
         self._settings = settings if self._settings is None else RowSettings.cat([self._settings, settings])
+        self._count_newcomers(tokens, logits.shape[-1])
         self._positions = torch.cat([self._positions, positions[:, -1]])
         self._steps = torch.cat([self._steps, steps + 1])
         self._limits = torch.cat([self._limits, torch.tensor([job.settings.max_new_tokens for job in jobs],
@@ -297,9 +301,24 @@ class Scheduler:
         logits = self.model(input_ids=self._last[:, None], attention_mask=mask, position_ids=self._positions[:, None],
                             past_key_values=self._batch.cache, use_cache=True).logits[:, -1, :]
         self.metrics.batch_size.observe(len(self._rows))
-        self._last = choose(logits, self._settings, self._steps)
+        self._last = choose(logits, self._settings, self._steps, self._counts)
+        if self._counts is not None:
+            count(self._counts, self._last)
         self._steps = self._steps + 1
         self._after(0)
+
+    def _count_newcomers(self, tokens: torch.Tensor, vocab: int) -> None:
+        """Start counting the newcomers' tokens (their first ones, ``tokens``) once some row has a penalty; rows
+        admitted before that have none, so their missing counts change nothing."""
+        if self._counts is None and not self._settings.penalized:
+            return
+        rows, device = len(self._rows), self._last.device
+        if self._counts is None:
+            self._counts = torch.zeros(rows, vocab, dtype=torch.int32, device=device)
+        else:
+            fresh = torch.zeros(len(tokens), vocab, dtype=torch.int32, device=device)
+            self._counts = torch.cat([self._counts, fresh])
+        count(self._counts[rows - len(tokens):], tokens)
 
     def _after(self, first: int) -> None:
         """Hand rows ``first:`` their newest token (or their end), then drop every row that is done."""
@@ -331,6 +350,8 @@ class Scheduler:
         self._batch = self._batch.selected(keep)
         self._rows = [self._rows[i] for i in keep.tolist()]
         self._settings = self._settings.select(keep)
+        if self._counts is not None:
+            self._counts = self._counts[keep] if self._settings.penalized else None
         self._positions, self._steps = self._positions[keep], self._steps[keep]
         self._limits, self._last = self._limits[keep], self._last[keep]
         if not self._stale:
@@ -349,12 +370,15 @@ def fill_holes(done: torch.Tensor) -> torch.Tensor:
     return order
 
 
-def _row_settings(settings: list[GenerationSettings], device: torch.device) -> RowSettings:
+def _row_settings(jobs: list[Job], device: torch.device) -> RowSettings:
     """Tensors of the jobs' sampling settings; a job without a seed gets a random one."""
+    settings = [job.settings for job in jobs]
     return RowSettings(
         greedy=torch.tensor([not s.do_sample for s in settings], device=device),
         temperature=torch.tensor([s.temperature for s in settings], dtype=torch.float32, device=device),
         top_p=torch.tensor([s.top_p for s in settings], dtype=torch.float32, device=device),
         seed=torch.tensor([secrets.randbits(62) if s.seed is None else s.seed % (1 << 62) for s in settings],
                           dtype=torch.long, device=device),
+        presence=torch.tensor([job.penalties.presence for job in jobs], dtype=torch.float32, device=device),
+        frequency=torch.tensor([job.penalties.frequency for job in jobs], dtype=torch.float32, device=device),
     )

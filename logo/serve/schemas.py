@@ -39,6 +39,10 @@ class _Generation(_Strict):
     """0, or anything below ``GREEDY_BELOW`` (1e-5), is greedy."""
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    """OpenAI's: subtract this from the logit of every token the choice has generated so far."""
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    """OpenAI's: subtract this times the number of times the choice has generated the token so far."""
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
@@ -50,6 +54,8 @@ class _Generation(_Strict):
 
 class CompletionRequest(_Generation):
     prompt: str | list[str]
+    logprobs: int | None = None
+    """Accepted only unset (null): this server returns no log probabilities."""
 
 
 class TextPart(_Strict):
@@ -58,14 +64,20 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant"]
+    """``developer`` (OpenAI's newer name for system instructions) reaches the chat template as ``system``."""
+    content: str | list[TextPart] | None
+    """Null only for an assistant message (as OpenAI)."""
     name: str | None = None
 
 
 class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    """Accepted only false or unset: this server returns no log probabilities."""
+    top_logprobs: int | None = None
+    """Accepted only 0 or unset (it needs ``logprobs``)."""
 
 
 # ----------------------------------------------------------------- responses
