@@ -237,6 +237,8 @@ class Route(Selection):
     of a pooled router)."""
     abstained: bool = False
     """True when the confidence rule sent the prompt to the base model (``indices`` is then empty)."""
+    strategy: str = ""
+    """The scoring strategy behind ``all_scores`` (``norm`` | ``entropy``)."""
 
 
 class _StopProbe(Exception):
@@ -529,12 +531,13 @@ class Router:
         routes = []
         for row in range(raw.shape[0]):
             if abstain[row]:
-                routes.append(Route(indices=[], weights=[], all_scores=summed_raw[row].tolist(), abstained=True))
+                routes.append(Route(indices=[], weights=[], all_scores=summed_raw[row].tolist(), abstained=True,
+                                    strategy=self.config.strategy))
                 continue
             indices = idx[row].tolist()
             routes.append(Route(indices=indices, weights=weights[row].tolist(),
                                 names=[self.library.names[i] for i in indices], scores=top[row].tolist(),
-                                all_scores=summed_raw[row].tolist()))
+                                all_scores=summed_raw[row].tolist(), strategy=self.config.strategy))
         return routes
 
     def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Route]:

@@ -231,6 +231,47 @@ def test_a_changed_library_is_not_mixed(setup, tmp_path, monkeypatch):
         run(cfg, progress=False)  # back as it was: accepted again
 
 
+def test_a_smaller_limit_keeps_the_records_beyond_it(setup, tmp_path, monkeypatch):
+    """A rerun with a smaller --limit reports on its instances and keeps the others' records, so going back to
+    the larger limit generates nothing."""
+    run(config(setup, tmp_path, method="base", limit=5), progress=False)
+    larger = read(tmp_path, config(setup, tmp_path, method="base"), "predictions.json")
+    monkeypatch.setattr(runner_mod, "load_engine", no_model)
+    run(config(setup, tmp_path, method="base", limit=2), progress=False)
+    assert read(tmp_path, config(setup, tmp_path, method="base"), "predictions.json") == larger[:2]
+    run(config(setup, tmp_path, method="base", limit=5), progress=False)
+    assert read(tmp_path, config(setup, tmp_path, method="base"), "predictions.json") == larger
+
+
+def test_metric_dict_holds_the_scores_of_the_router_used(setup, tmp_path):
+    """``metric_dict.json``: every adapter's raw score per instance under the strategy that scored them, for
+    ``logo`` and for ``fitted`` (its router file's strategy); empty for methods that do not route."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from logo.library import AdapterLibrary
+    from logo.router import RouterConfig
+    from logo.router_file import FILE_NAME, RouterFile, model_fingerprint
+
+    model_dir, lib, _data = setup
+    own = tmp_path / "lib"
+    shutil.copytree(lib, own)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    names = list(AdapterLibrary.load(own, model).names)
+    RouterFile(RouterConfig(k=1, strategy="entropy"), names, model_fingerprint(model), {}, "tiny").save(own / FILE_NAME)
+    cfg = config(setup, tmp_path / "out", adapters=[str(own)], limit=3)
+    run_methods(cfg, ["logo", "fitted", "base"], progress=False)
+    logo = read(tmp_path / "out", cfg, "metric_dict.json")
+    fitted_cfg = config(setup, tmp_path / "out", adapters=[str(own)], method="fitted")
+    fitted = read(tmp_path / "out", fitted_cfg, "metric_dict.json")
+    assert list(logo) == ["norm"] and list(fitted) == ["entropy"]
+    assert all(len(row) == len(names) for rows in (logo["norm"], fitted["entropy"]) for row in rows)
+    picked = [names[max(range(len(names)), key=row.__getitem__)] for row in fitted["entropy"]]
+    assert picked == [s[0] for s in read(tmp_path / "out", fitted_cfg, "selected_loras.json")]
+    assert read(tmp_path / "out", config(setup, tmp_path / "out", method="base"), "metric_dict.json") == {}
+
+
 def test_overwrite_and_a_larger_limit_remove_the_old_official_files(setup, tmp_path, monkeypatch):
     target = tmp_path / config(setup, tmp_path, method="base").run_name() / "bbh.toy"
 

@@ -64,8 +64,11 @@ class RecordStore:
         self.meta = meta
 
     def load(self, keys: list[str]) -> dict[int, dict]:
-        """The records already made for these instances (by index and content); the file keeps only those."""
+        """The records already made for these instances (by index and content). The file keeps those and the
+        records beyond them (a run with a smaller ``--limit`` leaves a larger run's work for its rerun); it drops
+        cut lines and records of instances whose content changed."""
         done: dict[int, dict] = {}
+        beyond: dict[int, dict] = {}
         if self.records_path.is_file():
             for line in self.records_path.read_text(encoding="utf-8").splitlines():
                 try:
@@ -73,11 +76,15 @@ class RecordStore:
                 except json.JSONDecodeError:
                     continue  # a line cut by the interruption: that instance is generated again
                 i = rec.get("index")
-                if isinstance(i, int) and 0 <= i < len(keys) and rec.get("key") == keys[i]:
+                if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+                    continue
+                if i >= len(keys):
+                    beyond[i] = rec
+                elif rec.get("key") == keys[i]:
                     done[i] = rec
         if len(done) < len(keys):
             self.remove_official()  # they describe other instances than the ones this run will finish
-        kept = sorted(done.values(), key=lambda r: r["index"])
+        kept = sorted([*done.values(), *beyond.values()], key=lambda r: r["index"])
         _write_atomic(self.records_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
         return done
 

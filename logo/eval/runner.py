@@ -4,7 +4,7 @@ Per dataset it writes the official six files to
 ``OUTPUT/{base_model}_selection_{strategy}_n_{k}_seed_{seed}[_method_X]/{dataset}/``:
 ``eval_results.json`` (per-instance scores), ``predictions.json`` (the generation stripped and cut at its
 first line), ``selected_loras.json`` (names), ``weights.json``, ``metric_dict.json`` (raw selection scores of
-all N adapters, ``{strategy: [[N scores], ...]}``; empty for the baselines) and ``time_dict.json``
+all N adapters, ``{strategy: [[N scores], ...]}`` under the strategy that scored them; empty for the baselines) and ``time_dict.json``
 (``loading`` and ``inference`` seconds). Progress is kept as it is made (:mod:`logo.eval.records`).
 """
 
@@ -225,7 +225,7 @@ class DatasetJob:
         """Write the official six files, print the official summary line; the headline score."""
         records = [self.done[i] for i in range(len(self.instances))]
         cfg = self.config
-        raw = {cfg.selection_strategy: [r["scores"] for r in records]} if cfg.method == "logo" else {}
+        raw = metric_dict(records, cfg.selection_strategy)
         self.store.write_official(records, raw, self.store.meta["loading_s"] or loading_s)
         scores = [r["score"] for r in records]
         print(summary_line(self.metric, scores))
@@ -251,8 +251,18 @@ def predict(engine, method: Method, config: RunConfig, items: list[tuple[int, st
             "selected": [engine.library.names[j] for j in sel.indices],
             "weights": [float(w) for w in sel.weights],
             "scores": list(gen.route.all_scores) if gen.route is not None else [],
+            "strategy": gen.route.strategy if gen.route is not None else None,
         })
     return out
+
+
+def metric_dict(records: list[dict], strategy: str) -> dict:
+    """The official ``metric_dict``: ``{strategy: every adapter's raw score, per instance}`` for a method that
+    routes (``logo``, ``fitted``: the strategy its router scored with; ``strategy`` for records without one),
+    else ``{}``."""
+    if not records or not any(r["scores"] for r in records):
+        return {}
+    return {records[0].get("strategy") or strategy: [r["scores"] for r in records]}
 
 
 def run(config: RunConfig, progress: bool = True) -> dict[str, float]:
