@@ -39,7 +39,10 @@ def _check_no_orphan_weights(folders: list[Path]) -> None:
 
 def _from_directory(directory: Path) -> list[tuple[str, Path]]:
     if not directory.exists():
-        raise AdapterError(f"adapter directory {directory} does not exist")
+        parts = directory.parts
+        hint = (f" (for the hub repository {directory.as_posix()}, write hub:{directory.as_posix()})"
+                if len(parts) == 2 and not directory.is_absolute() and not parts[0].startswith(".") else "")
+        raise AdapterError(f"adapter directory {directory} does not exist{hint}")
     if not directory.is_dir():
         raise AdapterError(f"{directory} is not a directory; give a directory of PEFT adapters")
     if is_adapter_dir(directory):

@@ -104,6 +104,7 @@ def test_calibrate_then_route_calibrated(model_and_lib, tmp_path):
     "args, message",
     [
         (["-a", "/nonexistent/adapters", "-p", "x"], "does not exist"),
+        (["-a", "someorg/loras", "-p", "x"], "write hub:someorg/loras"),
         (["-p", "x", "-k", "0"], "at least 1"),
         (["-p", "x", "-k", "99"], "library holds 4"),
         (["-p", "x", "--selection-strategy", "max"], "selection strategy"),
