@@ -4,8 +4,9 @@ Per dataset it writes the official six files to
 ``OUTPUT/{base_model}_selection_{strategy}_n_{k}_seed_{seed}[_method_X]/{dataset}/``:
 ``eval_results.json`` (per-instance scores), ``predictions.json`` (the generation stripped and cut at its
 first line), ``selected_loras.json`` (names), ``weights.json``, ``metric_dict.json`` (raw selection scores of
-all N adapters, ``{strategy: [[N scores], ...]}`` under the strategy that scored them; empty for the baselines) and ``time_dict.json``
-(``loading`` and ``inference`` seconds). Progress is kept as it is made (:mod:`logo.eval.records`).
+all N adapters, ``{strategy: [[N scores], ...]}`` under the strategy that scored them; empty for the
+baselines) and ``time_dict.json`` (``loading`` and ``inference`` seconds). Progress is kept as it is made
+(:mod:`logo.eval.records`).
 """
 
 from __future__ import annotations
