@@ -124,6 +124,15 @@ def test_openai_fields_clients_send(setup, client):
     filled = [{**m, "content": m["content"] or ""} for m in history]
     prompt = engine.tokenizer.apply_chat_template(filled, tokenize=False, add_generation_prompt=True)
     assert chat.choices[0].message.content == greedy(engine, prompt, 6)
+    nulls = client.completions.create(model="logo", prompt=PROMPTS[0], max_tokens=12, temperature=0, top_p=None,
+                                      n=None, stream=None, presence_penalty=None, frequency_penalty=None)
+    assert nulls.choices[0].text == greedy(engine, PROMPTS[0], 12)  # null is the default, as OpenAI
+    negative = [client.completions.create(model="logo", prompt=PROMPTS[0], max_tokens=6, seed=-1).choices[0].text
+                for _ in range(2)]
+    assert negative[0] == negative[1]
+    assert client.models.retrieve(setup["base"]).id == setup["base"]
+    with pytest.raises(openai.NotFoundError, match="GET /v1/models lists them"):
+        client.models.retrieve("gpt-17")
 
 
 def test_usage_chunk_only_when_asked(client):
@@ -278,6 +287,12 @@ BAD_REQUESTS = {
     "chat empty user message": ("/v1/chat/completions", {"messages": [{"role": "user", "content": " "}]}, "empty"),
     "chat lone surrogate": ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}',
                             "Unicode"),
+    "content part that is not text": ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "http://x"}}]}]},
+        "messages.0.content.1.type"),
+    "token-id prompt": ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt.0"),
+    "seed beyond int64": ("/v1/completions", {"prompt": "hi", "seed": 2**64}, "seed"),
+    "null prompt": ("/v1/completions", {"prompt": None}, "prompt"),
     "penalty over 2": ("/v1/completions", {"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
     "completion logprobs": ("/v1/completions", {"prompt": "hi", "logprobs": 0}, "logprobs"),
     "chat logprobs": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True},
@@ -317,6 +332,9 @@ def test_unknown_path_and_method(setup):
     wrong = httpx.get(setup["main"].url + "/v1/completions")
     assert wrong.status_code == 405 and "error" in wrong.json()
     assert wrong.headers["allow"] == "POST"  # the exception's headers are kept
+    plain = httpx.post(setup["main"].url + "/v1/completions", content='{"prompt": "hi"}',
+                       headers={"Content-Type": "text/plain"})
+    assert plain.status_code == 400 and "application/json" in plain.json()["error"]["message"]
 
 
 def test_api_key(setup):

@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from logo.errors import LogoError
-from logo.generation import GenerationSettings
+from logo.generation import SEED_LIMIT, GenerationSettings
 from logo.library import AdapterLibrary
 from logo.router import Router, RouterConfig, Selection
 from logo.serve.schemas import LogoOptions
@@ -152,6 +152,10 @@ def settings_for(max_tokens: int | None, default_max_tokens: int, temperature: f
         raise ApiError(400, f"{param}={tokens} is over this server's limit of {limit} (--max-tokens-limit); "
                        f"ask for at most {limit}", param, "max_tokens_over_limit")
     sample = temperature >= GREEDY_BELOW
+    if seed is not None:
+        if not -SEED_LIMIT <= seed < SEED_LIMIT:
+            raise ApiError(400, f"seed={seed} is outside int64; give a whole number from -2**63 to 2**63 - 1", "seed")
+        seed %= SEED_LIMIT  # OpenAI's seeds are any int64; distinct ones stay distinct
     try:
         return GenerationSettings(max_new_tokens=tokens, do_sample=sample, temperature=temperature if sample else 1.0,
                                   top_p=top_p, seed=seed)

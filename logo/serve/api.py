@@ -265,13 +265,18 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
         return error_response(err.status, err.message, err.param, err.code, err.kind, err.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            return error_response(400, f"the body is not valid JSON: {first.get('msg')}", code="invalid_json")
-        where = ".".join(loc) or "body"
-        return error_response(400, f"{where}: {first.get('msg')}", where, first.get("type"))
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        errors = err.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(400, f"the body is not valid JSON: {errors[0].get('msg')}", code="invalid_json")
+        # a value that fits no member of a union fails once per member: report the member it went furthest into
+        worst = max(errors, key=lambda e: len(_field_path(e)))
+        where = ".".join(_field_path(worst))
+        if not where:
+            kind = request.headers.get("content-type", "none")
+            return error_response(400, f"the body must be a JSON object sent as application/json (Content-Type "
+                                  f"was {kind}): {worst.get('msg')}", None, worst.get("type"))
+        return error_response(400, f"{where}: {worst.get('msg')}", where, worst.get("type"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -306,6 +311,13 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
                  ModelCard(id=config.base_id, created=created, owned_by="base model")]
         cards += [ModelCard(id=name, created=created, owned_by="adapter") for name in catalog.adapters]
         return {"object": "list", "data": [c.model_dump() for c in cards]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        for card in (await models())["data"]:
+            if card["id"] == model_id:
+                return card
+        raise ApiError(404, f"unknown model {model_id!r}; GET /v1/models lists them", "model", "model_not_found")
 
     @app.get("/v1/adapters")
     async def adapters() -> dict:
@@ -376,6 +388,14 @@ def _exchange(request: Request, body, prompts: list[str], max_tokens: int | None
     lengths = prompt_lengths(state.tokenizer, prompts, catalog, param)
     penalties = Penalties(presence=body.presence_penalty, frequency=body.frequency_penalty)
     return Exchange(prompts, lengths, settings, selection, router, stops, state, penalties)
+
+
+def _field_path(error: dict) -> list[str]:
+    """An error's location in the body, without pydantic's union member tags (``str``, ``list[TextPart]``)."""
+    return [str(p) for p in error.get("loc", ())[1:] if not (isinstance(p, str) and ("[" in p or p in _TAGS))]
+
+
+_TAGS = {"str", "int", "float", "bool"}
 
 
 def _include_usage(body) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -30,7 +30,16 @@ class StreamOptions(_Strict):
 
 
 class _Generation(_Strict):
-    """The sampling fields both endpoints share (OpenAI's names and defaults)."""
+    """The sampling fields both endpoints share (OpenAI's names and defaults; as OpenAI, an explicit null means
+    the default)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or cls.model_fields.get(k) is None
+                    or cls.model_fields[k].is_required()}
+        return data
 
     model: str | None = None
     """``logo`` (or unset): LoGo routes; the base model's id: no adapter; an adapter's name: that adapter."""
