@@ -337,6 +337,27 @@ def test_unknown_path_and_method(setup):
     assert plain.status_code == 400 and "application/json" in plain.json()["error"]["message"]
 
 
+def test_loadtest_counts_and_says_why_requests_fail(setup, capsys):
+    from logo.errors import LogoError
+    from logo.serve.loadtest import parse_levels, run_levels
+    from tests.serve_helpers import free_port
+
+    url = setup["main"].url
+    results = run_levels(url, parse_levels("1,2"), 2, 4, 60.0, None, json_out=True, prompts=PROMPTS)
+    assert [(r.concurrency, r.requests, r.ok, r.errors, r.lost) for r in results] == [(1, 2, 2, 0, 0), (2, 4, 4, 0, 0)]
+    assert all(r.output_tokens >= r.ok and r.first_error is None for r in results)
+    over = run_levels(url, [1], 1, TOKENS_LIMIT + 1, 60.0, None, json_out=False, prompts=PROMPTS)[0]
+    assert (over.ok, over.errors) == (0, 1)
+    assert "HTTP 400" in over.first_error and "--max-tokens-limit" in over.first_error
+    assert "1 of 1 failed; the first: HTTP 400" in capsys.readouterr().err
+    for bad_url, message in [(url + "/v1", "not the OpenAI base URL"), (f"http://127.0.0.1:{free_port()}",
+                                                                         "cannot reach a server")]:
+        with pytest.raises(LogoError, match=message):
+            run_levels(bad_url, [1], 1, 4, 60.0, None, json_out=True)
+    with pytest.raises(LogoError, match="comma-separated client counts"):
+        parse_levels("1,x")
+
+
 def test_api_key(setup):
     small = setup["small"]
     body = {"prompt": "hi", "max_tokens": 2}
@@ -449,8 +470,13 @@ def test_playground_in_headless_chromium(setup):
             names = page.locator(".bar .name").all_inner_texts()
             answer = page.locator("#answer").inner_text()
             error = page.locator("#status").inner_text()
+            page.fill("#max", "0")  # refused: the status says why and the bars do not claim to be routing
+            page.click("#go")
+            page.wait_for_function("document.querySelector('#status').textContent.startsWith('error')")
+            refused = page.locator("#status").inner_text(), page.locator("#bars").inner_text()
         finally:
             browser.close()
     assert error == ""
+    assert "max_tokens" in refused[0] and refused[1] == ""
     assert names == setup["engine"].route([prompt])[0].names
     assert answer.strip() == greedy(setup["engine"], prompt, 10).strip()

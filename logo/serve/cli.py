@@ -125,10 +125,9 @@ def loadtest(
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per level.")] = False,
 ) -> None:
     """Send a bounded number of streamed completions to a loopback server at several concurrency levels."""
-    from logo.serve.loadtest import run_levels
+    from logo.serve.loadtest import parse_levels, run_levels
 
-    levels = [int(c) for c in concurrency.split(",") if c.strip()]
-    run_levels(url, levels, requests, max_tokens, time_limit, api_key, json_out)
+    run_levels(url, parse_levels(concurrency), requests, max_tokens, time_limit, api_key, json_out)
 
 
 def register(app: typer.Typer) -> None:

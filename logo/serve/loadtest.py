@@ -2,8 +2,9 @@
 
 Each level has ``concurrency`` clients send ``requests`` streamed greedy completions each, one after the
 other (prompts from the calibration set, cycled), within ``time_limit`` seconds, and reports aggregate output
-tokens per second, time to first token and latency (p50 / p95), errors, and lost requests (sent but never
-finished: no ``[DONE]``).
+tokens per second, time to first token and latency (p50 / p95), errors (the server refused the request or
+could not be reached; the first one's reason is kept), and lost requests (sent but never finished: no
+``[DONE]``). Before the first level the server's ``/health`` must answer, so a wrong ``--url`` fails at once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import ipaddress
 import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from urllib.parse import urlparse
@@ -36,6 +38,8 @@ class LevelResult:
     ttft_p95_s: float
     latency_p50_s: float
     latency_p95_s: float
+    first_error: str | None = None
+    """The first failed request's reason (HTTP status and the server's message)."""
 
 
 def check_loopback(url: str) -> str:
@@ -49,6 +53,28 @@ def check_loopback(url: str) -> str:
     return url.rstrip("/")
 
 
+def check_server(url: str) -> None:
+    """The server at ``url`` answers ``/health``; otherwise a one-line error that says what to fix."""
+    if url.endswith("/v1"):
+        raise LogoError(f"--url {url}: give the server's root (e.g. http://127.0.0.1:8000), not the OpenAI base "
+                        "URL ending in /v1")
+    try:
+        response = httpx.get(f"{url}/health", timeout=10)
+    except httpx.HTTPError as err:
+        raise LogoError(f"cannot reach a server at {url} ({type(err).__name__}: {err}); start `logo serve` or "
+                        "give its --url") from None
+    if response.status_code != 200:
+        raise LogoError(f"{url}/health answered {response.status_code}; is this a `logo serve` server?")
+
+
+def _reason(status: int, body: bytes) -> str:
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body.decode("utf-8", "replace")[:200]
+    return f"HTTP {status}: {message}"
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -58,7 +84,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def _one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, headers: dict) -> tuple:
-    """``(status, ttft, latency, tokens)``; status "ok", "error" or "lost"."""
+    """``(status, ttft, latency, tokens, reason)``; status "ok", "error" or "lost" (reason: why not ok)."""
     body = {"model": "logo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -66,8 +92,8 @@ async def _one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as response:
             if response.status_code != 200:
-                await response.aread()
-                return "error", None, time.perf_counter() - start, 0
+                reason = _reason(response.status_code, await response.aread())
+                return "error", None, time.perf_counter() - start, 0, reason
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -77,19 +103,24 @@ async def _one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    return "error", None, time.perf_counter() - start, 0
+                    return "error", None, time.perf_counter() - start, 0, f"in the stream: {chunk['error']}"
                 if ttft is None and any(c.get("text") for c in chunk.get("choices", [])):
                     ttft = time.perf_counter() - start
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
-    except (httpx.HTTPError, asyncio.TimeoutError):
-        return "lost", None, time.perf_counter() - start, 0
-    return ("ok" if done else "lost"), ttft, time.perf_counter() - start, tokens
+    except httpx.ConnectError as err:
+        return "error", None, time.perf_counter() - start, 0, f"cannot connect: {err}"
+    except (httpx.HTTPError, asyncio.TimeoutError) as err:
+        return "lost", None, time.perf_counter() - start, 0, f"{type(err).__name__}: {err}"
+    if not done:
+        return "lost", ttft, time.perf_counter() - start, tokens, "the stream ended without [DONE]"
+    return "ok", ttft, time.perf_counter() - start, tokens, None
 
 
 async def run_level(url: str, concurrency: int, requests: int, max_tokens: int, time_limit: float,
-                    api_key: str | None) -> LevelResult:
-    prompts = default_prompts()
+                    api_key: str | None, prompts: list[str] | None = None) -> LevelResult:
+    """One level; ``prompts`` (default: the calibration set) are cycled."""
+    prompts = prompts or default_prompts()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     results: list[tuple] = []
     total = requests * concurrency
@@ -115,6 +146,7 @@ async def run_level(url: str, concurrency: int, requests: int, max_tokens: int, 
     sent = next_index
     ok = [r for r in results if r[0] == "ok"]
     tokens = sum(r[3] for r in ok)
+    errors = [r[4] for r in results if r[0] == "error"]
     return LevelResult(
         concurrency=concurrency, requests=sent, ok=len(ok), errors=sum(r[0] == "error" for r in results),
         lost=sent - len(ok) - sum(r[0] == "error" for r in results), seconds=round(seconds, 2),
@@ -123,22 +155,35 @@ async def run_level(url: str, concurrency: int, requests: int, max_tokens: int, 
         ttft_p95_s=round(percentile([r[1] for r in ok if r[1] is not None], 95), 3),
         latency_p50_s=round(percentile([r[2] for r in ok], 50), 3),
         latency_p95_s=round(percentile([r[2] for r in ok], 95), 3),
+        first_error=errors[0] if errors else None,
     )
 
 
+def parse_levels(text: str) -> list[int]:
+    """``--concurrency``: comma-separated positive client counts."""
+    try:
+        levels = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise LogoError(f"--concurrency {text!r}: give comma-separated client counts, e.g. 1,8,32") from None
+    if not levels or any(c < 1 for c in levels):
+        raise LogoError(f"--concurrency needs positive client counts, got {text!r}")
+    return levels
+
+
 def run_levels(url: str, levels: list[int], requests: int, max_tokens: int, time_limit: float,
-               api_key: str | None, json_out: bool) -> list[LevelResult]:
+               api_key: str | None, json_out: bool, prompts: list[str] | None = None) -> list[LevelResult]:
     url = check_loopback(url)
     if not levels or any(c < 1 for c in levels):
         raise LogoError(f"--concurrency needs positive client counts, got {levels}")
     if requests < 1 or max_tokens < 1 or time_limit <= 0:
         raise LogoError("--requests-per-client and --max-tokens must be at least 1 and --time-limit positive")
+    check_server(url)
     out = []
     if not json_out:
         print("| clients | requests | ok | errors | lost | s | out tok | tok/s | TTFT p50 | TTFT p95 | "
               "latency p50 | latency p95 |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for level in levels:
-        result = asyncio.run(run_level(url, level, requests, max_tokens, time_limit, api_key))
+        result = asyncio.run(run_level(url, level, requests, max_tokens, time_limit, api_key, prompts))
         out.append(result)
         if json_out:
             print(json.dumps(asdict(result)))
@@ -147,4 +192,6 @@ def run_levels(url: str, levels: list[int], requests: int, max_tokens: int, time
             print(f"| {r.concurrency} | {r.requests} | {r.ok} | {r.errors} | {r.lost} | {r.seconds} | "
                   f"{r.output_tokens} | {r.tokens_per_s} | {r.ttft_p50_s} | {r.ttft_p95_s} | {r.latency_p50_s} | "
                   f"{r.latency_p95_s} |", flush=True)
+        if result.first_error is not None and not json_out:
+            print(f"  {result.errors} of {result.requests} failed; the first: {result.first_error}", file=sys.stderr)
     return out
