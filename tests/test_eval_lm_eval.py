@@ -125,3 +125,80 @@ def test_by_name_with_an_argument_string(tiny_model_dir, tiny_library, tmp_path)
     assert isinstance(lm, LoGoLM) and lm.engine.router.config.k == 2 and lm.batch_size == 8
     [(logprob, greedy)] = lm.loglikelihood([_Req("Q: is it?\nA:", " yes")])
     assert logprob < 0 and isinstance(greedy, bool)
+
+
+def reference_logprob(engine, root, route_ids: list[int], ctx: list[int], cont: list[int]) -> float:
+    """Sum of log p(cont | ctx) on the official PEFT path, under the mixture routed on ``route_ids``."""
+    route = engine.route_batch(torch.tensor([route_ids]), torch.ones(1, len(route_ids), dtype=torch.long))[0]
+    ref_model = official_peft("llama", root, route.names, route.weights)
+    whole = ctx + cont
+    with torch.no_grad():
+        lp = torch.log_softmax(ref_model(input_ids=torch.tensor([whole[:-1]])).logits[0].float(), -1)
+    return sum(lp[len(ctx) - 1 + i, token].item() for i, token in enumerate(cont))
+
+
+def test_requests_are_encoded_as_lm_evals_hf_model_does(engine, tiny_library, tokenizer):
+    """A context's trailing space moves to the continuation; an empty context is the prefix token, so every
+    continuation token is scored; a rolling log-likelihood sums disjoint windows of max_length tokens, every
+    token of the string scored once (each checked on the official PEFT path)."""
+    _, root = tiny_library("llama")
+    lm = LoGoLM(engine=engine, batch_size=2)
+    [(spaced, _)], [(moved, _)] = lm.loglikelihood([_Req("Q: is it?\nA: ", "yes")]), lm.loglikelihood(
+        [_Req("Q: is it?\nA:", " yes")])
+    assert spaced == moved
+    prefix = tokenizer.bos_token_id
+    text = "Hello world"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    [(empty, _)] = lm.loglikelihood([_Req("", text)])
+    assert empty == pytest.approx(reference_logprob(engine, root, [prefix], [prefix], ids), rel=1e-4, abs=1e-4)
+    [rolling] = LoGoLM(engine=engine, batch_size=2, max_length=6).loglikelihood_rolling([_Req(text)])
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, prefix, 6, 1)]
+    assert sum(len(cont) for _, cont in windows) == len(ids) and len(windows) > 1
+    route_on = [prefix, *ids][:6]
+    expected = sum(reference_logprob(engine, root, route_on, ctx, cont) for ctx, cont in windows)
+    assert rolling == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize("args, message", [
+    ("k=abc", "k must be a whole number, got 'abc'"), ("batch_size=0", "batch_size must be at least 1"),
+    ("max_length=many", "max_length must be a whole number"), ("temperature=hot", "temperature must be a number")])
+def test_bad_model_args_name_the_argument(tiny_model_dir, args, message):
+    from lm_eval.api.registry import get_model
+
+    from logo.errors import LogoError
+
+    with pytest.raises(LogoError, match=message):
+        get_model("logo").create_from_arg_string(f"base_model={tiny_model_dir('llama')},{args}", {})
+
+
+def test_bad_requests_are_one_clear_error(engine):
+    from logo.errors import LogoError
+
+    lm = LoGoLM(engine=engine, max_length=8)
+    with pytest.raises(LogoError, match="request 1 has an empty continuation"):
+        lm.loglikelihood([_Req("Q:", " a"), _Req("Q: hello", "")])
+    with pytest.raises(LogoError, match="request 0 has 14 tokens, over max_length=8"):
+        lm.loglikelihood([_Req("Q: hello", " world")])
+    with pytest.raises(LogoError, match=r"setting\(s\) \['top_k'\] are not supported"):
+        lm.generate_until([_Req("Q:", {"until": ["\n"], "max_gen_toks": 2, "top_k": 5})])
+    sampled = lm.generate_until([_Req("Q:", {"max_gen_toks": 2, "do_sample": True, "temperature": 0.7, "top_p": 0.9})])
+    assert len(sampled) == 1
+
+
+def test_lm_evals_command_line_with_the_model_registered(tiny_model_dir, tiny_library, tmp_path):
+    """``python -m logo.eval.lm_eval_backend`` is lm-eval's own command line with ``--model logo`` known."""
+    import subprocess
+    import sys
+
+    _, root = tiny_library("llama")
+    data = tmp_path / "toy.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"is {i} small", "answer": "yes"}) for i in range(3)))
+    (tmp_path / "gen.yaml").write_text(TASK_GEN.format(data=data))
+    args = [sys.executable, "-m", "logo.eval.lm_eval_backend", "--model", "logo", "--model_args",
+            f"base_model={tiny_model_dir('llama')},adapters={root},k=1,device=cpu", "--tasks", "logo_toy_gen",
+            "--include_path", str(tmp_path), "--limit", "2"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "logo_toy_gen" in done.stdout and "exact_match" in done.stdout

@@ -8,8 +8,15 @@ Usage (lm-eval is an optional extra: ``pip install "lora-on-the-go[lm-eval]"``):
     lm_eval.simple_evaluate(model=lm, tasks=["..."])
     # or by name, once this module is imported: simple_evaluate(model="logo", model_args="base_model=...,k=3")
 
+or lm-eval's own command line with the model registered (``lm_eval --model logo`` alone does not import it)::
+
+    python -m logo.eval.lm_eval_backend --model logo --model_args base_model=smollm2-135m,k=1 --tasks ...
+
 Each request is routed on its context (the prompt's last token, as LoGo does), then scored or generated
-with that context's mixture; a batch mixes requests with different mixtures.
+with that context's mixture; a batch mixes requests with different mixtures. Requests are encoded as
+lm-eval's own ``hf`` model does: a context's trailing spaces move to the continuation, an empty context is the
+prefix token (BOS, else EOS) so that every continuation token is scored, and rolling log-likelihoods add up
+lm-eval's disjoint windows of ``max_length`` tokens.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from logo.spec import EngineSpec
 try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise LogoError('the lm-eval backend needs lm-evaluation-harness: pip install "lora-on-the-go[lm-eval]"') from err
 
@@ -46,17 +54,30 @@ class LoGoLM(LM):
         router file's path). ``max_batch_size`` is accepted for lm-eval's ``simple_evaluate`` and ignored;
         ``batch_size="auto"`` means 8 (lm-eval's own batch-size search does not apply to a routed model)."""
         super().__init__()
+        self.batch_size = 8 if str(batch_size).startswith("auto") else _number("batch_size", batch_size, int, 1)
+        self.max_length = _number("max_length", max_length, int, 2)
         if engine is None:
             overrides = router_overrides(
-                selection_strategy, None if k is None else int(k), None if layer is None else int(layer), module,
+                selection_strategy, _number("k", k, int), _number("layer", layer, int, None), module,
                 None if post_norm is None else _flag(post_norm), position, weighting,
-                None if temperature is None else float(temperature), calibration)
+                _number("temperature", temperature, float, None), calibration)
             engine = EngineSpec(base_model, adapters, None, device, dtype, decode, fit_k="k" not in overrides,
                                 router_file=router, router_overrides=overrides).build()
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
-        self.max_length = int(max_length)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> LoGoLM:
+        """lm-eval's constructor from ``model_args``; what ``model_args`` sets wins over lm-eval's own options
+        (``--device``, ``--batch_size``), which fill in the rest (lm-eval's default passes both and fails)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> LoGoLM:
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     # ---------------------------------------------------------------- helpers
     def _pad_left(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,12 +90,32 @@ class LoGoLM(LM):
             mask[row, width - len(s) :] = 1
         return ids.to(self.engine.device), mask.to(self.engine.device)
 
-    def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        whole = self.tokenizer(context + continuation)["input_ids"]
-        ctx = self.tokenizer(context)["input_ids"] if context else whole[:1]
-        if len(whole) > self.max_length:
-            raise LogoError(f"request of {len(whole)} tokens exceeds max_length={self.max_length}")
-        return whole[: len(ctx)], whole[len(ctx) :]
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context becomes (lm-eval's convention): BOS, else EOS."""
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    def _split(self, context: str, continuation: str, index: int = 0) -> tuple[list[int], list[int]]:
+        """Context and continuation token ids, as lm-eval's ``hf`` model encodes them: the context's trailing
+        spaces go to the continuation (a tokenizer merges a space into the next word), and an empty context is
+        the prefix token; should the tokenizer still merge across the boundary, each part is encoded alone."""
+        if not continuation:
+            raise LogoError(f"loglikelihood request {index} has an empty continuation; nothing to score")
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        if not context:
+            ctx, cont = [self.prefix_token_id], self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        else:
+            whole = self.tokenizer(context + continuation)["input_ids"]
+            ctx = self.tokenizer(context)["input_ids"]
+            cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx and len(whole) > len(ctx) else \
+                self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        if len(ctx) + len(cont) > self.max_length + 1:
+            raise LogoError(f"loglikelihood request {index} has {len(ctx) + len(cont)} tokens, over max_length="
+                            f"{self.max_length} (+1); raise max_length (model_args) or shorten the task's prompts")
+        return ctx, cont
 
     @torch.no_grad()
     def _score(self, pairs: list[tuple[list[int], list[int]]], route_on: list[list[int]]) -> list[tuple[float, bool]]:
@@ -95,7 +136,7 @@ class LoGoLM(LM):
 
     # ------------------------------------------------------------- LM methods
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        pairs = [self._split(*req.args) for req in requests]
+        pairs = [self._split(*req.args, index=i) for i, req in enumerate(requests)]
         results: list[tuple[float, bool]] = []
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start : start + self.batch_size]
@@ -103,16 +144,23 @@ class LoGoLM(LM):
         return results
 
     def loglikelihood_rolling(self, requests) -> list[float]:
-        """Log-likelihood of each whole string, routed on the string itself (there is no separate prompt)."""
+        """Log-likelihood of each whole string (every token, the first after the prefix token), summed over
+        lm-eval's disjoint windows of ``max_length`` tokens; each string is routed once, on its first window
+        (there is no separate prompt), and every window is scored under that mixture."""
         results = []
         for req in requests:
-            ids = self.tokenizer(req.args[0])["input_ids"]
-            if len(ids) < 2:
+            ids = self.tokenizer(req.args[0], add_special_tokens=False)["input_ids"]
+            if not ids:
                 results.append(0.0)
                 continue
-            if len(ids) > self.max_length:
-                raise LogoError(f"rolling request of {len(ids)} tokens exceeds max_length={self.max_length}")
-            results.append(self._score([(ids[:1], ids[1:])], [ids])[0][0])
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                ids, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)]
+            route_on = [self.prefix_token_id, *ids][: self.max_length]
+            total = 0.0
+            for start in range(0, len(windows), self.batch_size):
+                chunk = windows[start : start + self.batch_size]
+                total += sum(lp for lp, _ in self._score(chunk, [route_on] * len(chunk)))
+            results.append(total)
         return results
 
     def generate_until(self, requests) -> list[str]:
@@ -124,15 +172,21 @@ class LoGoLM(LM):
             kwargs = dict(gen_kwargs or {})
             until = kwargs.pop("until", None) or []
             until = (until,) if isinstance(until, str) else tuple(until)
-            temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
-            do_sample = bool(kwargs.pop("do_sample", False)) and temperature > 0
-            key = (int(kwargs.pop("max_gen_toks", 256)), do_sample, temperature or 1.0)
+            temperature = _number("temperature", kwargs.pop("temperature", None), float, 0.0)
+            do_sample = _flag(kwargs.pop("do_sample", False), "do_sample") and temperature != 0.0  # as lm-eval's hf
+            top_p = _number("top_p", kwargs.pop("top_p", None), float, 0.0)
+            key = (_number("max_gen_toks", kwargs.pop("max_gen_toks", 256), int, 1), do_sample,
+                   1.0 if temperature is None else temperature, 1.0 if top_p is None else top_p)
+            if kwargs:
+                raise LogoError(f"generate_until request {i}: generation setting(s) {sorted(kwargs)} are not "
+                                "supported; this backend takes until, max_gen_toks, do_sample, temperature and top_p")
             settings.append(until)
             groups.setdefault(key, []).append(i)
         outputs = [""] * len(requests)
-        for (max_new, do_sample, temperature), rows in groups.items():
+        for (max_new, do_sample, temperature, top_p), rows in groups.items():
             gens = self.engine.generate([requests[i].args[0] for i in rows], max_new_tokens=max_new,
-                                        do_sample=do_sample, temperature=temperature, batch_size=self.batch_size)
+                                        do_sample=do_sample, temperature=temperature if do_sample else 1.0,
+                                        top_p=top_p if do_sample else 1.0, batch_size=self.batch_size)
             for i, gen in zip(rows, gens):
                 text = gen.text
                 for stop in settings[i]:
@@ -142,10 +196,30 @@ class LoGoLM(LM):
         return outputs
 
 
-def _flag(value: bool | str) -> bool:
-    """A boolean model argument, also when lm-eval passes it as a string."""
+def _flag(value: bool | str, name: str = "post_norm") -> bool:
+    """A boolean argument, also when lm-eval passes it as a string."""
     if isinstance(value, str):
         if value.lower() not in ("true", "false", "1", "0"):
-            raise LogoError(f"post_norm must be true or false, got {value!r}")
+            raise LogoError(f"{name} must be true or false, got {value!r}")
         return value.lower() in ("true", "1")
     return bool(value)
+
+
+def _number(name: str, value, kind: type, minimum: float | None = 1):
+    """A numeric argument (lm-eval passes model_args as strings) as ``kind``, at least ``minimum`` (None: any);
+    None stays None."""
+    if value is None:
+        return None
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise LogoError(f"{name} must be {'a whole number' if kind is int else 'a number'}, got {value!r}") from None
+    if minimum is not None and not number >= minimum:
+        raise LogoError(f"{name} must be at least {minimum}, got {value!r}")
+    return number
+
+
+if __name__ == "__main__":  # lm-eval's command line, with "logo" registered by this module's import
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
