@@ -13,6 +13,7 @@ This is the one way in for every front end (CLI, evaluation, lm-eval, experiment
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -71,7 +72,11 @@ def newline_token(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 class LoGoEngine:
-    """Route and generate with a base model and an adapter library."""
+    """Route and generate with a base model and an adapter library.
+
+    Not thread-safe: the mixture is state on the shared model, so one thread at a time may use an engine and
+    the engines :meth:`with_router` makes from it (``logo serve`` gives the model to one worker thread).
+    """
 
     def __init__(
         self,
@@ -96,6 +101,7 @@ class LoGoEngine:
         self.device = next(model.parameters()).device
         self.newline_id = newline_token(tokenizer) if tokenizer is not None else None
         self.timings = Timings()
+        self._state = _EngineState()  # shared with the engines with_router makes (same model, same hooks)
 
     @classmethod
     def from_pretrained(
@@ -127,6 +133,10 @@ class LoGoEngine:
 
     def with_router(self, config: RouterConfig) -> LoGoEngine:
         """An engine with another router on the same model, library, mixture hooks and decoder."""
+        self._check_open()
+        if not isinstance(config, RouterConfig):
+            raise LogoError(f"with_router takes a RouterConfig, got {type(config).__name__}; e.g. "
+                            "RouterConfig(**fields) or RouterConfig.from_dict(data)")
         other = copy.copy(self)
         other._router = Router(self.model, self.library, config)
         other.timings = Timings()
@@ -134,6 +144,7 @@ class LoGoEngine:
 
     def with_decode(self, decode: str) -> LoGoEngine:
         """An engine with another decode path (its own mixture hooks) on the same model, library and router."""
+        self._check_open()
         return LoGoEngine(self.model, self.tokenizer, self.library, self._router.config, decode=decode)
 
     def prepare_decode(self) -> str:
@@ -151,6 +162,7 @@ class LoGoEngine:
     # ----------------------------------------------------------------- inputs
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize with left padding (as generation needs); a prompt over 2048 tokens is refused."""
+        check_prompts(prompts)
         self.tokenizer.padding_side = "left"
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
         check_prompts(prompts, batch["attention_mask"].sum(1).tolist(), MAX_PROMPT_TOKENS)
@@ -158,8 +170,8 @@ class LoGoEngine:
 
     def batches(self, prompts: list[str], batch_size: int) -> list[list[int]]:
         """Prompt indices grouped into batches of similar length (less padding); callers keep input order."""
-        if batch_size < 1:
-            raise LogoError(f"batch size must be at least 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise LogoError(f"batch size must be a whole number of at least 1, got {batch_size!r}")
         check_prompts(prompts)
         lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
         check_prompts(prompts, lengths, MAX_PROMPT_TOKENS)  # here, where a prompt's number is its input position
@@ -179,6 +191,7 @@ class LoGoEngine:
     # ---------------------------------------------------------------- routing
     def route_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Route]:
         """Route one batch of token ids: clean probe (any mixture suspended), score, calibrate, select."""
+        self._check_open()
         with self._mixer.suspended():
             return self._router.route(input_ids, attention_mask)
 
@@ -194,6 +207,7 @@ class LoGoEngine:
                 progress: bool = False) -> dict[SignalPoint, torch.Tensor]:
         """Signal vectors ``[n, d_in]`` fp32 at every point, in prompt order: one clean probe per batch that
         stops at the deepest point (the router's probe, read at several layers and positions)."""
+        self._check_open()
         chunks: dict[SignalPoint, list[torch.Tensor]] = {p: [] for p in points}
         order: list[int] = []
         for batch, ids, mask in self.encoded_batches(prompts, batch_size, progress, "probing"):
@@ -208,11 +222,13 @@ class LoGoEngine:
     # --------------------------------------------------------------- mixtures
     def set_mixture(self, selections: Sequence[Selection | None]) -> None:
         """Give row ``i`` of the next forward passes the mixture ``selections[i]`` (None: the base model)."""
+        self._check_open()
         self._mixer.set(*self._selection_tensors(selections))
 
     def add_mixture_rows(self, selections: Sequence[Selection | None]) -> None:
         """Append rows under ``selections`` after the current mixture's rows (a server admitting requests): only the
         new rows' factors are gathered. Run their prefill inside :meth:`mixture_rows_from`."""
+        self._check_open()
         self._eager_mixer("add_mixture_rows").add_rows(*self._selection_tensors(selections))
 
     def keep_mixture_rows(self, rows: Sequence[int] | torch.Tensor) -> None:
@@ -234,18 +250,13 @@ class LoGoEngine:
 
     def _selection_tensors(self, selections: Sequence[Selection | None]) -> tuple[torch.Tensor, torch.Tensor]:
         """``indices`` and ``weights`` ``[len(selections), k]`` on the engine's device (k: the largest selection)."""
-        n = len(self.library)
+        check_selections(selections, len(self.library))
         k = max((len(s.indices) for s in selections if s is not None), default=0)
         indices = torch.zeros(len(selections), k, dtype=torch.long)
         weights = torch.zeros(len(selections), k, dtype=torch.float32)
         for row, sel in enumerate(selections):
             if sel is None:
                 continue
-            if len(sel.indices) != len(sel.weights):
-                raise LogoError(f"selection has {len(sel.indices)} indices but {len(sel.weights)} weights")
-            bad = [i for i in sel.indices if not 0 <= i < n]
-            if bad:
-                raise LogoError(f"adapter indices {bad} out of range for a library of {n}")
             indices[row, : len(sel.indices)] = torch.tensor(sel.indices, dtype=torch.long)
             weights[row, : len(sel.weights)] = torch.tensor(sel.weights, dtype=torch.float32)
         return indices.to(self.device), weights.to(self.device)
@@ -256,7 +267,11 @@ class LoGoEngine:
 
     @contextmanager
     def mixture(self, selections: Sequence[Selection | None]) -> Iterator[LoGoEngine]:
-        """Run the block with row ``i`` under ``selections[i]``; the base model comes back afterwards."""
+        """Run the block with row ``i`` under ``selections[i]``; the base model comes back afterwards. Blocks do
+        not nest (nor does :meth:`generate` inside one): leaving the inner block would drop the outer mixture."""
+        if self._mixer.active:
+            raise LogoError("a mixture is already set on this engine (inside `with engine.mixture(...)`, or by "
+                            "set_mixture): leave that block or call clear_mixture() first")
         self.set_mixture(selections)
         try:
             yield self
@@ -289,8 +304,14 @@ class LoGoEngine:
         """
         settings = GenerationSettings(max_new_tokens, early_stop, do_sample, temperature, top_p, seed)
         check_prompts(prompts)
-        if selections is not None and len(selections) != len(prompts):
-            raise LogoError(f"{len(selections)} selections given for {len(prompts)} prompts")
+        self._check_open()
+        if selections is not None:
+            if not isinstance(selections, (list, tuple)):
+                raise LogoError(f"selections must be a list (one Selection or None per prompt), got "
+                                f"{type(selections).__name__}")
+            if len(selections) != len(prompts):
+                raise LogoError(f"{len(selections)} selections given for {len(prompts)} prompts")
+            check_selections(selections, len(self.library))
         self.timings = Timings()
         results: list[Generation | None] = [None] * len(prompts)
         with self._seeded(settings.seed) as generator:
@@ -387,9 +408,44 @@ class LoGoEngine:
         entry = entries[self._router.signal_key]
         return {**entry, "file": str(save_calibration(self.library))} if save else entry
 
-    def close(self) -> None:
-        """Remove the mixture hooks; the model is the plain base model again."""
+    def close(self, reason: str = "it was closed") -> None:
+        """Remove the mixture hooks; the model is the plain base model again. The engine (and the engines
+        :meth:`with_router` made from it) then refuse to route or generate, saying ``reason``."""
         self._mixer.remove()
+        self._state.closed = reason
+
+    def _check_open(self) -> None:
+        if self._state.closed is not None:
+            raise LogoError(f"this engine can no longer be used: {self._state.closed}; build a new one "
+                            "(EngineSpec(...).build())")
+
+
+@dataclass
+class _EngineState:
+    closed: str | None = None
+    """Why the engine may no longer be used (None: it may)."""
+
+
+def check_selections(selections: Sequence[Selection | None], n_adapters: int) -> None:
+    """Each entry is a :class:`Selection` (or None) of whole adapter indices in range and as many finite weights."""
+    for row, sel in enumerate(selections):
+        if sel is None:
+            continue
+        if not isinstance(sel, Selection):
+            raise LogoError(f"selection {row} is a {type(sel).__name__}, not a Selection(indices, weights) or None")
+        if len(sel.indices) != len(sel.weights):
+            raise LogoError(f"selection {row} has {len(sel.indices)} indices but {len(sel.weights)} weights")
+        kinds = [i for i in sel.indices if isinstance(i, bool) or not isinstance(i, int)]
+        if kinds:
+            raise LogoError(f"selection {row}: adapter indices must be whole numbers (library positions; "
+                            f"engine.library.names lists them), got {kinds}")
+        bad = [i for i in sel.indices if not 0 <= i < n_adapters]
+        if bad:
+            raise LogoError(f"selection {row}: adapter indices {bad} out of range for a library of {n_adapters}")
+        weights = [w for w in sel.weights if isinstance(w, bool) or not isinstance(w, (int, float))
+                   or not math.isfinite(w)]
+        if weights:
+            raise LogoError(f"selection {row}: weights must be finite numbers, got {weights}")
 
 
 def default_device() -> str:

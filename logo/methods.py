@@ -52,6 +52,7 @@ class Method:
     def generate(self, engine: LoGoEngine, prompts: list[str], indices: Sequence[int], seed: int,
                  settings: GenerationSettings, batch_size: int = 8, progress: bool = False) -> list[Generation]:
         """Generate every prompt under this method's mixtures."""
+        check_settings(settings)
         return engine.generate(prompts, selections=self.select(engine, prompts, indices, seed), batch_size=batch_size,
                                progress=progress, **settings.to_dict())
 
@@ -170,15 +171,22 @@ class Arrow(Method):
         """The Arrow model over the engine's base model and adapter directories (made once per engine)."""
         key = (id(engine.model), seed)
         if key not in self._built:
-            engine.close()  # the engine's hooks come off: PEFT's layers replace the base model's from now on
+            # the engine's hooks come off and it refuses further use: PEFT's layers replace the base model's
+            engine.close("the arrow method took over its model (PEFT's Arrow layers replace the base model's)")
             self._built[key] = ArrowGenerator(engine.model, engine.tokenizer, engine.library.paths, top_k=self.k,
                                               temperature=self.temperature, seed=seed)
         return self._built[key]
 
     def generate(self, engine, prompts, indices, seed, settings, batch_size=8, progress=False):
+        check_settings(settings)
         texts = self.generator(engine, seed).generate(prompts, settings.max_new_tokens, settings.early_stop,
                                                       batch_size)
         return [Generation(p, t, None, Selection([], [])) for p, t in zip(prompts, texts)]
+
+
+def check_settings(settings: GenerationSettings) -> None:
+    if not isinstance(settings, GenerationSettings):
+        raise LogoError(f"settings must be a GenerationSettings, got {type(settings).__name__}")
 
 
 METHODS: dict[str, Callable[..., Method]] = {

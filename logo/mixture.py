@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from logo.errors import LogoError
 from logo.library import AdapterLibrary
 from logo.mixture_ops import ModuleMixture, Workspace, coefficients, gather
 
@@ -103,12 +104,12 @@ class Mixture:
         moves one row per hole and gathers nothing.
         """
         if self.indices is None:
-            raise ValueError("keep_rows needs a mixture: none is set")
+            raise LogoError("keep_mixture_rows needs a mixture: none is set")
         order = torch.as_tensor(order, dtype=torch.long, device=self.indices.device)
         rows = self.indices.shape[0]
         in_range = order.numel() == 0 or (int(order.min()) >= 0 and int(order.max()) < rows)
         if order.dim() != 1 or not in_range or order.unique().numel() != order.numel():
-            raise ValueError(f"keep_rows needs distinct row numbers in [0, {rows}), got {order.tolist()}")
+            raise LogoError(f"keep_mixture_rows needs distinct row numbers in [0, {rows}), got {order.tolist()}")
         self._follow(self.indices[order], self.weights[order], lambda old: old.move_rows(order.to(old.indices.device)))
 
     def _follow(self, indices: torch.Tensor, weights: torch.Tensor, ready: Callable[[ModuleMixture], int]) -> None:
@@ -142,7 +143,7 @@ class Mixture:
         """Run the block on rows ``first:`` of the mixture alone (a batch of just those rows), e.g. to prefill rows
         that :meth:`add_rows` just appended; the whole mixture comes back afterwards."""
         if self.indices is not None and not 0 <= first <= self.indices.shape[0]:
-            raise ValueError(f"rows_from({first}) is outside the mixture's {self.indices.shape[0]} rows")
+            raise LogoError(f"mixture_rows_from({first}) is outside the mixture's {self.indices.shape[0]} rows")
         if first == 0 or self._shared or not self.factors:  # the same mixture for any rows, or none
             yield
             return
@@ -264,6 +265,9 @@ class _StaticSlot:
         if not self.switch.on:
             return output
         x = args[0]
+        if x.shape[0] != self.a.shape[0]:
+            raise LogoError(f"the mixture has {self.a.shape[0]} rows but the batch has {x.shape[0]}; give one "
+                            "selection per row")
         return torch.baddbmm(output, torch.bmm(x, self.a.transpose(1, 2)), self.b)
 
 

@@ -49,6 +49,7 @@ import math
 import torch
 
 from logo import library_decode
+from logo.errors import LogoError
 from logo.library import ModuleStack
 
 READ_COST = 16
@@ -296,6 +297,9 @@ class ModuleMixture:
 
         ``B'`` may be a multiple of the mixture's rows (``generate`` repeats rows for ``num_return_sequences``).
         """
+        if x.shape[0] % self.rows:
+            raise LogoError(f"the mixture has {self.rows} rows but the batch has {x.shape[0]}; give one selection "
+                            "per row")
         inplace = not (output.requires_grad or x.requires_grad) and output.is_contiguous()
         tokens = x.shape[1] if x.dim() == 3 else 1
         kind = self._choices.get(tokens)

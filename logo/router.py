@@ -72,6 +72,46 @@ class AbstainSignal:
                 f"{self.position}, {self.strategy}, {self.calibration}")
 
 
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _array_of(check):
+    return lambda value: isinstance(value, (list, tuple)) and all(check(x) for x in value)
+
+
+_TEXT = (lambda v: isinstance(v, str), "a string")
+_FIELD_TYPES = {
+    "strategy": _TEXT, "k": (_integer, "an integer"), "layer": (_integer, "an integer"), "module": _TEXT,
+    "post_norm": (lambda v: isinstance(v, bool), "true or false"), "position": _TEXT, "weighting": _TEXT,
+    "temperature": (_number, "a finite number"), "calibration": _TEXT,
+    "layers": (_array_of(_integer), "null or an array of integers"),
+    "modules": (_array_of(lambda v: isinstance(v, str)), "null or an array of strings"), "statistics": _TEXT,
+    "abstain": _TEXT, "abstain_below": (_number, "a finite number"),
+    "abstain_signal": (lambda v: isinstance(v, (dict, AbstainSignal)), "null or an object"),
+}
+_NULLABLE = ("layers", "modules", "abstain_signal")
+
+
+def check_field_types(values: dict, where: str) -> None:
+    """Every router (and abstain signal) field of ``values`` has its type (integers not bools, finite numbers),
+    else one line naming ``where`` and the field."""
+    checks = [(name, value, *_FIELD_TYPES[name]) for name, value in values.items()
+              if name in _FIELD_TYPES and not (value is None and name in _NULLABLE)]
+    own = values.get("abstain_signal")
+    if isinstance(own, dict):  # its fields' names are checked on construction
+        own_fields = {f.name for f in fields(AbstainSignal)}
+        checks += [(f"abstain_signal.{name}", value, *_FIELD_TYPES[name]) for name, value in own.items()
+                   if name in own_fields]
+    for name, value, check, wanted in checks:
+        if not check(value):
+            raise LogoError(f"{where}: field {name!r} must be {wanted}, got {json_kind(value)}")
+
+
 @dataclass
 class RouterConfig:
     """How to probe, score and select. The defaults are the official LoGo settings."""
@@ -103,6 +143,7 @@ class RouterConfig:
     """The signal ``abstain`` reads; None: the routing scores."""
 
     def __post_init__(self) -> None:
+        check_field_types({f.name: getattr(self, f.name) for f in fields(self)}, "RouterConfig")
         for value, allowed, what in (
             (self.strategy, STRATEGIES, "selection strategy"),
             (self.position, POSITIONS, "token position"),
@@ -170,29 +211,6 @@ class RouterConfig:
         left out take the official router's values, and every field must have its JSON type. Each error is one
         line that names ``where`` and the field."""
 
-        def integer(value) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def number(value) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-        def array_of(check):
-            return lambda value: isinstance(value, (list, tuple)) and all(check(x) for x in value)
-
-        def text(value) -> bool:
-            return isinstance(value, str)
-
-        def flag(value) -> bool:
-            return isinstance(value, bool)
-
-        types = {"strategy": (text, "a string"), "k": (integer, "an integer"), "layer": (integer, "an integer"),
-                 "module": (text, "a string"), "post_norm": (flag, "true or false"), "position": (text, "a string"),
-                 "weighting": (text, "a string"), "temperature": (number, "a finite number"),
-                 "calibration": (text, "a string"), "layers": (array_of(integer), "null or an array of integers"),
-                 "modules": (array_of(text), "null or an array of strings"), "statistics": (text, "a string"),
-                 "abstain": (text, "a string"), "abstain_below": (number, "a finite number"),
-                 "abstain_signal": (lambda value: isinstance(value, dict), "null or an object")}
-        nullable = ("layers", "modules", "abstain_signal")
         if not isinstance(data, dict):
             raise LogoError(f"{where} must be a JSON object, got {json_kind(data)}")
         known = {f.name for f in fields(cls)}
@@ -201,16 +219,7 @@ class RouterConfig:
             raise LogoError(f"{where} has unknown field(s) {unknown}; known: {', '.join(sorted(known))}")
         if "k" not in data:
             raise LogoError(f"{where} lacks the field 'k' (how many adapters to select)")
-        checks = [(name, value, *types[name]) for name, value in data.items()
-                  if not (value is None and name in nullable)]
-        own = data.get("abstain_signal")
-        if isinstance(own, dict):  # its fields' names are checked on construction
-            own_fields = {f.name for f in fields(AbstainSignal)}
-            checks += [(f"abstain_signal.{name}", value, *types[name]) for name, value in own.items()
-                       if name in own_fields]
-        for name, value, check, wanted in checks:
-            if not check(value):
-                raise LogoError(f"{where}: field {name!r} must be {wanted}, got {json_kind(value)}")
+        check_field_types(data, where)
         try:
             return cls(**data)
         except LogoError as err:

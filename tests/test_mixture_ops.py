@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from logo import library_decode
+from logo.errors import LogoError
 from logo.library import AdapterLibrary, ModuleStack
 from logo.mixture import Mixture
 from logo.mixture_ops import MERGE_COST, READ_COST, ModuleMixture, Workspace, coefficients
@@ -393,13 +394,13 @@ def test_row_changes_that_lay_the_mixture_out_again(case):
 
 def test_row_changes_refuse_bad_rows():
     _net, _stack, mixture = _net_and_mixture()
-    with pytest.raises(ValueError, match="keep_rows needs a mixture"):
+    with pytest.raises(LogoError, match="keep_mixture_rows needs a mixture"):
         mixture.keep_rows(torch.tensor([0]))
     mixture.set(*_selection("disjoint_rows"))
     for bad in ([0, 0], [3], [-1]):
-        with pytest.raises(ValueError, match=r"distinct row numbers in \[0, 3\)"):
+        with pytest.raises(LogoError, match=r"distinct row numbers in \[0, 3\)"):
             mixture.keep_rows(torch.tensor(bad))
-    with pytest.raises(ValueError, match="outside the mixture's 3 rows"):
+    with pytest.raises(LogoError, match="outside the mixture's 3 rows"):
         with mixture.rows_from(4):
             pass
     mixture.remove()
