@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
+import typer
+from typer.testing import CliRunner
 
 from logo.adapter_source import EMBEDDED_LIBRARIES
-from logo.train.library_builder import DEMO_CONFIG, sha256
+from logo.errors import LogoError
+from logo.train import cli as train_cli
+from logo.train.library_builder import DEMO_CONFIG, build_library, sha256
 from logo.train.tasks import get_task, seen_tasks, unseen_tasks
+from logo.train.trainer import TrainConfig
 
 demo = EMBEDDED_LIBRARIES["demo"]
 needs_demo = pytest.mark.skipif(not (demo / "manifest.json").is_file(), reason="demo library not built")
@@ -75,6 +82,100 @@ def test_train_cli_user_errors(tmp_path):
     (tmp_path / "b" / "x").write_text("keep me")
     res = run_logo("train", "--task", "parity", "--out", str(tmp_path / "b"))
     assert res.returncode == 2 and "not empty" in res.stderr and (tmp_path / "b" / "x").read_text() == "keep me"
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Loading a model fails the test: every check below must come before it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the user error was found")
+
+    monkeypatch.setattr("logo.models.load_base_model", refuse)
+
+
+def invoke(*args: str):
+    app = typer.Typer()
+    train_cli.register(app)
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--out", "{file}"], "--out {file} is a file, not a directory"),
+    (["--device", "bogus"], "unknown device 'bogus'; use cpu, cuda or cuda:N"),
+    (["--base-model", "nosuchmodel"], "unknown base model 'nosuchmodel'"),
+    (["--steps", "0"], "--steps must be a whole number of at least 1, got 0"),
+    (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+    (["--alpha", "-5"], "--alpha must be a positive number, got -5.0"),
+    (["--rank", "0"], "--rank must be a whole number of at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be"),
+    (["--task", "last_letter"], "task 'last_letter' is unseen"),
+])
+def test_train_cli_refuses_bad_flags_before_loading_a_model(tmp_path, no_model_loads, args, message):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    args = [a.format(file=afile) for a in args]
+    flags = {"--task": "parity", "--out": str(tmp_path / "new"), **dict(zip(args[::2], args[1::2]))}
+    result = invoke("train", *[x for kv in flags.items() for x in kv])
+    assert isinstance(result.exception, LogoError), result.exception
+    assert message.format(file=afile) in str(result.exception) and "\n" not in str(result.exception)
+    assert afile.read_text() == "keep me"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_train_cli_refuses_cuda_without_cuda(tmp_path, no_model_loads):
+    result = invoke("train", "--task", "parity", "--out", str(tmp_path / "a"), "--device", "cuda")
+    assert isinstance(result.exception, LogoError) and "no CUDA device; use --device cpu" in str(result.exception)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--n-eval", "0"], "--n-eval must be at least 1"),
+    (["--n-eval", "-1"], "--n-eval must be at least 1"),
+    (["--out", "{file}"], "--out {file} is a file, not a directory"),
+])
+def test_build_cli_refuses_bad_flags_before_loading_a_model(tmp_path, no_model_loads, args, message):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    args = [a.format(file=afile) for a in args]
+    flags = {"--out": str(tmp_path / "lib"), **dict(zip(args[::2], args[1::2]))}
+    result = invoke("build-demo-library", *[x for kv in flags.items() for x in kv])
+    assert isinstance(result.exception, LogoError), result.exception
+    assert message.format(file=afile) in str(result.exception) and afile.read_text() == "keep me"
+
+
+TINY_BUILD = TrainConfig(rank=2, alpha=4, steps=1, batch_size=1, lr=1e-2, warmup=1)
+
+
+def test_build_removes_only_the_adapters_it_made(tmp_path, tiny_model_dir):
+    lib = tmp_path / "lib"
+
+    def build(*names: str) -> dict:
+        return build_library(out_dir=lib, tasks=[get_task(n) for n in names], config=TINY_BUILD,
+                             base_model=str(tiny_model_dir("llama")), n_eval=1, progress=False)
+
+    build("parity", "uppercase")
+    shutil.copytree(lib / "uppercase", lib / "my_adapter")  # a `logo train` output the user put in the library
+    (lib / "notes").mkdir()
+    (lib / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(LogoError, match="holds my_adapter, which `logo build-demo-library` did not make"):
+        build("parity")
+    assert {"my_adapter", "uppercase", "parity"} <= {p.name for p in lib.iterdir()}  # nothing was deleted
+    shutil.rmtree(lib / "my_adapter")
+    manifest = build("parity")  # uppercase: made by the last build, no longer built -> removed
+    assert [a["name"] for a in manifest["adapters"]] == ["parity"]
+    assert sorted(p.name for p in lib.iterdir() if p.is_dir()) == ["notes", "parity"]
+    assert (lib / "notes" / "todo.txt").read_text() == "keep me"
+
+
+def test_build_never_replaces_what_it_did_not_make(tmp_path, no_model_loads):
+    lib = tmp_path / "lib"
+    (lib / "parity").mkdir(parents=True)
+    (lib / "parity" / "notes.txt").write_text("keep me")  # the user's folder where the parity adapter would go
+    (lib / "uppercase").write_text("keep me too")
+    with pytest.raises(LogoError, match="holds parity, uppercase \\(a file where the uppercase adapter goes\\)"):
+        build_library(out_dir=lib, tasks=[get_task("parity"), get_task("uppercase")], n_eval=1, progress=False)
+    assert (lib / "parity" / "notes.txt").read_text() == "keep me" and (lib / "uppercase").is_file()
+    with pytest.raises(LogoError, match="'last_letter' is unseen"):
+        build_library(out_dir=tmp_path / "new", tasks=[get_task("last_letter")], n_eval=1, progress=False)
 
 
 def test_train_cli_defaults_are_the_demo_config():

@@ -59,6 +59,14 @@ def test_templates_flan_style():
             task.examples(0, 2, "train")
 
 
+def test_only_seen_tasks_are_trainable():
+    for task in seen_tasks():
+        assert task.check_trainable() is task
+    for task in unseen_tasks():
+        with pytest.raises(LogoError, match=f"^task '{task.name}' is unseen: .*give --task a seen task: uppercase, "):
+            task.check_trainable()
+
+
 def test_generators_are_deterministic_by_seed():
     for task in TASKS.values():
         assert task.make(3, 6) == task.make(3, 6)

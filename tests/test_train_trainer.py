@@ -85,9 +85,25 @@ def test_training_is_reproducible(tmp_path):
     assert curves[0] == curves[1]
 
 
+@pytest.mark.parametrize(("setting", "flag"), [
+    ({"steps": 0}, "--steps"), ({"lr": -1.0}, "--lr"), ({"lr": 0.0}, "--lr"), ({"lr": float("nan")}, "--lr"),
+    ({"alpha": -5.0}, "--alpha"), ({"alpha": 0.0}, "--alpha"), ({"alpha": float("inf")}, "--alpha"),
+    ({"rank": 0}, "--rank"), ({"rank": 2.5}, "--rank"), ({"batch_size": 0}, "--batch-size"), ({"seed": -1}, "--seed"),
+    ({"warmup": -1}, "warmup"),
+])
+def test_each_bad_setting_names_its_flag(setting, flag):
+    with pytest.raises(LogoError, match=f"^{flag} must be .*got"):
+        TrainConfig(**setting)
+
+
+def test_unseen_task_is_refused_before_training(tmp_path):
+    with pytest.raises(LogoError, match="'last_letter' is unseen.*give --task a seen task: uppercase"):
+        train_lora(make_tiny_model("llama"), make_tokenizer(), get_task("last_letter"), tmp_path / "x",
+                   TrainConfig(steps=1), "tiny", progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_bad_settings_are_user_errors(tmp_path):
-    with pytest.raises(LogoError, match="invalid training settings"):
-        TrainConfig(steps=0)
     with pytest.raises(LogoError, match="no target modules"):
         TrainConfig(targets=())
     with pytest.raises(LogoError, match="not linear layers"):

@@ -26,14 +26,20 @@ def train(
 ) -> None:
     """Train one LoRA adapter with PEFT on a task (loss on answer tokens only); defaults = the demo library's."""
     from logo.models import load_base_model
+    from logo.paths import check_output_dir
+    from logo.spec import check_base_model, check_device
     from logo.train.tasks import get_task
     from logo.train.trainer import TrainConfig, train_lora
 
-    spec = get_task(task)
-    if out.exists() and any(out.iterdir()):
-        raise LogoError(f"{out} exists and is not empty; choose a new --out directory (nothing was overwritten)")
+    # everything that needs no model first, so a typo fails in a second, before the model loads
+    spec = get_task(task).check_trainable()
     config = TrainConfig(rank=rank, alpha=alpha, targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
                          steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    check_base_model(base_model)
+    device = check_device(device)
+    if out.is_dir() and any(out.iterdir()):
+        raise LogoError(f"{out} exists and is not empty; choose a new --out directory (nothing was overwritten)")
+    check_output_dir(out, "--out")
     model, tokenizer = load_base_model(base_model, device=device, dtype="float32")
     record = train_lora(model, tokenizer, spec, out, config, base_model)
     print(f"wrote {out} (final loss {record.loss_curve[-1]:.3f}, {record.wall_time_s:.0f} s)")

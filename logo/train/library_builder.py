@@ -18,11 +18,13 @@ from pathlib import Path
 from logo.adapter_source import EMBEDDED_LIBRARIES
 from logo.errors import LogoError
 from logo.fit import examples_from_manifest, fit_router
+from logo.paths import check_output_dir
 from logo.router_file import FILE_NAME as ROUTER_FILE
 from logo.train.tasks import Task, seen_tasks, unseen_tasks
 from logo.train.trainer import RECORD_FILE, TrainConfig, train_lora
 
 DEMO_MODEL = "smollm2-135m"
+MANIFEST_FILE = "manifest.json"
 FIT_PER_TEMPLATE = 8
 """Example prompts per validation template that the library's router is fitted on (`logo fit-router`'s default)."""
 DEMO_CONFIG = TrainConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj"), steps=100, lr=3e-3, batch_size=8, seed=0)
@@ -37,9 +39,70 @@ def _up_to_date(adapter_dir: Path, task: Task, config: TrainConfig) -> bool:
     record = adapter_dir / RECORD_FILE
     if not record.is_file() or not (adapter_dir / "adapter_model.safetensors").is_file():
         return False
-    saved = json.loads(record.read_text())
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, ValueError):  # a truncated record (an interrupted build): retrain
+        return False
+    if not isinstance(saved, dict):
+        return False
     wanted = json.loads(json.dumps({"config": asdict(config), "data_source": task.describe()}))
     return all(saved.get(k) == v for k, v in wanted.items())
+
+
+def check_n_eval(n_eval: int) -> int:
+    """The held-out instances per task that the manifest's accuracies are measured on: at least one."""
+    if isinstance(n_eval, bool) or not isinstance(n_eval, int) or n_eval < 1:
+        raise LogoError(f"--n-eval must be at least 1 (held-out instances per task to measure each adapter's and the "
+                        f"base model's accuracy on), got {n_eval!r}")
+    return n_eval
+
+
+def built_names(out_dir: Path) -> set[str]:
+    """The adapter folders that the last build into ``out_dir`` made: those its manifest lists (none if unreadable)."""
+    try:
+        entries = json.loads((out_dir / MANIFEST_FILE).read_text())["adapters"]
+        names = {entry["name"] for entry in entries}
+    except (OSError, ValueError, KeyError, TypeError):  # no manifest, or one this builder did not write
+        return set()
+    return {n for n in names if isinstance(n, str) and n not in ("", ".", "..") and Path(n).name == n}
+
+
+def _holds_adapter(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in (RECORD_FILE, "adapter_config.json", "adapter_model.safetensors"))
+
+
+def _trained_for(folder: Path, task_name: str) -> bool:
+    """True if ``folder`` has the train record of an adapter trained for ``task_name`` (an interrupted build's)."""
+    try:
+        return json.loads((folder / RECORD_FILE).read_text()).get("task") == task_name
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def sort_folders(out_dir: Path, names: list[str]) -> tuple[list[Path], list[str]]:
+    """The adapter folders in ``out_dir`` that a build of ``names`` may delete, and those it must not touch.
+
+    Stale: a folder the last build made (its manifest lists it) whose task is no longer built. Foreign: what the
+    builder did not make but a build would delete, overwrite or leave in the library unmeasured: an adapter folder
+    that its manifest does not list, and in the place of a task's adapter a file or a non-empty folder that is
+    neither in the manifest nor a trainer output for that task. Anything else (files, folders without an adapter)
+    is left alone.
+    """
+    made = built_names(out_dir)
+    stale: list[Path] = []
+    foreign: list[str] = []
+    for path in sorted(out_dir.iterdir()):
+        if path.name in names:
+            if not path.is_dir():
+                foreign.append(f"{path.name} (a file where the {path.name} adapter goes)")
+            elif path.name not in made and not _trained_for(path, path.name) and any(path.iterdir()):
+                foreign.append(path.name)
+        elif path.is_dir() and _holds_adapter(path):
+            if path.name in made:
+                stale.append(path)
+            else:
+                foreign.append(path.name)
+    return stale, foreign
 
 
 def build_library(
@@ -58,14 +121,23 @@ def build_library(
     from logo.router import RouterConfig, Selection
     from logo.train.evaluate import task_accuracy
 
+    # everything that needs no model first: a bad flag or a folder in the way fails before any training
     out_dir = out_dir or EMBEDDED_LIBRARIES["demo"]
     tasks = tasks if tasks is not None else seen_tasks()
     if not tasks:
         raise LogoError("no tasks to build a library from")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in sorted(out_dir.iterdir()):  # adapters this builder made for tasks no longer in the library
-        if stale.is_dir() and (stale / RECORD_FILE).is_file() and stale.name not in {t.name for t in tasks}:
-            shutil.rmtree(stale)
+    for task in tasks:
+        task.check_trainable()
+    check_n_eval(n_eval)
+    check_output_dir(out_dir, "--out")
+    stale, foreign = sort_folders(out_dir, [t.name for t in tasks])
+    if foreign:
+        raise LogoError(f"--out {out_dir} holds {', '.join(foreign)}, which `logo build-demo-library` did not make "
+                        f"(its {MANIFEST_FILE} does not list them) and would delete or mix into the library; move them "
+                        f"out of {out_dir} or choose another --out (nothing was deleted)")
+    held_out = {task.name: task.examples(0, n_eval, split="eval") for task in tasks}  # enough distinct instances?
+    for folder in stale:  # adapters this builder made (its last manifest lists them) for tasks no longer built
+        shutil.rmtree(folder)
     model, tokenizer = load_base_model(base_model)
     records = {}
     for task in tasks:
@@ -80,9 +152,8 @@ def build_library(
     engine = LoGoEngine(model, tokenizer, library, RouterConfig(k=1))
     adapters = []
     for task in tasks:
-        held_out = task.examples(0, n_eval, split="eval")
-        base = task_accuracy(engine, task, None, held_out)
-        own = task_accuracy(engine, task, Selection([library.names.index(task.name)], [1.0]), held_out)
+        base = task_accuracy(engine, task, None, held_out[task.name])
+        own = task_accuracy(engine, task, Selection([library.names.index(task.name)], [1.0]), held_out[task.name])
         rec = records[task.name]
         adapters.append({
             "name": task.name,
@@ -114,11 +185,11 @@ def build_library(
             for t in unseen_tasks()
         ],
     }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
     (out_dir / "README.md").write_text(library_readme(manifest))
     for signal in calibration_signals():
         engine.with_router(signal).calibrate()
-    fitted = fit_router(engine, examples_from_manifest(out_dir / "manifest.json", "valid", FIT_PER_TEMPLATE),
+    fitted = fit_router(engine, examples_from_manifest(out_dir / MANIFEST_FILE, "valid", FIT_PER_TEMPLATE),
                         base_model=base_model,
                         source=f"manifest validation templates, {FIT_PER_TEMPLATE} prompts per template")
     fitted.save(out_dir / ROUTER_FILE)

@@ -88,6 +88,14 @@ class Task:
         start = {"train": 0, "valid": sizes["train"], "eval": sizes["train"] + sizes["valid"]}[split]
         return self.templates[start : start + sizes[split]]
 
+    def check_trainable(self) -> Task:
+        """The task itself if it has training templates; an unseen task (never trained on) is a user error."""
+        if not self.templates_for("train"):
+            seen = ", ".join(name for name, task in TASKS.items() if task.seen)
+            raise LogoError(f"task {self.name!r} is unseen: it has no training templates (it tests routing on tasks "
+                            f"without an adapter); give --task a seen task: {seen}")
+        return self
+
     def make(self, seed: int, n: int, split: str = "train") -> list[tuple[Fields, str]]:
         """``n`` (fields, answer) instances of ``split``, deterministic in (seed, n, split); see the module doc."""
         if split not in SPLIT_OFFSETS:

@@ -32,8 +32,15 @@ class TrainConfig:
     warmup: int = 10
 
     def __post_init__(self) -> None:
-        if self.rank < 1 or self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise LogoError(f"invalid training settings: {self}")
+        """Check each setting on its own, with the `logo train` flag that sets it (before any model loads)."""
+        for flag, value, least in (("--rank", self.rank, 1), ("--steps", self.steps, 1),
+                                   ("--batch-size", self.batch_size, 1), ("--seed", self.seed, 0),
+                                   ("warmup", self.warmup, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise LogoError(f"{flag} must be a whole number of at least {least}, got {value!r}")
+        for flag, value in (("--alpha", self.alpha), ("--lr", self.lr)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise LogoError(f"{flag} must be a positive number, got {value!r}")
         if not self.targets:
             raise LogoError("no target modules: give e.g. --targets q_proj,v_proj")
 
@@ -88,6 +95,7 @@ def train_lora(
     ``config.seed``), asked in its training templates in turn, one pass. ``model`` is handed back unchanged
     (the LoRA layers are unloaded).
     """
+    task.check_trainable()
     linear_names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
     missing = [t for t in config.targets if t not in linear_names]
     if missing:
@@ -99,6 +107,7 @@ def train_lora(
     examples = [encode_example(tokenizer, prompt, answer) for prompt, answer in pairs]
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.targets),
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    device = next(model.parameters()).device
     peft_model = get_peft_model(model, lora)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -124,6 +133,7 @@ def train_lora(
         steps = tqdm(steps, desc=f"training {task.name}", unit="step")
     for step in steps:
         batch = collate(examples[step * config.batch_size : (step + 1) * config.batch_size], tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}  # the model may be on a GPU (`logo train --device`)
         loss = answer_loss(peft_model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
