@@ -11,6 +11,7 @@ at batch 1 apart from ``generate``: route, set the mixture, prefill, against a p
 Decode tokens/s is the batch over the median decode step of one ``generate`` forced to exactly T
 tokens (see ``logo.perf.timing``; the all-steps mean is reported too), so prefill and routing are
 excluded: they are in the time to first token.
+Progress (the step under way: shape, phase, batch size and variant) goes to stderr; stdout holds the result only.
 
 ``--fast static|compiled`` adds a second phase on the fast generation path (``logo.static_decode``:
 static KV cache, and a compiled decode step with CUDA graphs on GPU): base, one adapter and LoGo again,
@@ -26,6 +27,8 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -33,7 +36,9 @@ import torch
 import typer
 
 from logo.errors import LogoError
+from logo.paths import check_output_file, write_output_file
 from logo.perf.official import OfficialPeft
+from logo.perf.progress import Phases
 from logo.perf.report import print_table, ratios
 from logo.perf.timing import GenerationTiming, time_generate, time_static, timed
 from logo.router import Router, RouterConfig, Selection, check_k
@@ -68,21 +73,29 @@ def pooled_picks(n: int, k: int, rows: int, seed: int) -> list[list[int]]:
 class Bench:
     """A random model, its random adapter library on disk, the LoGo engine and the official PEFT path."""
 
+    SETUP_STEPS = 4
+    """Progress steps of :meth:`__init__`: model, library write, library load, official attach."""
+
     def __init__(self, shape: str, device: str, n_adapters: int, rank: int, k: int, targets: list[str],
-                 prompt_len: int, new_tokens: int, max_batch: int, library_dir: Path, seed: int = 0) -> None:
+                 prompt_len: int, new_tokens: int, max_batch: int, library_dir: Path, seed: int = 0,
+                 phases: Phases | None = None) -> None:
         from logo.engine import LoGoEngine
         from logo.library import AdapterLibrary
         from logo.synthetic import random_model, write_random_library
 
+        self.phases = phases or Phases(0, "bench", enabled=False)
         self.device = torch.device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = random_model(shape, self.device, self.dtype, seed)
-        start = time.perf_counter()
-        self.paths = write_random_library(self.model, library_dir, n_adapters, rank, targets, seed)
-        self.write_s = time.perf_counter() - start
+        with self.phases.step(f"random {shape} model"):
+            self.model = random_model(shape, self.device, self.dtype, seed)
+        with self.phases.step(f"writing {n_adapters} random adapters"):
+            start = time.perf_counter()
+            self.paths = write_random_library(self.model, library_dir, n_adapters, rank, targets, seed)
+            self.write_s = time.perf_counter() - start
         holder: dict[str, AdapterLibrary] = {}
-        self.load_s = timed(lambda: holder.setdefault("lib", AdapterLibrary.load(library_dir, self.model)),
-                            self.device)
+        with self.phases.step("loading the library"):
+            self.load_s = timed(lambda: holder.setdefault("lib", AdapterLibrary.load(library_dir, self.model)),
+                                self.device)
         self.library = holder["lib"]
         self.engine = LoGoEngine(self.model, None, self.library, RouterConfig(k=k))  # type: ignore[arg-type]
         self.k, self.prompt_len, self.new_tokens = k, prompt_len, new_tokens
@@ -92,8 +105,9 @@ class Bench:
         self.picks = distinct_picks(n_adapters, k, max_batch, seed)
         self.pool_picks = pooled_picks(n_adapters, k, max_batch, seed)
         self.mid_engine = self.engine.with_router(RouterConfig(k=k, layer=self.engine.num_layers // 2))
-        first = self.engine.route_batch(*self.inputs(1))[0]
-        self.official = OfficialPeft(self.model, [self.paths[i] for i in self.picks[0]], first.weights)
+        with self.phases.step(f"attaching {k} adapters with PEFT (official path)"):
+            first = self.engine.route_batch(*self.inputs(1))[0]
+            self.official = OfficialPeft(self.model, [self.paths[i] for i in self.picks[0]], first.weights)
 
     def inputs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids = self.ids[:batch]
@@ -143,7 +157,8 @@ class Bench:
             "probe_ms": lambda: self.engine.route_batch(ids, mask),
             "probe_mid_layer_ms": lambda: mid.probe(ids, mask),
         }
-        return {**self._median_ms(jobs, repeats), "probe_mid_layer": mid.config.layer}
+        with self.phases.step("probe vs prefill, batch 1"):
+            return {**self._median_ms(jobs, repeats), "probe_mid_layer": mid.config.layer}
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor):
         """One prompt forward as ``generate``'s prefill computes it (logits of the last token only), no cache."""
@@ -181,15 +196,22 @@ class Bench:
 
         jobs = {"prefill": lambda: self.prefill(ids, mask)}
         jobs.update({str(layer): (lambda e=engine: first_token(e)) for layer, engine in engines.items()})
-        med = self._median_ms(jobs, repeats)
+        with self.phases.step("first token by signal layer, batch 1"):
+            med = self._median_ms(jobs, repeats)
         return {"prefill_ms": med.pop("prefill"), "by_layer_ms": med}
+
+    @staticmethod
+    def decode_jobs(batch_sizes: list[int]) -> list[tuple[str, int]]:
+        """The (variant, batch size) pairs of the decode phase (the official path only at its batch sizes)."""
+        return [(v, b) for b in batch_sizes for v in VARIANTS if v != "official" or b in OFFICIAL_BATCHES]
 
     def decode(self, batch_sizes: list[int], repeats: int) -> dict[str, dict]:
         """Median decode tokens/s (median step; all-steps mean) and TTFT (ms) per variant and batch size."""
-        jobs = [(v, b) for b in batch_sizes for v in VARIANTS if v != "official" or b in OFFICIAL_BATCHES]
+        jobs = self.decode_jobs(batch_sizes)
         for variant, batch in jobs:  # warm-up: first calls allocate and fill caches
-            self.run(variant, batch, 2)
-        samples = self._interleave(jobs, repeats, lambda v, b: self.run(v, b, self.new_tokens))
+            with self.phases.step(f"decode warm-up: batch {batch}, {variant}"):
+                self.run(variant, batch, 2)
+        samples = self._interleave(jobs, repeats, lambda v, b: self.run(v, b, self.new_tokens), "decode")
         return self._summary(samples, VARIANTS)
 
     def fast_decode(self, path: str, batch_sizes: list[int], repeats: int) -> dict:
@@ -207,21 +229,23 @@ class Bench:
         try:
             warmup: dict[str, dict[str, float]] = {v: {} for v in FAST_VARIANTS}
             for variant, batch in jobs:  # first runs compile (one graph per batch size and mixture on/off)
-                start = time.perf_counter()
-                run(variant, batch, self.new_tokens)
-                warmup[variant][str(batch)] = round(time.perf_counter() - start, 2)
-            samples = self._interleave(jobs, repeats, lambda v, b: run(v, b, self.new_tokens))
+                with self.phases.step(f"{path} warm-up: batch {batch}, {variant}"):
+                    start = time.perf_counter()
+                    run(variant, batch, self.new_tokens)
+                    warmup[variant][str(batch)] = round(time.perf_counter() - start, 2)
+            samples = self._interleave(jobs, repeats, lambda v, b: run(v, b, self.new_tokens), f"{path} decode")
         finally:
             fast.close()
         return {"path": path, **self._summary(samples, FAST_VARIANTS), "warmup_s": warmup}
 
-    @staticmethod
-    def _interleave(jobs: list[tuple[str, int]], repeats: int, run) -> dict[tuple[str, int], list[GenerationTiming]]:
+    def _interleave(self, jobs: list[tuple[str, int]], repeats: int, run,
+                    phase: str) -> dict[tuple[str, int], list[GenerationTiming]]:
         samples: dict[tuple[str, int], list[GenerationTiming]] = {job: [] for job in jobs}
         for rep in range(repeats):
             shift = rep % len(jobs)
             for job in jobs[shift:] + jobs[:shift]:  # rotate so no variant always runs first
-                samples[job].append(run(*job))
+                with self.phases.step(f"{phase}: batch {job[1]}, {job[0]}, run {rep + 1}/{repeats}"):
+                    samples[job].append(run(*job))
         return samples
 
     @staticmethod
@@ -238,16 +262,19 @@ class Bench:
 
 def run_bench(shape: str, device: str, n_adapters: int, rank: int, k: int, targets: list[str], prompt_len: int,
               new_tokens: int, batch_sizes: list[int], repeats: int, library_dir: Path | None = None,
-              fast: str | None = None) -> dict:
-    """Build, measure and return the JSON-ready result (see the module docstring)."""
-    _check_args(device, n_adapters, rank, k, targets, prompt_len, new_tokens, batch_sizes, repeats)
-    if fast is not None and fast not in FAST_PATHS:
-        raise LogoError(f"--fast must be one of {', '.join(FAST_PATHS)}, got {fast!r}")
+              fast: str | None = None, progress: bool = False) -> dict:
+    """Build, measure and return the JSON-ready result (see the module docstring); ``progress``: a bar on stderr
+    naming the step under way."""
+    check_args(shape, device, n_adapters, rank, k, targets, prompt_len, new_tokens, batch_sizes, repeats, fast)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory(prefix="logo-bench-") as tmp:
+    decode_jobs = len(Bench.decode_jobs(batch_sizes))
+    fast_jobs = 0 if fast is None else len(FAST_VARIANTS) * len(batch_sizes)
+    total = Bench.SETUP_STEPS + 2 + decode_jobs * (1 + repeats) + fast_jobs * (1 + repeats)
+    phases = Phases(total, f"bench {shape}", enabled=progress)
+    with phases_closed(phases), tempfile.TemporaryDirectory(prefix="logo-bench-") as tmp:
         bench = Bench(shape, device, n_adapters, rank, k, targets, prompt_len, new_tokens, max(batch_sizes),
-                      library_dir or Path(tmp) / "library")
+                      library_dir or Path(tmp) / "library", phases=phases)
         result: dict = {
             "device": device, "device_name": device_name(device), "torch": torch.__version__, "shape": shape,
             "dtype": str(bench.dtype).removeprefix("torch."), "n_adapters": n_adapters, "rank": rank,
@@ -274,8 +301,42 @@ def run_bench(shape: str, device: str, n_adapters: int, rank: int, k: int, targe
     return result
 
 
-def _check_args(device: str, n_adapters: int, rank: int, k: int, targets: list[str], prompt_len: int,
-                new_tokens: int, batch_sizes: list[int], repeats: int) -> None:
+@contextmanager
+def phases_closed(phases: Phases) -> Iterator[Phases]:
+    """Close the progress bar however the run ends, before anything else is printed."""
+    try:
+        yield phases
+    finally:
+        phases.close()
+
+
+def shape_modules(shape: str) -> list[str]:
+    """Names of the linear modules in the decoder layers of ``shape`` (what ``--targets`` may name), read from
+    the model built on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    from logo.synthetic import SHAPES
+
+    if shape not in SHAPES:
+        raise LogoError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    cls, kwargs = SHAPES[shape]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cls(**{**kwargs, "num_hidden_layers": 1}))
+    head = model.get_output_embeddings()
+    return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                              if isinstance(m, torch.nn.Linear) and m is not head))
+
+
+def check_args(shape: str, device: str, n_adapters: int, rank: int, k: int, targets: list[str], prompt_len: int,
+               new_tokens: int, batch_sizes: list[int], repeats: int, fast: str | None = None) -> None:
+    """Every check of the bench's arguments, before any model is built (each a one-line LogoError)."""
+    modules = shape_modules(shape)
+    unknown = [t for t in targets if t not in modules]
+    if unknown:
+        raise LogoError(f"--targets names no module of {shape}: {', '.join(unknown)}; choose from "
+                        f"{', '.join(modules)} (comma-separated)")
+    if fast is not None and fast not in FAST_PATHS:
+        raise LogoError(f"--fast must be one of {', '.join(FAST_PATHS)}, got {fast!r}")
     if device not in ("cpu", "cuda"):
         raise LogoError(f"--device must be cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -317,28 +378,37 @@ def bench(
     new_tokens: Annotated[int, typer.Option("--new-tokens")] = 64,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes")] = "1,16",
     repeats: Annotated[int, typer.Option("--repeats", help="Interleaved runs per figure (median).")] = 3,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (default: torch's).")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads, at least 1 (default: torch's).")] = (
+        None),
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     save: Annotated[Path | None, typer.Option("--save", help="Also write the JSON result to this file.")] = None,
     fast: Annotated[str | None, typer.Option("--fast", help="Also measure the fast generation path: static (static "
                                              "KV cache) | compiled (+ torch.compile; CUDA graphs on GPU).")] = None,
 ) -> None:
-    """Measure library load, probe vs prefill, decode tokens/s (base, one adapter, LoGo, official PEFT)."""
-    if threads:
-        torch.set_num_threads(threads)
+    """Measure library load, probe vs prefill, decode tokens/s (base, one adapter, LoGo, official PEFT).
+
+    Progress goes to stderr; stdout holds the table (or, with --json, the JSON object) only."""
+    if threads is not None and threads < 1:
+        raise LogoError(f"--threads must be at least 1, got {threads}; leave it out for torch's default")
     try:
         sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
     except ValueError:
         raise LogoError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
-    result = run_bench(shape, device, n_adapters, rank, k, [t.strip() for t in targets.split(",") if t.strip()],
-                       prompt_len, new_tokens, sizes, repeats, fast=fast)
+    modules = list(dict.fromkeys(t.strip() for t in targets.split(",") if t.strip()))
+    check_args(shape, device, n_adapters, rank, k, modules, prompt_len, new_tokens, sizes, repeats, fast)
     if save is not None:
-        save.parent.mkdir(parents=True, exist_ok=True)
-        save.write_text(json.dumps(result, indent=1) + "\n")
+        check_output_file(save, "--save", "bench.json")  # before the run, not after it
+    if threads is not None:
+        torch.set_num_threads(threads)
+    result = run_bench(shape, device, n_adapters, rank, k, modules, prompt_len, new_tokens, sizes, repeats,
+                       fast=fast, progress=True)
     if json_out:
-        print(json.dumps(result))
+        print(json.dumps(result), flush=True)
     else:
         print_table(result)
+    if save is not None:  # after printing: a failed write loses nothing
+        write_output_file(save, json.dumps(result, indent=1) + "\n", "--save",
+                          "the result is printed above; run again with another --save to keep it as a file")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,5 +1,5 @@
-"""Where logo keeps what it makes (converted models, calibration statistics), and the check of an output directory
-before any work (no heavy imports here)."""
+"""Where logo keeps what it makes (converted models, calibration statistics), and the checks of an output directory
+or file before any work (no heavy imports here)."""
 
 from __future__ import annotations
 
@@ -31,3 +31,33 @@ def check_output_dir(out_dir: Path, option: str = "--output") -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise LogoError(f"cannot make {option} {out_dir}: {err.strerror or err}; give a writable directory") from None
+
+
+def check_output_file(path: Path, option: str, example: str = "result.json") -> None:
+    """Raise a LogoError naming ``option`` unless ``path`` can be written as a file: not a directory, not a
+    read-only file, in a writable directory (missing parent directories are made now; the file is not)."""
+    if path.is_dir():
+        raise LogoError(f"{option} {path} is a directory; give a file path, e.g. {path / example}")
+    existing = next(p for p in (path.parent, *path.absolute().parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise LogoError(f"cannot write {option} {path}: {existing} is a file, not a directory; give another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LogoError(f"cannot write {option} {path}: {existing} is not writable; give another path")
+    existed = path.exists()
+    try:  # what access() cannot tell: a read-only or virtual file system, root's permissions, a read-only file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a"):  # appends nothing: an existing file is left as it is
+            pass
+    except OSError as err:
+        raise LogoError(f"cannot write {option} {path}: {err.strerror or err}; give another path") from None
+    if not existed:
+        path.unlink(missing_ok=True)
+
+
+def write_output_file(path: Path, text: str, option: str, kept: str) -> None:
+    """Write ``text`` to ``path``; a failure (the path changed during the run, a full disk) is a LogoError that
+    says where the result still is (``kept``)."""
+    try:
+        path.write_text(text)
+    except OSError as err:
+        raise LogoError(f"cannot write {option} {path}: {err.strerror or err}; {kept}") from None

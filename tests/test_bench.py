@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from logo.bench import distinct_picks, pooled_picks, run_bench
+import logo.bench
+from logo.bench import bench, distinct_picks, pooled_picks, run_bench
 from logo.errors import LogoError
 from logo.library import AdapterLibrary
 from logo.mixture import Mixture
@@ -18,6 +20,7 @@ from logo.synthetic import SHAPES, random_model, write_random_library
 
 CLI = [sys.executable, "-m", "logo.cli", "bench", "--shape", "tiny", "--n-adapters", "3", "--rank", "2", "--k", "2",
        "--prompt-len", "8", "--new-tokens", "3", "--batch-sizes", "1", "--repeats", "1"]
+TINY = dict(shape="tiny", n_adapters=3, rank=2, k=2, prompt_len=8, new_tokens=3, batch_sizes="1", repeats=1)
 
 
 def test_bench_json_contract():
@@ -68,13 +71,57 @@ def test_bench_cli_table_json_and_errors(tmp_path):
     assert json.loads(res.stdout)["decode_tok_s"]["official"]["1"] > 0
     for extra, message in ((["--shape", "gpt-9"], "unknown shape"), (["--k", "9"], "--k must be between"),
                            (["--targets", "v_proj"], "must include q_proj"), (["--new-tokens", "1"], "at least 2"),
-                           (["--batch-sizes", "1,x"], "comma-separated")):
+                           (["--batch-sizes", "1,x"], "comma-separated"), (["--targets", "q_proj,foo"], "foo"),
+                           (["--threads", "-1"], "--threads must be at least 1")):
         res = subprocess.run(CLI + extra, capture_output=True, text=True, timeout=300)
         assert res.returncode == 2 and message in res.stderr, (extra, res.stderr)
         assert "Traceback" not in res.stderr
     if not torch.cuda.is_available():
         res = subprocess.run(CLI + ["--device", "cuda"], capture_output=True, text=True, timeout=300)
         assert res.returncode == 2 and "no CUDA device" in res.stderr
+
+
+def test_bench_checks_targets_threads_and_save_before_the_run(tmp_path, monkeypatch):
+    def no_run(*args, **kwargs):
+        raise AssertionError("the benchmark started before its arguments were checked")
+
+    monkeypatch.setattr(logo.bench, "Bench", no_run)
+    (tmp_path / "file").write_text("")
+    for extra, message in (
+        (dict(targets="q_proj,foo"), r"--targets names no module of tiny: foo; choose from q_proj, k_proj, v_proj"),
+        (dict(targets="q_proj,lm_head,bar"), "lm_head, bar"),
+        (dict(threads=-1), "--threads must be at least 1, got -1"),
+        (dict(threads=0), "--threads must be at least 1, got 0"),
+        (dict(save=tmp_path), "--save .* is a directory; give a file path"),
+        (dict(save=tmp_path / "file" / "r.json"), "--save .*file is a file, not a directory"),
+    ):
+        with pytest.raises(LogoError, match=message) as err:
+            bench(**{**TINY, **extra})
+        assert "\n" not in str(err.value)
+    with pytest.raises(LogoError, match="foo"):
+        run_bench("tiny", "cpu", 3, 2, 2, ["q_proj", "foo"], 8, 3, [1], 1)
+
+
+def test_bench_prints_before_saving_and_reports_progress_on_stderr(tmp_path, monkeypatch, capsys):
+    """stdout holds the result only (here the JSON), printed before --save is written: a write that fails at the
+    end (here: the path became a directory during the run) loses nothing; the progress bar names each step."""
+    save = tmp_path / "out" / "r.json"
+    real = logo.bench.run_bench
+
+    def run_then_block_save(*args, **kwargs):
+        result = real(*args, **kwargs)
+        save.mkdir()
+        return result
+
+    monkeypatch.setattr(logo.bench, "run_bench", run_then_block_save)
+    with pytest.raises(LogoError, match="cannot write --save .*; the result is printed above"):
+        bench(**TINY, json_out=True, save=save)
+    out, err = capsys.readouterr()
+    assert json.loads(out)["shape"] == "tiny"
+    for step in ("random tiny model", "probe vs prefill", "decode warm-up: batch 1, official",
+                 "decode: batch 1, logo_shared_pool, run 1/1"):
+        assert step in err, step
+    assert Path(save).parent.is_dir()
 
 
 def test_random_library_is_valid_peft_layout(tmp_path):

@@ -7,6 +7,9 @@ from typing import Annotated
 
 import typer
 
+from logo.errors import LogoError
+from logo.paths import check_output_file, write_output_file
+
 
 def demo(
     output: Annotated[Path, typer.Option("--output", help="Directory for summary.json, results.md, heatmap.")] = Path(
@@ -24,17 +27,31 @@ def demo(
 
 
 def signal_study(
-    n_per_task: Annotated[int, typer.Option("--n-per-task")] = 10,
-    output: Annotated[Path | None, typer.Option("--output", help="Write the table (markdown) here.")] = None,
+    n_per_task: Annotated[int, typer.Option("--n-per-task", help="Validation prompts per demo task, at least 1.")] = (
+        10),
+    output: Annotated[Path | None, typer.Option("--output", help="Also write the table (markdown) to this file.")] = (
+        None),
 ) -> None:
-    """Precision@1 of every routing-signal option on validation instances of the demo tasks (not the test set)."""
+    """Precision@1 of routing-signal options on validation instances of the demo tasks (not the test set).
+
+    Covered: the q_proj signal module at 10 layers (last to 30th from last), residual or post-norm input.
+
+    Each with last-token or mean position, norm or entropy strategy, calibration none, mean or weight-norm.
+
+    Not covered: zscore calibration, other signal modules, several layers or modules summed.
+    """
+    if n_per_task < 1:
+        raise LogoError(f"--n-per-task must be at least 1, got {n_per_task}")
+    if output is not None:
+        check_output_file(output, "--output", "signal_study.md")  # before the study, not after it
     from logo.experiments.signal_study import study_demo, study_table  # lazy: as above
 
-    rows = study_demo(n_per_task)
+    rows = study_demo(n_per_task, progress=True)
     table = study_table(rows, 30)
-    print(table)
-    if output is not None:
-        output.write_text(table + "\n")
+    print(table, flush=True)
+    if output is not None:  # after printing: a failed write loses nothing
+        write_output_file(output, table + "\n", "--output",
+                          "the table is printed above; run again with another --output to keep it as a file")
 
 
 def register(app: typer.Typer) -> None:

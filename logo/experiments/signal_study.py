@@ -1,8 +1,10 @@
-"""Which routing signal works on this model? Precision@1 of every signal option on labelled validation prompts.
+"""Which routing signal works on this model? Precision@1 of signal options on labelled validation prompts.
 
 The engine's probe reads every signal point (layers x {residual, post-norm} x {last token, mean}) in one pass
 per batch, and each option is scored by a :class:`~logo.router.Router` of that signal, exactly as routing
-would score it: {norm, entropy} x calibrations. Use validation instances (never the test set) to choose settings.
+would score it: {norm, entropy} x calibrations {none, mean, weight-norm}, on the engine's signal module (the
+demo's: q_proj). Not studied: zscore calibration, other signal modules, several layers or modules summed. Use
+validation instances (never the test set) to choose settings.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from logo.spec import EngineSpec
 
 POSITIONS = ("last", "mean")
 STRATEGIES = ("norm", "entropy")
+CALIBRATIONS = ("none", "mean", "weight-norm")
+"""The calibrations the study scores (``zscore`` is not among them)."""
+DEMO_LAYERS = (-1, -2, -3, -5, -8, -11, -15, -20, -25, -30)
+"""The signal layers :func:`study_demo` scores by default (negative: from the end)."""
 
 
 @dataclass
@@ -30,13 +36,14 @@ class StudyRow:
 
 
 def run_study(engine: LoGoEngine, prompts: list[str], targets: list[int], calibration_prompts: list[str],
-              layers: list[int], batch_size: int = 16) -> list[StudyRow]:
-    """Precision@1 (top-1 adapter == target) for every signal option; ``layers`` may be negative."""
+              layers: list[int], batch_size: int = 16, progress: bool = False) -> list[StudyRow]:
+    """Precision@1 (top-1 adapter == target) for every studied signal option; ``layers`` may be negative;
+    ``progress``: bars on stderr while probing."""
     layers = sorted({layer % engine.num_layers for layer in layers})
     points = [SignalPoint(layer, post_norm, position) for layer in layers for post_norm in (False, True)
               for position in POSITIONS]
-    signals = engine.signals(prompts, points, batch_size)
-    calib = engine.signals(calibration_prompts, points, batch_size)
+    signals = engine.signals(prompts, points, batch_size, progress)
+    calib = engine.signals(calibration_prompts, points, batch_size, progress)
     rows = []
     for point in points:
         for strategy in STRATEGIES:
@@ -46,7 +53,8 @@ def run_study(engine: LoGoEngine, prompts: list[str], targets: list[int], calibr
             raw = router.raw_scores(signals[point])
             divisors = {"none": None, "mean": router.mean_statistics(calib[point]),
                         "weight-norm": weight_norms(engine.library, router.signal_module)}
-            for calibration, div in divisors.items():
+            for calibration in CALIBRATIONS:
+                div = divisors[calibration]
                 scores = raw if div is None else raw / div.clamp(min=1e-12)
                 hits = [int(top) == target for top, target in zip(scores.argmax(1), targets)]
                 rows.append(StudyRow(point.layer, point.post_norm, point.position, strategy, calibration,
@@ -54,14 +62,15 @@ def run_study(engine: LoGoEngine, prompts: list[str], targets: list[int], calibr
     return rows
 
 
-def study_demo(n_per_task: int = 10, layers: list[int] | None = None, batch_size: int = 32) -> list[StudyRow]:
+def study_demo(n_per_task: int = 10, layers: list[int] | None = None, batch_size: int = 32,
+               progress: bool = False) -> list[StudyRow]:
     """The study on the demo library: validation instances (split ``valid``) of its seen tasks."""
     engine = EngineSpec("smollm2-135m", "embedded:demo", RouterConfig(k=1), device="cpu").build()
     names = engine.library.names
     instances = [x for x in build_instances(names, n_per_task, split="valid") if x.seen]
-    layers = layers or [-1, -2, -3, -5, -8, -11, -15, -20, -25, -30]
+    layers = layers or list(DEMO_LAYERS)
     rows = run_study(engine, [x.prompt for x in instances], [names.index(x.task) for x in instances],
-                     default_prompts(), layers, batch_size)
+                     default_prompts(), layers, batch_size, progress)
     engine.close()
     return rows
 
