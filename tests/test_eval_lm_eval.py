@@ -173,6 +173,23 @@ def test_bad_model_args_name_the_argument(tiny_model_dir, args, message):
         get_model("logo").create_from_arg_string(f"base_model={tiny_model_dir('llama')},{args}", {})
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="lm-eval's default device is usable where CUDA is")
+def test_lm_evals_default_device_is_set_aside_without_cuda(tiny_model_dir, tiny_library):
+    """lm-eval passes ``device="cuda:0"`` when nobody gave ``--device``: without CUDA that runs on the CPU with a
+    warning, while ``device=cuda`` written in ``model_args`` is still refused."""
+    from lm_eval.api.registry import get_model
+
+    from logo.errors import LogoError
+
+    _, root = tiny_library("llama")
+    args = f"base_model={tiny_model_dir('llama')},adapters={root}"
+    with pytest.warns(UserWarning, match="--device cuda:0 is not available here"):
+        lm = get_model("logo").create_from_arg_string(args, {"device": "cuda:0"})
+    assert lm.engine.device.type == "cpu"
+    with pytest.raises(LogoError, match="cuda"):
+        get_model("logo").create_from_arg_string(f"{args},device=cuda", {"device": "cuda:0"})
+
+
 def test_bad_requests_are_one_clear_error(engine):
     from logo.errors import LogoError
 
@@ -197,7 +214,7 @@ def test_lm_evals_command_line_with_the_model_registered(tiny_model_dir, tiny_li
     data.write_text("\n".join(json.dumps({"question": f"is {i} small", "answer": "yes"}) for i in range(3)))
     (tmp_path / "gen.yaml").write_text(TASK_GEN.format(data=data))
     args = [sys.executable, "-m", "logo.eval.lm_eval_backend", "--model", "logo", "--model_args",
-            f"base_model={tiny_model_dir('llama')},adapters={root},k=1,device=cpu", "--tasks", "logo_toy_gen",
+            f"base_model={tiny_model_dir('llama')},adapters={root},k=1", "--tasks", "logo_toy_gen",
             "--include_path", str(tmp_path), "--limit", "2"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

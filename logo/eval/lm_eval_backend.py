@@ -21,6 +21,8 @@ lm-eval's disjoint windows of ``max_length`` tokens.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -69,8 +71,13 @@ class LoGoLM(LM):
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> LoGoLM:
         """lm-eval's constructor from ``model_args``; what ``model_args`` sets wins over lm-eval's own options
-        (``--device``, ``--batch_size``), which fill in the rest (lm-eval's default passes both and fails)."""
+        (``--device``, ``--batch_size``), which fill in the rest. lm-eval fills in ``cuda:0`` for a ``--device``
+        nobody gave; on a machine without CUDA that option is set aside with a warning (as lm-eval's ``hf``
+        model does) and the device is chosen as ``auto``; ``device=cuda`` in ``model_args`` still refuses."""
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
+            warnings.warn(f"lm-eval's --device {extra.pop('device')} is not available here (no CUDA); the logo "
+                          "model runs on the CPU (pass --device or device= in --model_args to choose)", stacklevel=2)
         return cls(**arg_dict, **extra)
 
     @classmethod
