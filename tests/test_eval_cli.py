@@ -40,6 +40,8 @@ def test_official_defaults_and_both_spellings(captured):
     assert CliRunner().invoke(app, dashed).exit_code == 0
     assert calls[-1] == calls[-2]
     assert calls[-1][0].device == "cuda:1" and calls[-1][0].n_selected_modules == 5
+    assert CliRunner().invoke(app, [("--result-dir" if a == "--output-dir" else a) for a in dashed]).exit_code == 0
+    assert calls[-1] == calls[-2]
 
 
 def test_method_lists_and_official_data_dir(captured, tmp_path):

@@ -36,7 +36,8 @@ def run(
         "it exists, else the hub).")] = None,
     adapters: Annotated[list[str] | None, typer.Option(
         "--adapters", help="Adapter library (default: the preset's, e.g. the 260 FlanV2 LoRAs).")] = None,
-    output_dir: Annotated[str, typer.Option("--output-dir", "--output_dir", "--result_dir")] = "results",
+    output_dir: Annotated[str, typer.Option("--output-dir", "--output_dir", "--result-dir",
+                                            "--result_dir")] = "results",
     batch_size: Annotated[int, typer.Option("--batch-size", "--batch_size")] = 1,
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first N instances of each dataset.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "--max_new_tokens")] = 256,
