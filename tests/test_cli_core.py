@@ -173,3 +173,27 @@ def test_fit_router_refuses_an_out_it_cannot_write_before_fitting(model_and_lib,
             cli.main()
         stderr = capsys.readouterr().err
         assert exc.value.code == 2 and message in stderr and "Traceback" not in stderr, stderr
+
+
+def test_serve_takes_the_router_flags_of_route(model_and_lib, monkeypatch):
+    """`logo serve` hands every router flag of `logo route`, the abstain rule included, to the engine it builds."""
+    from logo.errors import LogoError
+    from logo.serve.cli import serve
+    from logo.spec import EngineSpec
+
+    built = []
+
+    def build(spec, progress=False):
+        built.append(spec)
+        raise LogoError("stopped before the model loads")
+
+    monkeypatch.setattr(EngineSpec, "build", build)
+    model_dir, lib = model_and_lib
+    with pytest.raises(LogoError, match="stopped before the model loads"):
+        serve(base_model=str(model_dir), adapters=str(lib), n_selected_modules=2, abstain="margin",
+              abstain_below=0.25, calibration="none")
+    assert built[0].router_overrides == {"k": 2, "abstain": "margin", "abstain_below": 0.25, "calibration": "none"}
+    with pytest.raises(LogoError, match="use --decode eager"):
+        serve(base_model=str(model_dir), adapters=str(lib), decode="static")
+    help_text = run_logo("serve", "--help").stdout
+    assert "--abstain-below" in help_text

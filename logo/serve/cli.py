@@ -7,10 +7,11 @@ from typing import Annotated
 import typer
 
 from logo.cli_options import (
+    Abstain,
+    AbstainBelow,
     Adapters,
     BaseModel,
     Calibration,
-    Decode,
     Device,
     Dtype,
     K,
@@ -29,6 +30,9 @@ from logo.generation import MAX_PROMPT_TOKENS
 SERVE_DECODE = ("eager",)
 """The server decodes with its own continuous-batching loop on a dynamic KV cache (``logo.serve.scheduler``);
 the engine's static/compiled paths fix the batch for a whole generation, so they do not fit it yet."""
+ServeDecode = Annotated[str, typer.Option("--decode", help="eager: the server batches requests continuously on a "
+                                          "dynamic KV cache (the static and compiled paths of `logo generate` fix "
+                                          "the batch for a whole generation).")]
 
 
 def serve(
@@ -44,9 +48,11 @@ def serve(
     weighting: Weighting = None,
     weight_temperature: WeightTemp = None,
     calibration: Calibration = None,
+    abstain: Abstain = None,
+    abstain_below: AbstainBelow = None,
     device: Device = None,
     dtype: Dtype = "auto",
-    decode: Decode = "eager",
+    decode: ServeDecode = "eager",
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Rows decoded together at most.")] = 32,
@@ -93,7 +99,7 @@ def serve(
         torch.set_num_threads(threads)
     # The router: the library's fitted router file (or --router's), the router flags over it, as `logo generate`.
     overrides = router_overrides(selection_strategy, n_selected_modules, signal_layer, signal_module, post_norm,
-                                 position, weighting, weight_temperature, calibration)
+                                 position, weighting, weight_temperature, calibration, abstain, abstain_below)
     spec = engine_spec(base_model, adapters, overrides, router, device, dtype, decode)
     config = ServeConfig(base_id=base_model, routed_id=model_id, max_batch_size=max_batch_size, max_queue=max_queue,
                          max_prefill_rows=max_prefill_rows,
