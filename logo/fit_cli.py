@@ -33,10 +33,11 @@ def fit_router_command(
     """Fit a router to a library (signal, calibration, k, weighting, abstain rule) on a few example prompts per
     adapter, chosen by precision@1; `logo route/generate/demo`, the lm-eval backend and `logo run --method fitted`
     then use it (router flags override its fields)."""
-    from logo.fit import ABSTAIN_FROM, examples_from_jsonl, examples_from_manifest, fit_router  # lazy: fast --help
+    from logo.fit import ABSTAIN_FROM, examples_from_jsonl, fit_router  # lazy: fast --help
     from logo.router import RouterConfig
     from logo.router_file import FILE_NAME
     from logo.spec import EngineSpec
+    from logo.train.manifest_examples import examples_from_manifest
 
     if abstain_from not in ABSTAIN_FROM:
         raise LogoError(f"--abstain-from must be one of {', '.join(ABSTAIN_FROM)}, got {abstain_from!r}")

@@ -12,11 +12,12 @@ import torch
 
 from logo.engine import LoGoEngine
 from logo.errors import LogoError
-from logo.fit import Example, check_examples, examples_from_jsonl, examples_from_manifest, fit_router
+from logo.fit import Example, check_examples, examples_from_jsonl, fit_router
 from logo.library import AdapterLibrary
 from logo.methods import Fitted
 from logo.router import Router, RouterConfig
 from logo.router_file import FILE_NAME, RouterFile, library_router_file, model_fingerprint
+from logo.train.manifest_examples import examples_from_manifest
 from tests.helpers import make_tiny_model
 from tests.test_router import reference_scores
 

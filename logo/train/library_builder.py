@@ -17,9 +17,10 @@ from pathlib import Path
 
 from logo.adapter_source import EMBEDDED_LIBRARIES
 from logo.errors import LogoError
-from logo.fit import examples_from_manifest, fit_router
+from logo.fit import fit_router
 from logo.paths import check_output_dir
 from logo.router_file import FILE_NAME as ROUTER_FILE
+from logo.train.manifest_examples import examples_from_manifest
 from logo.train.tasks import Task, seen_tasks, unseen_tasks
 from logo.train.trainer import RECORD_FILE, TrainConfig, train_lora
 
