@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from logo.errors import AdapterError
+from logo.errors import AdapterError, one_line
 
 CONFIG_FILE = "adapter_config.json"
 EMBEDDED_LIBRARIES = {"demo": Path(__file__).parent / "assets" / "demo_library"}
@@ -75,7 +75,7 @@ def _from_hub(spec: str) -> list[tuple[str, Path]]:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = " (HF_HUB_OFFLINE is set and the cache lacks it)" if offline else ""
         raise AdapterError(
-            f"cannot fetch adapters {repo_id}/{prefix}* from the hub{hint}: {err}. "
+            f"cannot fetch adapters {repo_id}/{prefix}* from the hub{hint}: {one_line(err)}. "
             "Download them once where the hub is reachable (same HF_HOME), or pass a local directory."
         ) from err
     base = root / prefix

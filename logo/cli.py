@@ -7,7 +7,7 @@ import sys
 import typer
 
 from logo import bench, cli_core, export, fit_cli
-from logo.errors import LogoError
+from logo.errors import LogoError, one_line
 from logo.eval import cli as eval_cli
 from logo.experiments import cli as experiments_cli
 from logo.serve import cli as serve_cli
@@ -39,7 +39,7 @@ def main() -> None:
     try:
         app()
     except LogoError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
 
 

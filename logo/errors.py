@@ -13,6 +13,12 @@ class ModelLoadError(LogoError):
     """The base model could not be loaded."""
 
 
+def one_line(text: object) -> str:
+    """``text`` (an error, or another library's error message) on one line: runs of whitespace, newlines
+    included, become one space, and a trailing period goes, so that it can be quoted inside a sentence."""
+    return " ".join(str(text).split()).rstrip(".")
+
+
 def json_kind(value) -> str:
     """A JSON value as an error message shows it: its JSON type and (the start of) the value."""
     if value is None:

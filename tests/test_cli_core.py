@@ -197,3 +197,20 @@ def test_serve_takes_the_router_flags_of_route(model_and_lib, monkeypatch):
         serve(base_model=str(model_dir), adapters=str(lib), decode="static")
     help_text = run_logo("serve", "--help").stdout
     assert "--abstain-below" in help_text
+
+
+def test_another_librarys_multi_line_message_prints_as_one_line(monkeypatch, capsys):
+    from logo import cli
+    from logo.errors import LogoError, one_line
+
+    assert one_line("Got: ConnectError\nPlease check your connection and try again.") == (
+        "Got: ConnectError Please check your connection and try again")
+
+    def fail():
+        raise LogoError("first line\n  second line")
+
+    monkeypatch.setattr(cli, "app", fail)
+    monkeypatch.setattr(cli, "_register", lambda: None)
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert capsys.readouterr().err == "error: first line second line\n"

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from logo.errors import LogoError
+from logo.errors import LogoError, one_line
 
 PARQUET_EXPORT = "refs/convert/parquet"
 
@@ -60,8 +60,9 @@ def load_rows(source: HubSource, data_dir: str | Path | None = None, name: str =
     except (OSError, ValueError, RuntimeError, ConnectionError) as err:
         where = f"the local snapshot {local}" if use_local else "the hub"
         raise LogoError(
-            f"cannot load {name} ({source.describe()}) from {where}: {err}. Either run where the hub is reachable, "
-            f"or download it on a machine that is and give --data-dir: {source.download_hint(data_dir or 'DATA_DIR')}"
+            f"cannot load {name} ({source.describe()}) from {where}: {one_line(err)}. Either run where the hub is "
+            f"reachable, or download it on a machine that is and give --data-dir: "
+            f"{source.download_hint(data_dir or 'DATA_DIR')}"
         ) from err
 
 
