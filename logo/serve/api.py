@@ -88,6 +88,16 @@ class ServeConfig:
     max_tokens_limit: int = 512
     api_key: str | None = None
 
+    def __post_init__(self) -> None:
+        """Checks itself (named by the `logo serve` flags), so the command fails before any model loads."""
+        if not 1 <= self.max_prompt_tokens <= MAX_PROMPT_TOKENS:
+            raise LogoError(f"--max-prompt-tokens must be between 1 and {MAX_PROMPT_TOKENS}, "
+                            f"got {self.max_prompt_tokens}")
+        for flag, value in (("--max-tokens-limit", self.max_tokens_limit), ("--max-batch-size", self.max_batch_size),
+                            ("--max-queue", self.max_queue), ("--max-prefill-rows", self.max_prefill_rows)):
+            if value < 1:
+                raise LogoError(f"{flag} must be at least 1, got {value}")
+
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
@@ -225,11 +235,6 @@ class Exchange:
 
 def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
     """The FastAPI application; its scheduler (and worker thread) lives as long as the app's lifespan."""
-    if not 1 <= config.max_prompt_tokens <= MAX_PROMPT_TOKENS:
-        raise LogoError(f"--max-prompt-tokens must be between 1 and {MAX_PROMPT_TOKENS}, "
-                        f"got {config.max_prompt_tokens}")
-    if config.max_tokens_limit < 1:
-        raise LogoError(f"--max-tokens-limit must be at least 1, got {config.max_tokens_limit}")
     metrics = Metrics()
     catalog = Catalog(config.routed_id, config.base_id, list(engine.library.names), engine.router.config,
                       config.max_prompt_tokens, config.max_tokens_limit, config.max_queue,

@@ -88,13 +88,6 @@ def serve(
     if decode not in SERVE_DECODE:
         raise LogoError(f"--decode {decode} is not supported by logo serve: it batches requests continuously on a "
                         f"dynamic KV cache; use --decode eager")
-    # checked here as well as by create_app, so a typo fails before the model loads
-    if not 1 <= max_prompt_tokens <= MAX_PROMPT_TOKENS:
-        raise LogoError(f"--max-prompt-tokens must be between 1 and {MAX_PROMPT_TOKENS}, got {max_prompt_tokens}")
-    for flag, value in (("--max-tokens-limit", max_tokens_limit), ("--max-batch-size", max_batch_size),
-                        ("--max-queue", max_queue), ("--max-prefill-rows", max_prefill_rows)):
-        if value < 1:
-            raise LogoError(f"{flag} must be at least 1, got {value}")
     if threads is not None:
         if threads < 1:
             raise LogoError(f"--threads must be at least 1, got {threads}")
