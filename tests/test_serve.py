@@ -197,6 +197,7 @@ def test_models_adapters_health_metrics(setup, client):
     assert [(a["name"], a["rank"]) for a in adapters] == [(s["name"], s["r"]) for s in MIXED_SPECS]
     assert adapters[4]["targets"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert httpx.get(setup["main"].url + "/health").json()["status"] == "ok"
+    assert f'id="max" type="number" value="24" min="1" max="{TOKENS_LIMIT}"' in httpx.get(setup["main"].url).text
     metrics = httpx.get(setup["main"].url + "/metrics").text
     for name in ("logo_requests_total", "logo_completion_tokens_total", "logo_queue_depth", "logo_batch_size_bucket",
                  "logo_route_seconds_bucket", "logo_adapter_selections_total"):
@@ -266,6 +267,9 @@ BAD_REQUESTS = {
     "more prompts than the queue holds": ("/v1/completions", {"prompt": ["hi"] * (MAX_QUEUE + 1)}, "--max-queue"),
     "prompt with a lone surrogate": ("/v1/completions", '{"prompt": "hi \\ud800"}', "Unicode"),
     "prompt far over the limit": ("/v1/completions", {"prompt": "x" * 2_000_000}, "characters"),
+    "temperature NaN": ("/v1/completions", '{"prompt": "hi", "temperature": NaN}', "finite number from 0 to 2"),
+    "body not UTF-8": ("/v1/completions", b'{"prompt": "caf\xe9"}', "not valid UTF-8"),
+    "key not Unicode": ("/v1/completions", '{"prompt": "hi", "\\ud800": 1}', "key that is not valid Unicode"),
     "stream_options without stream": ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}},
                                       "stream_options"),
     "unknown stream option": ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": {"usage": True}},
@@ -285,6 +289,8 @@ BAD_REQUESTS = {
     "chat empty messages": ("/v1/chat/completions", {"messages": []}, "messages"),
     "chat bad role": ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
     "chat empty user message": ("/v1/chat/completions", {"messages": [{"role": "user", "content": " "}]}, "empty"),
+    "chat over the prompt limit": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 100}]},
+                                   "messages (after the chat template) has"),
     "chat lone surrogate": ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}',
                             "Unicode"),
     "content part that is not text": ("/v1/chat/completions", {"messages": [{"role": "user", "content": [

@@ -3,6 +3,7 @@ against the softmax written out, incremental detokenizing with stop strings, and
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -19,13 +20,30 @@ from logo.serve.scheduler import Job, Scheduler, ShuttingDown
 from logo.serve.text_stream import TextStream
 from logo.spec import EngineSpec
 from tests.helpers import make_tokenizer
-from tests.serve_helpers import penalized_greedy
+from tests.serve_helpers import TINY_CHAT_TEMPLATE, penalized_greedy
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, tiny_library):
     _model, root = tiny_library("llama")
     return EngineSpec(str(tiny_model_dir("llama")), str(root), RouterConfig(k=2), device="cpu").build()
+
+
+@pytest.fixture(scope="module")
+def api(engine):
+    """The app in-process: base model id "base", prompts up to 64 tokens, max_tokens up to 10, a chat template."""
+    config = ServeConfig(base_id="base", max_prompt_tokens=64, max_tokens_limit=10)
+    with TestClient(create_app(engine, config)) as client:
+        client.app.state.tokenizer.chat_template = TINY_CHAT_TEMPLATE
+        yield client
+
+
+def refusal(client: TestClient, path: str, body: str | bytes | dict) -> dict:
+    """The error of a request that must be a 400 (a str or bytes body is sent as it is)."""
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    response = client.post(path, content=content, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    return response.json()["error"]
 
 
 def run_jobs(scheduler: Scheduler, prompts: list[str], tokens: int = 6) -> list[tuple[list[int], str]]:
@@ -338,3 +356,86 @@ def test_router_override_checked_before_queueing(tiny_model_dir, tiny_library):
             assert "calibration statistics" in response.json()["error"]["message"]
         body = {"prompt": "hi", "max_tokens": 2, "logo": {"strategy": "norm", "k": 1}}
         assert client.post("/v1/completions", json=body).status_code == 200
+
+
+def test_base_model_takes_no_adapters(api):
+    """logo.adapters with the base model's id is refused (it ran the adapters), naming the id that takes them."""
+    error = refusal(api, "/v1/completions", {"prompt": "hi", "model": "base", "logo": {"adapters": {"a_r4": 1.0}}})
+    assert error["param"] == "model"
+    assert "'base' is the base model, which takes no adapters" in error["message"]
+    assert "set model to 'logo'" in error["message"]
+    body = {"prompt": "hi", "model": "base", "max_tokens": 1, "logo": {"base": True}}
+    assert api.post("/v1/completions", json=body).json()["logo"]["selected"] == []
+
+
+def test_chat_refusals_name_what_the_client_sent(api):
+    """A chat's limits are about the prompt its template makes of the messages, and say so (not "messages 0");
+    a message that is not valid Unicode is named by its index."""
+    long = refusal(api, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 200}]})
+    assert long["message"].startswith("messages (after the chat template) has ")
+    assert "tokens, over this server's limit of 64" in long["message"] and long["code"] == "prompt_too_long"
+    body = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok \\ud800"}]}'
+    broken = refusal(api, "/v1/chat/completions", body)
+    assert broken["message"].startswith("messages.1 (assistant) content is not valid Unicode (a lone surrogate "
+                                        "at character 3)")
+    assert broken["param"] == "messages"
+
+
+@pytest.mark.parametrize(("body", "message", "param"), [
+    (b'{"prompt": "caf\xe9"}', "the body is not valid UTF-8 (byte 0xe9 at offset 15)", None),
+    ('{"prompt": "hi", "\\ud800": 1}', "the body has a key that is not valid Unicode ('\\ud800'", None),
+    ('{"prompt": "hi", "logo": {"\\udc00": 1}}', "logo has a key that is not valid Unicode ('\\udc00'", "logo"),
+    ('{"prompt": "hi",', "the body is not valid JSON: Expecting property name enclosed in double quotes at "
+                        "character 16", None),
+])
+def test_body_errors_say_what_is_wrong(api, body, message, param):
+    """A body of invalid UTF-8, a key that is a lone surrogate or broken JSON is a 400 that says which (FastAPI's
+    "There was an error parsing the body", pydantic's "unable to parse raw data as a unicode string")."""
+    error = refusal(api, "/v1/completions", body)
+    assert error["message"].startswith(message), error
+    assert error["param"] == param
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("temperature", "NaN", "from 0 to 2, got nan"), ("temperature", "3", "from 0 to 2, got 3"),
+    ("top_p", "Infinity", "above 0 and at most 1, got inf"), ("top_p", "0", "above 0 and at most 1, got 0"),
+    ("presence_penalty", "-Infinity", "from -2 to 2, got -inf"), ("frequency_penalty", "NaN", "from -2 to 2, got nan"),
+])
+def test_non_finite_numbers_say_the_range(api, field, value, says):
+    """NaN and the infinities (Python's json reads them) are refused with the whole range, not "less than or
+    equal to 2" (NaN fails every comparison); a value out of range gets the same message."""
+    error = refusal(api, "/v1/completions", f'{{"prompt": "hi", "{field}": {value}}}')
+    assert error["message"] == f"{field}: must be a finite number {says}"
+    assert error["param"] == field
+
+
+def test_playground_default_respects_the_token_limit(api, engine):
+    """The page's max tokens starts at 24, or at --max-tokens-limit where that is lower (a first request at 24
+    was refused), and the input's max is the limit."""
+    assert 'id="max" type="number" value="10" min="1" max="10"' in api.get("/").text
+    assert 'value="24" min="1" max="512"' in TestClient(create_app(engine, ServeConfig(base_id="base"))).get("/").text
+
+
+def test_batched_routing_scores_are_the_unpadded_ones_up_to_rounding(engine):
+    """A prompt routed in a left-padded batch gets the adapters and (to float32 rounding) the scores it gets alone.
+    The scores are not bit-equal: the batch's matmuls round differently (measured about 5e-7 relative on CPU, 2e-7
+    for a batch of equal lengths without any padding; the attention masks padding exactly)."""
+    prompts = ["apple number 0:", "a much longer prompt about rivers, stones and clouds, number 17:"]
+    routed: list[list[dict]] = []
+    done = threading.Semaphore(0)
+
+    def on_event(event):
+        if event.kind == "routed":
+            routed.append(event.selected)
+            done.release()
+
+    scheduler = Scheduler(engine, max_batch_size=8)
+    try:
+        scheduler.submit([Job(p, GenerationSettings(max_new_tokens=1), on_event=on_event if i == 0 else lambda e: None)
+                          for i, p in enumerate(prompts)])
+        assert done.acquire(timeout=60)
+    finally:
+        scheduler.close()
+    alone = engine.route(prompts[:1])[0]
+    assert [s["name"] for s in routed[0]] == alone.names
+    assert [s["score"] for s in routed[0]] == pytest.approx(alone.scores, rel=1e-4)

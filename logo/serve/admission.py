@@ -95,6 +95,10 @@ def choose_mixture(model: str | None, options: LogoOptions | None,
         if overrides:
             raise ApiError(400, "logo.k and logo.strategy apply only when LoGo routes; drop them or "
                            "logo.adapters / logo.base", "logo")
+        if model == catalog.base_id and options.adapters is not None:
+            raise ApiError(400, f"model {model!r} is the base model, which takes no adapters; for the mixture in "
+                           f"logo.adapters set model to {catalog.routed_id!r} or leave it unset (or name one adapter "
+                           "as the model; GET /v1/models lists them)", "model")
         if not routed and model != catalog.base_id:
             raise ApiError(400, f"model {model!r} names one adapter but logo asks for another mixture; set model "
                            f"to {catalog.routed_id!r} or leave it unset", "model")
@@ -184,31 +188,32 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
 
 
 def prompt_lengths(tokenizer: PreTrainedTokenizerBase, prompts: list[str], catalog: Catalog,
-                   param: str = "prompt") -> list[int]:
+                   param: str = "prompt", names: list[str] | None = None) -> list[int]:
     """Each prompt's token count (as the engine tokenizes it); an empty, over-long or not encodable prompt, or
-    more prompts than the queue holds, is refused."""
+    more prompts than the queue holds, is refused. ``names``: what the errors call each prompt (``param i``)."""
     if not prompts:
         raise ApiError(400, f"{param} is empty; give at least one prompt", param)
     if len(prompts) > catalog.max_queue:
         raise ApiError(400, f"{param} has {len(prompts)} prompts, more than this server queues ({catalog.max_queue}, "
                        f"--max-queue); send at most {catalog.max_queue} per request", param, "too_many_prompts")
+    names = names or [f"{param} {i}" for i in range(len(prompts))]
     limit = catalog.max_prompt_tokens
     chars = MAX_CHARS_PER_TOKEN * limit
-    for i, prompt in enumerate(prompts):
+    for name, prompt in zip(names, prompts):
         if not prompt.strip():
-            raise ApiError(400, f"{param} {i} is empty; give some text to continue", param)
+            raise ApiError(400, f"{name} is empty; give some text to continue", param)
         if len(prompt) > chars:
-            raise ApiError(400, f"{param} {i} has {len(prompt)} characters, over this server's limit of {chars} "
+            raise ApiError(400, f"{name} has {len(prompt)} characters, over this server's limit of {chars} "
                            f"({MAX_CHARS_PER_TOKEN} per token of --max-prompt-tokens {limit}); shorten it", param,
                            "prompt_too_long")
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError as err:
-            raise ApiError(400, f"{param} {i} is not valid Unicode (a lone surrogate at character {err.start}); "
+            raise ApiError(400, f"{name} is not valid Unicode (a lone surrogate at character {err.start}); "
                            "send UTF-8 text", param) from None
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
-    for i, length in enumerate(lengths):
+    for name, length in zip(names, lengths):
         if length > limit:
-            raise ApiError(400, f"{param} {i} has {length} tokens, over this server's limit of {limit} "
+            raise ApiError(400, f"{name} has {length} tokens, over this server's limit of {limit} "
                            "(--max-prompt-tokens); shorten it", param, "prompt_too_long")
     return lengths

@@ -69,6 +69,7 @@ from logo.serve.text_stream import TextStream
 log = logging.getLogger("logo.serve")
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_TOKENS = 256
+PLAYGROUND_TOKENS = 24  # the playground's max tokens, unless --max-tokens-limit is lower
 RETRY_AFTER_S = 1
 DISCONNECT_CHECK_S = 0.5  # how often a non-streamed request looks for its client having gone
 CLIENT_GONE = 499  # nginx's "client closed request": no one reads it, but the request metrics count it
@@ -260,6 +261,9 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
             app.state.scheduler.close()
 
     app = FastAPI(title="lora-on-the-go", lifespan=lifespan, docs_url=None, redoc_url=None)
+    page = (resources.files("logo.serve").joinpath("playground.html").read_text()
+            .replace("__MAX_TOKENS__", str(min(PLAYGROUND_TOKENS, config.max_tokens_limit)))
+            .replace("__MAX_TOKENS_LIMIT__", str(config.max_tokens_limit)))
     app.state.metrics = metrics
     app.state.tokenizer = copy.deepcopy(engine.tokenizer)  # the worker thread pads with the engine's own
     app.state.catalog = catalog
@@ -272,8 +276,17 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         errors = err.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            return error_response(400, f"the body is not valid JSON: {errors[0].get('msg')}", code="invalid_json")
+        broken = next((e for e in errors if e.get("type") == "json_invalid"), None)
+        if broken is not None:
+            return error_response(400, f"the body is not valid JSON: {broken['ctx']['error']} at character "
+                                  f"{broken['loc'][-1]}", code="invalid_json")
+        # a key that is a lone surrogate (a value may hold one here: the prompt checks name it)
+        key = next((e for e in errors if e.get("type") == "string_unicode"), None)
+        if key is not None:
+            where = ".".join(_field_path(key))
+            return error_response(400, f"{where or 'the body'} has a key that is not valid Unicode "
+                                  f"({ascii(key['input'])}, a lone surrogate); send keys as UTF-8 text",
+                                  where or None, "invalid_key")
         # a value that fits no member of a union fails once per member: report the member it went furthest into
         worst = max(errors, key=lambda e: len(_field_path(e)))
         where = ".".join(_field_path(worst))
@@ -285,6 +298,10 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
+        bad = err.__cause__  # FastAPI's "There was an error parsing the body" hides why
+        if isinstance(bad, UnicodeDecodeError):
+            return error_response(400, f"the body is not valid UTF-8 (byte {bad.object[bad.start]:#04x} at offset "
+                                  f"{bad.start}); send JSON encoded as UTF-8", code="invalid_utf8")
         return error_response(err.status_code, str(err.detail), code=str(err.status_code), headers=err.headers)
 
     @app.exception_handler(Exception)
@@ -297,7 +314,7 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
     # ---------------------------------------------------------- endpoints
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> HTMLResponse:
-        return HTMLResponse(resources.files("logo.serve").joinpath("playground.html").read_text())
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health(request: Request) -> dict:
@@ -357,7 +374,8 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
         prompt = _chat_prompt(request.app.state.tokenizer, body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         exchange = _exchange(request, body, [prompt], max_tokens, CHAT_DEFAULT_TOKENS, "messages",
-                             "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+                             "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
+                             ["messages (after the chat template)"])
         exchange.id = f"chatcmpl-{uuid.uuid4().hex}"
         model = body.model or config.routed_id
         if body.stream:
@@ -379,7 +397,7 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
 
 
 def _exchange(request: Request, body, prompts: list[str], max_tokens: int | None, default_tokens: int,
-              param: str, tokens_param: str = "max_tokens") -> Exchange:
+              param: str, tokens_param: str = "max_tokens", names: list[str] | None = None) -> Exchange:
     state = request.app.state
     catalog: Catalog = state.catalog
     if body.stream_options is not None and not body.stream:
@@ -390,7 +408,7 @@ def _exchange(request: Request, body, prompts: list[str], max_tokens: int | None
                             tokens_param)
     stops = stop_strings(body.stop)
     check_logprobs(body.logprobs, getattr(body, "top_logprobs", None))
-    lengths = prompt_lengths(state.tokenizer, prompts, catalog, param)
+    lengths = prompt_lengths(state.tokenizer, prompts, catalog, param, names)
     penalties = Penalties(presence=body.presence_penalty, frequency=body.frequency_penalty)
     return Exchange(prompts, lengths, settings, selection, router, stops, state, penalties)
 
@@ -419,12 +437,17 @@ def _chat_prompt(tokenizer, body: ChatRequest) -> str:
     messages = []
     for i, message in enumerate(body.messages):
         if message.content is None and message.role != "assistant":
-            raise ApiError(400, f"messages {i} ({message.role}) has no content; give some text (only an assistant "
+            raise ApiError(400, f"messages.{i} ({message.role}) has no content; give some text (only an assistant "
                            "message may have null content)", "messages")
         content = message.content or ""
         content = content if isinstance(content, str) else "".join(p.text for p in content)
         if not content.strip() and message.role == "user":
-            raise ApiError(400, f"messages {i} (user) is empty; give some text", "messages")
+            raise ApiError(400, f"messages.{i} (user) is empty; give some text", "messages")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ApiError(400, f"messages.{i} ({message.role}) content is not valid Unicode (a lone surrogate at "
+                           f"character {err.start}); send UTF-8 text", "messages") from None
         role = "system" if message.role == "developer" else message.role
         messages.append({"role": role, "content": content})
     try:

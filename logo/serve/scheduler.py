@@ -266,7 +266,9 @@ class Scheduler:
         self._after(first)
 
     def _select(self, jobs: list[Job], ids: torch.Tensor, mask: torch.Tensor) -> list[Selection]:
-        """Each job's mixture: fixed, or LoGo routes it (jobs that share a router config share one probe)."""
+        """Each job's mixture: fixed, or LoGo routes it (jobs that share a router config share one probe). A prompt's
+        scores in a (left-padded) batch equal its scores alone only to float rounding (about 1e-6 relative): the
+        batch's matmuls round differently, padded or not, while the attention masks the padding exactly."""
         selections: list[Selection | None] = [job.selection for job in jobs]
         groups: dict[str, list[int]] = {}
         for i, job in enumerate(jobs):

@@ -6,9 +6,34 @@ Requests are strict: a wrong type is refused rather than coerced, and an unknown
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, model_validator
+from pydantic_core import PydanticCustomError
+
+_RANGE_ERRORS = {"finite_number", "greater_than", "greater_than_equal", "less_than_equal"}
+
+
+def _number(low: float, high: float, above: bool = False):
+    """A float from ``low`` (above it if ``above``) to ``high``. NaN, an infinity or a value outside gets one message
+    that says the whole range (pydantic's names one bound: NaN would be "less than or equal to 2")."""
+    says = f"must be a finite number {'above' if above else 'from'} {low:g} {'and at most' if above else 'to'} {high:g}"
+
+    def check(value, handler):
+        try:
+            return handler(value)
+        except ValidationError as err:
+            if err.errors()[0]["type"] in _RANGE_ERRORS:
+                raise PydanticCustomError("out_of_range", says + ", got {value}", {"value": value}) from None
+            raise
+
+    return Annotated[float, Field(gt=low) if above else Field(ge=low), Field(le=high, allow_inf_nan=False),
+                     WrapValidator(check)]
+
+
+Temperature = _number(0, 2)
+TopP = _number(0, 1, above=True)
+Penalty = _number(-2, 2)
 
 
 class _Strict(BaseModel):
@@ -44,13 +69,13 @@ class _Generation(_Strict):
     model: str | None = None
     """``logo`` (or unset): LoGo routes; the base model's id: no adapter; an adapter's name: that adapter."""
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
+    temperature: Temperature = 1.0
     """0, or anything below ``GREEDY_BELOW`` (1e-5), is greedy."""
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: TopP = 1.0
     seed: int | None = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: Penalty = 0.0
     """OpenAI's: subtract this from the logit of every token the choice has generated so far."""
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: Penalty = 0.0
     """OpenAI's: subtract this times the number of times the choice has generated the token so far."""
     stop: str | list[str] | None = None
     n: int = 1
