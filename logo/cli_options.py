@@ -23,8 +23,9 @@ Adapters = Annotated[
     list[str] | None,
     typer.Option(
         "--adapters", "-a",
-        help="A directory of PEFT adapters, repeated adapter paths, hub:REPO/SUBFOLDER_PREFIX, or embedded:demo. "
-        "Default: the preset's library.",
+        help="A directory of PEFT adapters, repeated adapter paths, hub:OWNER/REPO (one adapter or a folder of "
+        "them), hub:OWNER/REPO/FOLDER/, hub:OWNER/REPO/FOLDER/NAME_PREFIX, or embedded:demo. Default: the preset's "
+        "library.",
     ),
 ]
 Prompts = Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeat for several).")]
@@ -53,7 +54,8 @@ Abstain = Annotated[str | None, typer.Option(
 AbstainBelow = Annotated[float | None, typer.Option("--abstain-below", help="Threshold of --abstain.")]
 Router = Annotated[str, typer.Option(
     "--router", help="auto (the library's fitted router, logo_router.json, if it has one; else the official) | "
-    "official (the paper's) | PATH of a router file. Router flags override its fields.")]
+    "official (the paper's) | PATH of a router file (or of a folder holding logo_router.json). Router flags "
+    "override its fields.")]
 Device = Annotated[str | None, typer.Option("--device", help="cpu | cuda (default: cuda if available)")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Prompts per batch.")]

@@ -4,7 +4,8 @@ For every target module the library holds, once, ``A [N, r_max, d_in]``, ``B [N,
 ``scaling [N]``. ``B`` is stored transposed (``Bt [N, r_max, d_out]``, contiguous) and exposed as a view: a
 mixture then gathers its adapters' rows of ``A`` and ``Bt`` with one contiguous copy each, no transpose.
 Ranks that differ are zero-padded (exact: padded rows of A meet padded columns of B).
-An adapter that does not target a module has zeros there (it contributes nothing).
+An adapter that does not target a module has zeros there (it contributes nothing), and ``present`` says which
+adapters do (routing scores an adapter that lacks the signal module 0, whatever the strategy).
 
 The factors are kept *compact* where that is exact: adapter files in bf16 or fp16 (as training in bf16 writes them)
 under an fp32 model are stored in their own dtype, since widening them to fp32 is exact. The library then holds half
@@ -70,6 +71,20 @@ def widens_exactly(stored: torch.dtype, compute: torch.dtype) -> bool:
     return compute in wider.get(stored, ())
 
 
+def check_entries(entries: list[tuple[str, Path]]) -> None:
+    """Refuse an empty list of adapters ``(name, dir)`` or two with one name (no file is read)."""
+    if not entries:
+        raise AdapterError("the adapter library is empty: give at least one adapter")
+    seen: dict[str, Path] = {}
+    for name, path in entries:
+        if name in seen:
+            raise AdapterError(
+                f"duplicate adapter name {name!r}: {seen[name]} and {path}; adapter names are folder "
+                "names and must be unique, rename one folder"
+            )
+        seen[name] = path
+
+
 @dataclass
 class ModuleStack:
     """All adapters' LoRA factors for one target module.
@@ -82,6 +97,9 @@ class ModuleStack:
     Bt: torch.Tensor  # [N, r_max, d_out]: B transposed, contiguous (the layout the mixture gathers from)
     scaling: torch.Tensor  # [N] fp32, 0 where an adapter lacks this module
     dtype: torch.dtype | None = None  # the compute dtype; None: the factors' own
+    present: torch.Tensor | None = None
+    """``[N]`` bool, on the factors' device: whether each adapter trains this module (its factors here are not the
+    zero padding). None: the adapters whose scaling is not 0 (an adapter that lacks the module has scaling 0)."""
     _float: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -89,6 +107,11 @@ class ModuleStack:
             self.dtype = self.A.dtype
         if self.A.dtype != self.Bt.dtype or not widens_exactly(self.A.dtype, self.dtype):
             raise ValueError(f"factors stored as {self.A.dtype}/{self.Bt.dtype} do not widen exactly to {self.dtype}")
+        if self.present is None:
+            self.present = self.scaling != 0
+        if self.present.dtype != torch.bool or self.present.shape != self.scaling.shape:
+            raise ValueError(f"present must be a bool mask of shape {tuple(self.scaling.shape)}, got "
+                             f"{self.present.dtype} {tuple(self.present.shape)}")
 
     @property
     def B(self) -> torch.Tensor:
@@ -104,15 +127,20 @@ class ModuleStack:
         return a, bt.transpose(1, 2)
 
     @property
+    def in_features(self) -> int:
+        """The module's input width ``d_in`` (what a signal vector fed to these adapters must have)."""
+        return self.A.shape[-1]
+
+    @property
     def compact(self) -> bool:
         """Whether the factors are stored narrower than the compute dtype."""
         return self.A.dtype != self.dtype
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the factors, their scalings and a widened copy kept for routing (if any)."""
+        """Bytes held: the factors, their scalings and presence mask, and a widened copy kept for routing (if any)."""
         widened = sum(t.nbytes for t in self._float) if self._float is not None and self.compact else 0
-        return self.A.nbytes + self.Bt.nbytes + self.scaling.nbytes + widened
+        return self.A.nbytes + self.Bt.nbytes + self.scaling.nbytes + self.present.nbytes + widened
 
 
 @dataclass
@@ -177,16 +205,7 @@ class AdapterLibrary:
         progress: bool = False,
         compact: bool = True,
     ) -> AdapterLibrary:
-        if not entries:
-            raise AdapterError("the adapter library is empty: give at least one adapter")
-        seen: dict[str, Path] = {}
-        for name, path in entries:
-            if name in seen:
-                raise AdapterError(
-                    f"duplicate adapter name {name!r}: {seen[name]} and {path}; adapter names are folder "
-                    "names and must be unique, rename one folder"
-                )
-            seen[name] = path
+        check_entries(entries)
         param = next(model.parameters())
         device = torch.device(device) if device is not None else param.device
         dtype = dtype or param.dtype
@@ -423,6 +442,7 @@ def stack_adapters(
         a = torch.zeros(n, r_max, linear.in_features, dtype=stored)
         bt = torch.zeros(n, r_max, linear.out_features, dtype=stored)
         s = torch.zeros(n, dtype=torch.float32)
+        present = torch.zeros(n, dtype=torch.bool)
         for i, info in enumerate(infos):
             if module in info.weights:
                 ai, bi = info.weights[module]
@@ -430,5 +450,6 @@ def stack_adapters(
                 a[i, :r] = ai
                 bt[i, :r] = bi.t()
                 s[i] = info.scaling[module]
-        stacks[module] = ModuleStack(a.to(device), bt.to(device), s.to(device), dtype)
+                present[i] = True
+        stacks[module] = ModuleStack(a.to(device), bt.to(device), s.to(device), dtype, present.to(device))
     return stacks

@@ -4,7 +4,8 @@ Defaults reproduce the official code: the signal is the residual stream entering
 layer (``hidden_states[L-1]``, before the layer's norm), at each row's last prompt token, projected
 through every adapter's ``q_proj`` LoRA: ``o_i = scaling_i * B_i A_i h``.
 ``norm`` scores ``||o_i||_2``; ``entropy`` scores ``1 / (H(softmax(o_i)) + 1e-6)`` with
-``H = -sum p log(p + 1e-8)``. Weights are ``s_i / sum_{j in top-k} s_j``.
+``H = -sum p log(p + 1e-8)``; an adapter that does not train the signal module scores 0 under both. Weights are
+``s_i / sum_{j in top-k} s_j`` (equal, ``1 / k``, where that sum is 0).
 
 Beyond the paper (all off by default): the signal can pool evidence over several layers and modules
 (``layers``, ``modules``: the calibrated scores of every (layer, module) are summed), scores can be
@@ -369,17 +370,26 @@ def adapter_outputs(h: torch.Tensor, library: AdapterLibrary, module: str) -> to
             f"train (they target e.g. {library.modules[:3]})"
         )
     stack = library.stacks[module]
+    if h.shape[-1] != stack.in_features:
+        raise LogoError(f"signal vectors of width {h.shape[-1]} cannot be fed to the adapters of {module}, whose "
+                        f"input width is {stack.in_features}; choose a signal module whose input is the probed vector")
     a, b = stack.float_factors()
     low = torch.einsum("bd,nrd->bnr", h.to(a.device), a)
     return torch.einsum("bnr,nor->bno", low, b) * stack.scaling[None, :, None]
 
 
 def score(h: torch.Tensor, library: AdapterLibrary, module: str, strategy: str) -> torch.Tensor:
-    """Raw LoGo scores ``[B, N]`` for signal vectors ``h [B, d_in]``."""
+    """Raw LoGo scores ``[B, N]`` for signal vectors ``h [B, d_in]``.
+
+    An adapter that does not train ``module`` scores 0 under every strategy: its output there is the zero padding
+    of the stack, no evidence for it (``entropy`` would otherwise score that zero vector ``1 / log d``)."""
     outputs = adapter_outputs(h, library, module)
     if strategy == "norm":
-        return outputs.norm(dim=-1)
-    return 1.0 / (entropy(outputs, dim=-1) + 1e-6)
+        raw = outputs.norm(dim=-1)
+    else:
+        raw = 1.0 / (entropy(outputs, dim=-1) + 1e-6)
+    present = library.stacks[module].present.to(raw.device)
+    return torch.where(present, raw, torch.zeros_like(raw))
 
 
 def confidence(scores: torch.Tensor, rule: str) -> torch.Tensor:
@@ -401,14 +411,28 @@ def check_k(k: int, n: int, flag: str = "--n-selected-modules", holder: str = "t
 
 
 def select(scores: torch.Tensor, k: int, weighting: str = "normalize", temperature: float = 1.0):
-    """Top-k per row and their weights. Returns ``(top_scores, indices, weights)``, each ``[B, k]``."""
+    """Top-k per row and their weights. Returns ``(top_scores, indices, weights)``, each ``[B, k]``.
+
+    ``normalize`` weighs ``s_i / sum_j s_j`` over the top-k. Where that sum is 0 (every selected adapter scored 0,
+    e.g. none of them trains the signal module) the ratio is undefined, and the selected adapters get equal weights
+    ``1 / k`` (its value for any equal scores), so that no weight is NaN."""
     check_k(k, scores.shape[-1])
     top, idx = torch.topk(scores, k=k, dim=-1)
     if weighting == "softmax":
         weights = torch.softmax(top / temperature, dim=-1)
     else:
-        weights = top / top.sum(dim=-1, keepdim=True)
+        total = top.sum(dim=-1, keepdim=True)
+        zero = total == 0
+        ratio = top / torch.where(zero, torch.ones_like(total), total)
+        weights = torch.where(zero, torch.full_like(top, 1.0 / k), ratio)
     return top, idx, weights
+
+
+def hidden_size(model: nn.Module) -> int:
+    """The width of the residual stream (the hidden state a residual signal probes): the config's ``hidden_size``,
+    or, for a model whose config does not name it, its input embeddings' width."""
+    size = getattr(getattr(model, "config", None), "hidden_size", None)
+    return size if _integer(size) else model.get_input_embeddings().embedding_dim
 
 
 @dataclass(frozen=True)
@@ -444,6 +468,7 @@ class Router:
                     )
                 point = SignalPoint(layer % self.num_layers, self.config.post_norm, self.config.position)
                 signals.append(Signal(point, name, self.config.signal_key(self.num_layers, layer, module)))
+                self._check_width(signals[-1], module)
         self.signals: list[Signal] = signals
         self.signal_module = signals[0].module
         self.abstain_signal: Signal | None = None
@@ -455,6 +480,39 @@ class Router:
                 raise LogoError(f"no adapter targets the abstain signal's module {name}; fit the router again")
             point = SignalPoint(own.layer % self.num_layers, own.post_norm, own.position)
             self.abstain_signal = Signal(point, name, own.key(self.num_layers))
+            self._check_width(self.abstain_signal, own.module, abstain=True)
+
+    def _check_width(self, signal: Signal, module: str, abstain: bool = False) -> None:
+        """The vector probed for ``signal`` must fit its module's adapters (``o = B A h`` needs ``h`` of their input
+        width): the residual stream has the model's hidden size; a post-norm probe reads the input of the first
+        signal module in that layer, which every pooled module must share."""
+        d_in = self.library.stacks[signal.module].in_features
+        if signal.point.post_norm:
+            first = self.config.signal_modules[0]
+            probed = signal_module_name(self.model, replace(self.config, layer=signal.point.layer, module=first))
+            width = dict(self.model.named_modules())[probed].in_features
+            if d_in == width:
+                return
+            if abstain:
+                raise LogoError(f"the abstain signal's module {signal.module} takes inputs of width {d_in}, but its "
+                                f"post-norm probe reads the input of {probed} (width {width}); fit the router again")
+            raise LogoError(f"post-norm signal modules must share their input, but {probed} takes inputs of width "
+                            f"{width} and {signal.module} of width {d_in}; pool modules that read the same input "
+                            "(e.g. q_proj, k_proj, v_proj)")
+        hidden = hidden_size(self.model)
+        if d_in == hidden:
+            return
+        if abstain:
+            raise LogoError(f"the abstain signal's module {signal.module} takes inputs of width {d_in}, not the "
+                            f"model's hidden size {hidden}, so the probed hidden state cannot be fed to it; fit the "
+                            "router again")
+        fitting = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name, stack in self.library.stacks.items()
+                                     if stack.in_features == hidden))
+        choose = (f"choose a --signal-module whose input is the hidden state ({', '.join(fitting)} in this library)"
+                  if fitting else "no module the adapters train takes the hidden state")
+        raise LogoError(f"signal module {module!r} ({signal.module}) takes inputs of width {d_in}, not the model's "
+                        f"hidden size {hidden}, so the probed hidden state cannot be fed to it; {choose}, or read "
+                        f"{module}'s own input with --post-norm")
 
     @property
     def point(self) -> SignalPoint:
@@ -498,7 +556,7 @@ class Router:
         total = torch.zeros_like(per_signal[:, 0])
         for j, signal in enumerate(self.signals):
             total = total + calibrate_scores(per_signal[:, j], self.library, self.config.calibration, signal.module,
-                                             signal.key)
+                                             signal.key, self.num_layers)
         return total
 
     def check_statistics(self) -> None:
@@ -510,7 +568,7 @@ class Router:
             needs.append((self.config.abstain_signal.calibration, self.abstain_signal.key))
         for calibration, key in needs:
             if calibration in ("mean", "zscore"):
-                statistics_for(self.library, calibration, key, len(self.library))
+                statistics_for(self.library, calibration, key, len(self.library), self.num_layers)
 
     def abstain_confidence(self, found: dict[SignalPoint, torch.Tensor]) -> torch.Tensor:
         """Per-row confidence ``[B]`` of the abstain rule on its own signal, from the probed vectors."""
@@ -518,7 +576,7 @@ class Router:
         if sig is None:
             raise LogoError("this router's abstain rule reads the routing scores; it has no signal of its own")
         raw = score(found[sig.point], self.library, sig.module, own.strategy)
-        return confidence(calibrate_scores(raw, self.library, own.calibration, sig.module, sig.key),
+        return confidence(calibrate_scores(raw, self.library, own.calibration, sig.module, sig.key, self.num_layers),
                           self.config.abstain)
 
     def routes(self, raw: torch.Tensor, abstain_confidence: torch.Tensor | None = None) -> list[Route]:

@@ -44,9 +44,12 @@ def test_stacks_match_files_with_padding_and_scaling(tiny_library):
         assert stack.A[i, r:].abs().sum() == 0 and stack.B[i, :, r:].abs().sum() == 0
         expected = spec["alpha"] / (math.sqrt(r) if spec.get("use_rslora") else r)
         assert stack.scaling[i].item() == pytest.approx(expected)
-    # an adapter without v_proj contributes zero there
+    # an adapter without v_proj contributes zero there, and the stack says which adapters train it
     v = lib.stacks["model.layers.0.self_attn.v_proj"]
     assert v.scaling[lib.index("d_qonly")] == 0 and v.A[lib.index("d_qonly")].abs().sum() == 0
+    assert [lib.names[i] for i in range(len(lib)) if not v.present[i]] == ["d_qonly", "f_mlp"]
+    assert bool(stack.present.all()) and v.in_features == 64
+    assert lib.stacks["model.layers.0.mlp.down_proj"].in_features == 128
     assert "model.layers.0.mlp.up_proj" in lib.stacks and "model.layers.0.mlp.gate_proj" not in lib.stacks
 
 
@@ -105,14 +108,11 @@ def test_a_stack_refuses_a_storage_that_loses_values():
                     torch.bfloat16)
 
 
-def test_hub_spec_reads_a_hub_laid_out_cache_offline(tiny_library, tmp_path, monkeypatch):
-    """hub:OWNER/REPO/PREFIX through huggingface_hub, against a local cache laid out like the hub's."""
-    model, root = tiny_library("llama")
-    repo = tmp_path / "hub" / "models--archon159--LoGo-loras-collection"
+def hub_snapshot(tmp_path, monkeypatch, repo_id: str) -> Path:
+    """The snapshot folder of hub repo ``repo_id`` in a local, offline huggingface_hub cache laid out like the hub's
+    (the caller fills it); snapshot_download reads it without the network."""
+    repo = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
     commit = "0" * 40
-    snapshot = repo / "snapshots" / commit
-    for name in ["flanv2.task_a", "flanv2.task_b", "other.task_c"]:
-        shutil.copytree(root / "a_r4", snapshot / "Tiny-loras-flanv2" / name)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -121,11 +121,77 @@ def test_hub_spec_reads_a_hub_laid_out_cache_offline(tiny_library, tmp_path, mon
 
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    return repo / "snapshots" / commit
+
+
+def test_hub_spec_reads_a_hub_laid_out_cache_offline(tiny_library, tmp_path, monkeypatch):
+    """hub:OWNER/REPO/PREFIX through huggingface_hub, against a local cache laid out like the hub's."""
+    model, root = tiny_library("llama")
+    snapshot = hub_snapshot(tmp_path, monkeypatch, "archon159/LoGo-loras-collection")
+    for name in ["flanv2.task_a", "flanv2.task_b", "other.task_c"]:
+        shutil.copytree(root / "a_r4", snapshot / "Tiny-loras-flanv2" / name)
     lib = AdapterLibrary.load("hub:archon159/LoGo-loras-collection/Tiny-loras-flanv2/flanv2.", model)
     assert lib.names == ["flanv2.task_a", "flanv2.task_b"]
     with pytest.raises(AdapterError, match="hub") as missing:
         AdapterLibrary.load("hub:archon159/missing-repo/x.", model)
     assert "\n" not in str(missing.value) and ".." not in str(missing.value)  # huggingface_hub's text, one line
+
+
+def test_a_single_adapter_hub_repo_and_a_hub_folder_without_a_slash_load(tiny_library, tmp_path, monkeypatch):
+    """hub:OWNER/REPO whose root is one adapter, and hub:OWNER/REPO/FOLDER (no trailing slash) naming a folder of
+    adapters, load; a repo whose adapters are one folder deeper says which spec to write."""
+    model, root = tiny_library("llama")
+    single = hub_snapshot(tmp_path, monkeypatch, "me/single")
+    shutil.copytree(root / "b_r8", single)
+    assert AdapterLibrary.load("hub:me/single", model).names == ["single"]
+    assert AdapterLibrary.load("hub:me/single/", model).names == ["single"]
+    collection = hub_snapshot(tmp_path, monkeypatch, "me/collection")
+    for name in ["task_a", "task_b"]:
+        shutil.copytree(root / "a_r4", collection / "Tiny-loras" / name)
+    shutil.copytree(root / "b_r8", collection / "Tiny-loras-old" / "task_c")
+    for spec in ["hub:me/collection/Tiny-loras", "hub:me/collection/Tiny-loras/"]:
+        assert AdapterLibrary.load(spec, model).names == ["task_a", "task_b"], spec
+    assert AdapterLibrary.load("hub:me/collection/Tiny-loras/task_", model).names == ["task_a", "task_b"]
+    assert AdapterLibrary.load("hub:me/collection/Tiny-loras/task_b/", model).names == ["task_b"]
+    for spec, write in [("hub:me/collection", "hub:me/collection/Tiny-loras/"),
+                        ("hub:me/collection/Tiny", "hub:me/collection/Tiny-loras/")]:
+        with pytest.raises(AdapterError) as err:
+            AdapterLibrary.load(spec, model)
+        text = str(err.value)
+        assert "\n" not in text and "Tiny-loras, a folder with no adapter_config.json" in text, text
+        assert f"to load those, give {write}" in text and "me/collection" in text, text
+    with pytest.raises(AdapterError, match="bad hub spec .* cannot be '..'"):
+        AdapterLibrary.load("hub:me/collection/../single/", model)
+
+
+def test_dot_names_the_adapter_after_the_folder(tiny_library, tmp_path, monkeypatch):
+    model, root = tiny_library("llama")
+    shutil.copytree(root / "a_r4", tmp_path / "lib" / "a_r4")
+    shutil.copytree(root / "b_r8", tmp_path / "lib" / "b_r8")
+    monkeypatch.chdir(tmp_path / "lib" / "a_r4")
+    assert AdapterLibrary.load(".", model).names == ["a_r4"]
+    assert AdapterLibrary.load(["../b_r8/.", "."], model).names == ["b_r8", "a_r4"]
+    monkeypatch.chdir(tmp_path / "lib")
+    assert AdapterLibrary.load(".", model).names == ["a_r4", "b_r8"]
+
+
+def test_a_folder_of_adapters_nested_in_the_library_folder_is_an_error_naming_it(tiny_library, tmp_path):
+    model, root = tiny_library("llama")
+    lib = tmp_path / "lib"
+    shutil.copytree(root / "a_r4", lib / "a_r4")
+    shutil.copytree(root / "b_r8", lib / "archive" / "b_r8")
+    (lib / "notes").mkdir()  # a folder holding no adapter anywhere is passed over
+    with pytest.raises(AdapterError) as err:
+        AdapterLibrary.load(lib, model)
+    text = str(err.value)
+    assert "\n" not in text and text == (
+        f"the adapter folder {lib} holds archive, a folder with no adapter_config.json whose subfolders are adapters "
+        f"(b_r8); adapters are read one level deep only: to load those, give --adapters {lib / 'archive'} (or move "
+        f"them up into {lib})"), text
+    shutil.rmtree(lib / "a_r4")  # all adapters one level too deep: the same error, not "no adapters"
+    with pytest.raises(AdapterError, match="holds archive, a folder with no adapter_config.json"):
+        AdapterLibrary.load(lib, model)
+    assert AdapterLibrary.load(lib / "archive", model).names == ["b_r8"]
 
 
 def test_embedded_unknown_library(tiny_library):

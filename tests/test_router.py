@@ -12,7 +12,7 @@ from logo.calibration import weight_norms
 from logo.engine import LoGoEngine
 from logo.errors import LogoError
 from logo.library import AdapterLibrary
-from logo.router import RouterConfig, Selection, select
+from logo.router import RouterConfig, Selection, score, select
 from logo.router_file import RouterFile
 
 PROMPTS = ["Q: What is 3 + 4?\nA:", "Sort: zeta alpha\nA:", "x"]
@@ -36,8 +36,7 @@ def reference_scores(model, root, names, tokenizer, prompt, strategy, layer=-1, 
         cfg = __import__("json").loads((root / name / "adapter_config.json").read_text())
         tensors = load_file(str(root / name / "adapter_model.safetensors"))
         if f"{key}.lora_A.weight" not in tensors:
-            d_out = getattr(model.model.layers[layer_idx].self_attn, module).out_features  # zero output: uniform
-            scores.append(0.0 if strategy == "norm" else 1 / (torch.log(torch.tensor(float(d_out))).item() + 1e-6))
+            scores.append(0.0)  # no output at the signal module: no evidence for the adapter, whatever the strategy
             continue
         a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
         r = a.shape[0]
@@ -117,6 +116,66 @@ def test_select_weighting_options():
     assert w[0].tolist() == pytest.approx((e / e.sum()).tolist())
     with pytest.raises(LogoError, match="1 <= k <= 4"):
         select(scores, 5)
+
+
+def test_normalize_weights_of_zero_scores_are_equal_not_nan():
+    """w_i = s_i / sum s_j is undefined where the top-k scores sum to 0: the selected adapters weigh 1/k each."""
+    scores = torch.tensor([[0.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
+    top, idx, w = select(scores, 2)
+    assert not torch.isnan(w).any()
+    assert w[0].tolist() == [0.5, 0.5] and w[2].tolist() == [0.5, 0.5]
+    assert idx[1, 0].item() == 1 and w[1].tolist() == [1.0, 0.0]  # a non-zero sum is the usual ratio
+    assert select(torch.zeros(1, 4), 4)[2][0].tolist() == [0.25] * 4
+
+
+def test_adapters_without_the_signal_module_score_zero_under_every_strategy(setup):
+    """d_qonly and f_mlp train no v_proj: zero-padded factors, no output there. Entropy must not score that zero
+    vector 1/log(d) (a positive score that can select them over adapters that do answer)."""
+    model, _, lib, tokenizer = setup
+    lacking = [lib.index("d_qonly"), lib.index("f_mlp")]
+    for strategy in ("norm", "entropy"):
+        engine = LoGoEngine(model, tokenizer, lib, RouterConfig(strategy=strategy, k=len(lib), module="v_proj"))
+        try:
+            routes = engine.route(PROMPTS, batch_size=3)
+        finally:
+            engine.close()
+        for route in routes:
+            assert [route.all_scores[i] for i in lacking] == [0.0, 0.0], (strategy, route.all_scores)
+            assert all(route.all_scores[i] > 0 for i in range(len(lib)) if i not in lacking)
+            assert sorted(route.indices[-2:]) == sorted(lacking) and route.weights[-2:] == [0.0, 0.0]
+
+
+def test_a_signal_module_whose_input_is_not_the_hidden_state_is_a_one_line_error(setup):
+    """down_proj takes the MLP's inner width (128), not the hidden size (64): the probed hidden state cannot be fed
+    to its adapters. Construction says so (not an einsum traceback at the first prompt)."""
+    model, _, lib, tokenizer = setup
+    with pytest.raises(LogoError) as err:
+        LoGoEngine(model, tokenizer, lib, RouterConfig(k=1, module="down_proj"))
+    text = str(err.value)
+    assert "\n" not in text, text
+    assert text.startswith("signal module 'down_proj' (model.layers.2.mlp.down_proj) takes inputs of width 128, not "
+                           "the model's hidden size 64"), text
+    assert "choose a --signal-module whose input is the hidden state (q_proj, k_proj, v_proj, o_proj, up_proj in " \
+           "this library), or read down_proj's own input with --post-norm" in text, text
+    # post-norm reads down_proj's own input, which fits its adapters
+    engine = LoGoEngine(model, tokenizer, lib, RouterConfig(k=1, module="down_proj", post_norm=True))
+    try:
+        assert engine.route(PROMPTS[:1])[0].names == ["f_mlp"]
+    finally:
+        engine.close()
+    with pytest.raises(LogoError, match=r"post-norm signal modules must share their input, but "
+                       r"model.layers.2.self_attn.q_proj takes inputs of width 64 and model.layers.2.mlp.down_proj "
+                       r"of width 128"):
+        LoGoEngine(model, tokenizer, lib, RouterConfig(k=1, modules=("q_proj", "down_proj"), post_norm=True))
+    own = {"layer": -1, "module": "down_proj", "post_norm": False, "position": "last", "strategy": "norm",
+           "calibration": "none"}
+    with pytest.raises(LogoError, match="the abstain signal's module model.layers.2.mlp.down_proj takes inputs of "
+                       "width 128, not the model's hidden size 64.*fit the router again"):
+        LoGoEngine(model, tokenizer, lib, RouterConfig(k=1, abstain="top", abstain_signal=own))
+    h = torch.zeros(1, 64)
+    with pytest.raises(LogoError, match="signal vectors of width 64 cannot be fed to the adapters of "
+                       "model.layers.2.mlp.down_proj, whose input width is 128"):
+        score(h, lib, "model.layers.2.mlp.down_proj", "norm")
 
 
 def test_bad_router_options(setup):
@@ -232,3 +291,4 @@ def test_a_malformed_calibration_file_is_one_line_error(tiny_library, tmp_path, 
     (tmp_path / "lib" / FILE_NAME).write_bytes(text.encode("utf-8", "surrogateescape"))
     with pytest.raises(LogoError, match="calibration file .* recalibrate"):
         AdapterLibrary.load(tmp_path / "lib", model)
+
