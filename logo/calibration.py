@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from logo.errors import LogoError
+from logo.adapter_source import resolve_adapters
+from logo.errors import AdapterError, LogoError
 from logo.paths import cache_dir
 
 FILE_NAME = "logo_calibration.json"
@@ -34,6 +35,21 @@ def cache_file(names: list[str]) -> Path:
     writable)."""
     digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
     return cache_dir() / "calibration" / f"{digest}.json"
+
+
+def library_folder(adapter_dirs: list[Path]) -> Path | None:
+    """The folder whose library files (``logo_calibration.json``, ``logo_router.json``) belong to exactly these
+    adapters: their common parent, when they are all the adapters ``--adapters FOLDER`` gives; None for some of a
+    folder's adapters (the folder's files are the whole folder's) or adapters from several folders."""
+    parents = {Path(d).resolve().parent for d in adapter_dirs}
+    if len(parents) != 1:
+        return None
+    folder = parents.pop()
+    try:
+        whole = {path.resolve() for _, path in resolve_adapters(folder)}
+    except AdapterError:  # the folder is no library of its own (e.g. a sibling folder is a broken adapter)
+        return None
+    return folder if whole == {Path(d).resolve() for d in adapter_dirs} else None
 
 
 def _candidates(library) -> list[Path]:
@@ -62,11 +78,15 @@ def load_calibration(library) -> dict:
 
 
 def save_calibration(library, path: Path | None = None) -> Path:
-    """Write ``library.calibration``: to ``path``, else next to the library if writable, else the logo cache."""
-    payload = {"version": 1, "adapters": library.names, "entries": library.calibration}
+    """Write ``library.calibration`` (less a router file's own statistics, ``"method": "fit"``, which stay in that
+    file): to ``path``, else next to the library if writable and the library is its whole folder (the folder's
+    file is the whole folder's, so some of its adapters keep theirs in the cache), else the logo cache."""
+    entries = {key: entry for key, entry in library.calibration.items() if entry.get("method") != "fit"}
+    payload = {"version": 1, "adapters": library.names, "entries": entries}
     if path is None:
         beside = library.root / FILE_NAME if library.root is not None else None
-        writable = beside is not None and os.access(beside.parent, os.W_OK)
+        writable = (beside is not None and library_folder(library.paths) is not None
+                    and os.access(beside.parent, os.W_OK))
         path = beside if writable else cache_file(library.names)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1))
@@ -97,28 +117,42 @@ def score_statistics(raw: torch.Tensor) -> dict:
     return {"values": raw.mean(0).tolist(), "std": raw.std(0, correction=0).tolist(), "n_prompts": raw.shape[0]}
 
 
-def calibrate_scores(raw: torch.Tensor, library, calibration: str, module_name: str, key: str) -> torch.Tensor:
+def calibrate_scores(raw: torch.Tensor, library, calibration: str, module_name: str, key: str,
+                     num_layers: int | None = None) -> torch.Tensor:
     """Raw scores ``[B, N]`` of one signal calibrated per adapter: unchanged (``none``), divided by the mean
     (``mean``) or the weight norm (``weight-norm``), or z-scored (``zscore``: ``(raw - mean) / std``)."""
     if calibration == "none":
         return raw
     if calibration == "weight-norm":
         return raw / weight_norms(library, module_name).clamp(min=1e-12).to(raw.device)
-    return apply_statistics(raw, statistics_for(library, calibration, key, raw.shape[-1]), calibration)
+    return apply_statistics(raw, statistics_for(library, calibration, key, raw.shape[-1], num_layers), calibration)
 
 
-def statistics_for(library, calibration: str, key: str, adapters: int) -> dict:
+def describe_signal(key: str, num_layers: int | None = None) -> str:
+    """A statistics key as an error names it: the key, or, given the model's ``num_layers``, its layer counted from
+    the end as ``--signal-layer`` takes it (the key holds the index from the start), then the rest of the key."""
+    fields = dict(part.split("=", 1) for part in key.split("|")[1:] if "=" in part)
+    if num_layers is None or not fields.get("layer", "").isdigit():
+        return key
+    layer = int(fields.pop("layer"))
+    rest = "|".join([key.split("|", 1)[0], *(f"{name}={value}" for name, value in fields.items())])
+    return f"at layer {layer - num_layers} (= {layer}; {rest})"
+
+
+def statistics_for(library, calibration: str, key: str, adapters: int, num_layers: int | None = None) -> dict:
     """The library's statistics of signal ``key`` that ``mean`` or ``zscore`` calibration reads, for ``adapters``
-    adapters; raises, saying how to compute them, where they are missing or cover another number of adapters."""
+    adapters; raises, saying how to compute them, where they are missing or cover another number of adapters
+    (``num_layers``: the model's, to name the layer as ``--signal-layer`` counts it)."""
     entry = library.calibration.get(key)
     if entry is None or (calibration == "zscore" and "std" not in entry):
         raise LogoError(
-            f"no '{calibration}' calibration statistics for signal {key}; fit a router with `logo fit-router` or "
-            "compute them with `logo calibrate --base-model ... --adapters ...` (same router options)"
+            f"no '{calibration}' calibration statistics for signal {describe_signal(key, num_layers)}; fit a router "
+            "with `logo fit-router` or compute them with `logo calibrate --base-model ... --adapters ...` (same "
+            "router options)"
         )
     if len(entry["values"]) != adapters:
-        raise LogoError(f"calibration statistics for {key} cover {len(entry['values'])} adapters, the library holds "
-                        f"{adapters}; recalibrate")
+        raise LogoError(f"calibration statistics for {describe_signal(key, num_layers)} cover {len(entry['values'])} "
+                        f"adapters, the library holds {adapters}; recalibrate")
     return entry
 
 

@@ -33,7 +33,7 @@ from logo.cli_options import (
     WeightTemp,
 )
 from logo.errors import LogoError
-from logo.generation import GenerationSettings, check_prompts
+from logo.generation import GenerationSettings, check_prompts, check_sampling_flags
 from logo.router import router_overrides
 
 
@@ -72,8 +72,22 @@ def engine_spec(base_model, adapters, overrides: dict, router_file: str, device,
 
 
 def build_engine(base_model, adapters, overrides: dict, router_file: str, device, dtype, decode="eager"):
-    """The engine the flags describe (see :func:`engine_spec`)."""
-    return engine_spec(base_model, adapters, overrides, router_file, device, dtype, decode).build(progress=True)
+    """The engine the flags describe (see :func:`engine_spec`), its calibration statistics checked before any
+    prompt is routed."""
+    engine = engine_spec(base_model, adapters, overrides, router_file, device, dtype, decode).build(progress=True)
+    try:
+        engine.check_statistics()
+    except LogoError:
+        engine.close()
+        raise
+    return engine
+
+
+def signal_description(config) -> str:
+    """The signal a router reads, its layers as the flags (or the router file) give them."""
+    layers = ", ".join(str(layer) for layer in config.signal_layers)
+    return (f"{config.strategy} of {'+'.join(config.signal_modules)} at layer{'s' * (len(config.signal_layers) > 1)} "
+            f"{layers} ({'post-norm' if config.post_norm else 'residual'}, {config.position} token)")
 
 
 def route_record(prompt: str, route, names: list[str]) -> dict:
@@ -155,8 +169,10 @@ def generate(
         bool, typer.Option("--generation-early-stop", "--generation_early_stop", help="Stop at the first newline.")
     ] = False,
     do_sample: Annotated[bool, typer.Option("--do-sample", help="Sample instead of greedy decoding.")] = False,
-    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = 1.0,
-    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    temperature: Annotated[float | None, typer.Option(
+        "--temperature", help="Sampling temperature (with --do-sample; default 1.0).")] = None,
+    top_p: Annotated[float | None, typer.Option(
+        "--top-p", help="Nucleus sampling mass (with --do-sample; default 1.0).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     signal_layer: Layer = None,
     signal_module: Module = None,
@@ -175,7 +191,9 @@ def generate(
 ) -> None:
     """Route each prompt and generate with its own weighted mixture of adapters."""
     prompts = read_prompts(prompt, prompts_file)
-    settings = GenerationSettings(max_new_tokens, generation_early_stop, do_sample, temperature, top_p, seed)
+    check_sampling_flags(do_sample, {"--temperature": temperature, "--top-p": top_p})
+    settings = GenerationSettings(max_new_tokens, generation_early_stop, do_sample,
+                                  1.0 if temperature is None else temperature, 1.0 if top_p is None else top_p, seed)
     overrides = router_overrides(selection_strategy, n_selected_modules, signal_layer, signal_module, post_norm,
                                  position, weighting, weight_temperature, calibration, abstain, abstain_below)
     engine = build_engine(base_model, adapters, overrides, router, device, dtype, decode)
@@ -193,6 +211,7 @@ def calibrate(
     base_model: BaseModel = "smollm2-135m",
     adapters: Adapters = None,
     prompts_file: PromptsFile = None,
+    router: Router = "auto",
     selection_strategy: Strategy = None,
     signal_layer: Layer = None,
     signal_module: Module = None,
@@ -203,13 +222,19 @@ def calibrate(
     batch_size: BatchSize = 8,
 ) -> None:
     """Compute per-adapter score statistics (mean and std, label-free) for `mean` and `zscore` calibration of the
-    official signal (or the one the flags give) and store them with the library."""
-    overrides = router_overrides(selection_strategy, 1, signal_layer, signal_module, post_norm, position)
-    engine = build_engine(base_model, adapters, overrides, "official", device, dtype)
+    signal `logo route` reads with the same flags (every layer and module of a pooled one: the library's fitted
+    router's unless --router says otherwise, with the signal flags over it) and store them with the library."""
     prompts = read_prompts(None, prompts_file, "prompts in --prompts-file FILE") if prompts_file else None
-    entry = engine.calibrate(prompts, batch_size=batch_size, source=str(prompts_file) if prompts_file else None,
-                             progress=True)
-    print(f"calibrated {len(engine.library)} adapters on {entry['n_prompts']} prompts -> {entry['file']}")
+    overrides = router_overrides(selection_strategy, 1, signal_layer, signal_module, post_norm, position)
+    overrides.update(statistics="default", abstain="none")  # `logo calibrate`'s statistics, whatever the file's
+    engine = engine_spec(base_model, adapters, overrides, router, device, dtype).build(progress=True)
+    try:
+        entry = engine.calibrate(prompts, batch_size=batch_size, source=str(prompts_file) if prompts_file else None,
+                                 progress=True)
+    finally:
+        engine.close()
+    print(f"calibrated {len(engine.library)} adapters for {signal_description(engine.router.config)} on "
+          f"{entry['n_prompts']} prompts -> {entry['file']}")
 
 
 def print_records(records: list[dict], json_out: bool) -> None:

@@ -386,6 +386,11 @@ class LoGoEngine:
         return config
 
     # ------------------------------------------------------------ calibration
+    def check_statistics(self) -> None:
+        """Raise now, before any prompt is routed, where the calibration statistics that routing will read are
+        missing (:meth:`Router.check_statistics`)."""
+        self._router.check_statistics()
+
     def statistics(self, prompts: list[str] | None = None, batch_size: int = 8, source: str | None = None,
                    progress: bool = False) -> dict[str, dict]:
         """Calibration statistics (per-adapter mean and std of the raw score) of every signal the router reads,

@@ -58,6 +58,7 @@ from logo.cli_options import (
 )
 from logo.errors import LogoError
 from logo.library import AdapterLibrary
+from logo.paths import check_output_dir
 from logo.router import router_overrides
 
 
@@ -144,13 +145,20 @@ def compress(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     return new_a.float(), new_b.float(), error
 
 
+def check_empty_output(output: Path) -> None:
+    """``output`` is a new or empty directory (a file, or a directory with files, is a one-line error)."""
+    if output.exists() and not output.is_dir():
+        raise LogoError(f"--output {output} is a file, not a directory; give a new or empty directory")
+    if output.exists() and any(output.iterdir()):
+        raise LogoError(f"{output} exists and is not empty; choose a new --output directory (nothing was written)")
+
+
 def export_mixture(library: AdapterLibrary, mixture: dict[str, float], output: Path, rank: int | None = None,
                    base_model: str = "", dtype: torch.dtype | None = None) -> ExportedMixture:
     """Write ``mixture`` as one PEFT LoRA adapter directory: exact (``rank=None``) or compressed to ``rank``."""
     if rank is not None and rank < 1:
         raise LogoError(f"--rank must be at least 1, got {rank}")
-    if output.exists() and any(output.iterdir()):
-        raise LogoError(f"{output} exists and is not empty; choose a new --output directory (nothing was written)")
+    check_empty_output(output)
     factors = mixture_factors(library, mixture)
     exact_rank = max(a.shape[0] for a, _ in factors.values())
     if rank is not None and rank > exact_rank:
@@ -233,20 +241,28 @@ def export(
         spec = engine_spec(base_model, adapters, {"k": 1}, "official", device, dtype)
     else:  # the engine `logo route` builds from the same flags
         spec = engine_spec(base_model, adapters, overrides, router, device, dtype)
-    engine = spec.build(progress=True)
+    check_empty_output(output)
+    made = not output.exists()
+    check_output_dir(output)  # made now, before the model loads; removed again if nothing is written to it
     try:
-        if mixture is not None:
-            chosen = parse_mixture(mixture, engine.library)
-        else:
-            routes = engine.route(prompts, batch_size=batch_size, progress=len(prompts) > batch_size)
-            chosen = average_mixture([dict(zip(r.names, r.weights)) for r in routes])
-            abstained = sum(r.abstained for r in routes)
-            if abstained:
-                print(f"note: the router abstained on {abstained} of {len(routes)} prompts (sent them to the base "
-                      "model); they count as weight 0 in the average", file=sys.stderr)
-        result = export_mixture(engine.library, chosen, output, rank, base_model)
+        engine = spec.build(progress=True)
+        try:
+            if mixture is not None:
+                chosen = parse_mixture(mixture, engine.library)
+            else:
+                engine.check_statistics()
+                routes = engine.route(prompts, batch_size=batch_size, progress=len(prompts) > batch_size)
+                chosen = average_mixture([dict(zip(r.names, r.weights)) for r in routes])
+                abstained = sum(r.abstained for r in routes)
+                if abstained:
+                    print(f"note: the router abstained on {abstained} of {len(routes)} prompts (sent them to the "
+                          "base model); they count as weight 0 in the average", file=sys.stderr)
+            result = export_mixture(engine.library, chosen, output, rank, base_model)
+        finally:
+            engine.close()
     finally:
-        engine.close()
+        if made and output.is_dir() and not any(output.iterdir()):
+            output.rmdir()
     mix = ", ".join(f"{n} {w:.3f}" for n, w in zip(result.names, result.weights))
     print(f"wrote {output} (rank {result.rank}, {'exact' if result.exact else 'SVD'}): {mix}")
     if result.errors:

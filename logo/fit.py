@@ -284,8 +284,24 @@ def best_threshold(conf: torch.Tensor, keep: torch.Tensor, drop: torch.Tensor) -
     elif i == len(values):
         threshold = values[-1].item() + 1.0
     else:
-        threshold = (values[i - 1].item() + values[i].item()) / 2
+        threshold = threshold_between(values[i - 1], values[i])
     return int(right[i]), threshold
+
+
+def threshold_between(below: torch.Tensor, above: torch.Tensor) -> float:
+    """A threshold ``t`` that the abstain rule (``conf < t``, compared in the scores' dtype, as the router compares
+    them) puts above ``below`` and at or below ``above``: near their midpoint, as few decimals as that allows (it is
+    stored in the router file). A float64 midpoint can round to ``below`` in float32 (two neighbouring floats), so
+    every candidate is checked in the scores' dtype."""
+    mid = below + (above - below) / 2  # in the scores' dtype
+    candidates = [mid.item(), above.item()] if bool(below < mid) else [above.item()]
+    for value in candidates:
+        for digits in range(6, 18):
+            rounded = round(value, digits)
+            t = torch.tensor(rounded, dtype=below.dtype)
+            if bool(below < t) and bool(t <= above):
+                return rounded
+    return above.item()
 
 
 def choose_abstain(options: list[tuple[AbstainSignal | None, Scorer]], correct: torch.Tensor, seen: torch.Tensor,
@@ -355,7 +371,7 @@ def fit_router(engine: LoGoEngine, examples: list[Example], base_model: str = ""
     if abstain and (~seen).any():
         abstain_fit = choose_abstain(abstain_options(table, best, abstain_from), scores.argmax(1) == targets, seen,
                                      template_folds(examples) if abstain_from == "any" else None)
-        config = replace(config, abstain=abstain_fit["rule"], abstain_below=round(abstain_fit["threshold"], 6),
+        config = replace(config, abstain=abstain_fit["rule"], abstain_below=abstain_fit["threshold"],
                          abstain_signal=abstain_fit["signal"])
         own = abstain_fit.pop("signal")
         abstain_fit["signal"] = own.describe() if own is not None else "the routing scores"

@@ -21,7 +21,8 @@ def fit_router_command(
     n_per_template: Annotated[int, typer.Option(
         "--n-per-template", help="Example prompts per validation template (manifest prompts only).")] = 8,
     out: Annotated[Path | None, typer.Option(
-        "--out", help="Where to write the router file. Default: logo_router.json next to the adapters.")] = None,
+        "--out", help="Where to write the router file. Default: logo_router.json next to the adapters (when they "
+        "are all of their folder's).")] = None,
     no_abstain: Annotated[bool, typer.Option("--no-abstain", help="Never abstain to the base model.")] = False,
     abstain_from: Annotated[str, typer.Option(
         "--abstain-from", help="routing: the abstain rule reads the routing scores (default); any: it may read any "
@@ -33,7 +34,8 @@ def fit_router_command(
     """Fit a router to a library (signal, calibration, k, weighting, abstain rule) on a few example prompts per
     adapter, chosen by precision@1; `logo route/generate/demo`, the lm-eval backend and `logo run --method fitted`
     then use it (router flags override its fields)."""
-    from logo.fit import ABSTAIN_FROM, examples_from_jsonl, fit_router  # lazy: fast --help
+    from logo.calibration import library_folder  # lazy: fast --help
+    from logo.fit import ABSTAIN_FROM, check_examples, examples_from_jsonl, fit_router
     from logo.router import RouterConfig
     from logo.router_file import FILE_NAME
     from logo.spec import EngineSpec
@@ -57,6 +59,10 @@ def fit_router_command(
     if out is None:
         if root is None:
             raise LogoError("the adapters share no folder to store the router in; give --out FILE")
+        if library_folder([path for _, path in entries]) is None:
+            raise LogoError(f"the adapters are not exactly {root}'s adapters, so its {FILE_NAME} (the router of "
+                            f"`-a {root}`) is not theirs to overwrite; give --out FILE and route them with --router "
+                            "FILE")
         out = root / FILE_NAME
     if out.is_dir():
         raise LogoError(f"--out {out} is a directory; give the router file's path, e.g. {out / FILE_NAME}")
@@ -64,6 +70,7 @@ def fit_router_command(
         raise LogoError(f"cannot write {out}: {out.parent} is a file, not a folder; give --out FILE elsewhere")
     if not os.access(out.parent if out.parent.exists() else out.parent.parent, os.W_OK):
         raise LogoError(f"cannot write {out}; give --out FILE somewhere writable")
+    check_examples(examples, [name for name, _ in entries])  # before the model loads, as every check above
     engine = spec.build(progress=True)
     try:
         fitted = fit_router(engine, examples, base_model=base_model, batch_size=batch_size, source=source,

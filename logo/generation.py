@@ -60,6 +60,16 @@ class GenerationSettings:
         return asdict(self)
 
 
+def check_sampling_flags(do_sample: bool, flags: dict[str, float | None]) -> None:
+    """Sampling options given (not None) without ``--do-sample`` are an error, not ignored: greedy decoding reads
+    none of them. ``flags``: each option's spelling and its value."""
+    given = [flag for flag, value in flags.items() if value is not None]
+    if given and not do_sample:
+        raise LogoError(f"{' and '.join(given)} only {'apply' if len(given) > 1 else 'applies'} when sampling; add "
+                        f"--do-sample (greedy decoding ignores {'them' if len(given) > 1 else 'it'}), or leave "
+                        f"{'them' if len(given) > 1 else 'it'} out")
+
+
 def check_prompts(prompts: list[str], lengths: list[int] | None = None,
                   max_tokens: int = MAX_PROMPT_TOKENS) -> None:
     """Refuse an empty list, an empty prompt, or (given token ``lengths``) a prompt over ``max_tokens``."""

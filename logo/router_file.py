@@ -108,19 +108,25 @@ class RouterFile:
         return cls(config, list(data["adapters"]), dict(data["model"]), dict(data["statistics"]),
                    data.get("base_model", ""), dict(data.get("fit", {})), path)
 
-    def check(self, names: list[str], model: nn.Module | None = None, library_modules: list[str] | None = None,
-              where: str = "router file") -> None:
-        """Refuse a file fitted for other adapters, another base model or another signal module (one line)."""
+    def check_adapters(self, names: list[str], where: str = "router file", hint: str = "") -> None:
+        """Refuse a file fitted for other adapters (one line; no model needed, so before any loads); ``hint``: what
+        else the caller can do, appended to the message."""
         missing = [n for n in self.adapters if n not in names]
         if missing:
             raise LogoError(f"{where} was fitted with adapter(s) {missing} that the library does not have; "
-                            "fit the router again for this library (`logo fit-router`)")
+                            f"fit the router again for this library (`logo fit-router`){hint}")
         extra = [n for n in names if n not in self.adapters]
         if extra:
             raise LogoError(f"{where} does not know the library's adapter(s) {extra}; fit the router again for "
-                            "this library (`logo fit-router`)")
+                            f"this library (`logo fit-router`){hint}")
         if names != self.adapters:
-            raise LogoError(f"{where} lists the adapters in another order than the library; fit the router again")
+            raise LogoError(f"{where} lists the adapters in another order than the library; fit the router again"
+                            f"{hint}")
+
+    def check(self, names: list[str], model: nn.Module | None = None, library_modules: list[str] | None = None,
+              where: str = "router file") -> None:
+        """Refuse a file fitted for other adapters, another base model or another signal module (one line)."""
+        self.check_adapters(names, where)
         if model is not None:
             here = model_fingerprint(model)
             diff = [f"{k} {self.model.get(k)} (file) vs {here[k]} (model)" for k in FINGERPRINT_FIELDS
@@ -166,12 +172,17 @@ ROUTER_CHOICES = ("auto", "official")
 
 def choose_router_file(adapter_dirs: list[Path], choice: str | Path | None) -> Path | None:
     """The router file ``--router`` names: ``auto`` (default: the library's own file, if it has one), ``official``
-    (none: the paper's router) or a path to a router file (which must exist)."""
+    (none: the paper's router), a path to a router file (which must exist) or a folder holding ``logo_router.json``."""
     if choice is None or str(choice) == "auto":
         return library_router_file(adapter_dirs)
     if str(choice) == "official":
         return None
     path = Path(choice)
+    if path.is_dir():
+        if not (path / FILE_NAME).is_file():
+            raise LogoError(f"--router {choice} is a folder without a {FILE_NAME}; give auto, official, a router "
+                            f"file's path or a folder holding {FILE_NAME}")
+        return path / FILE_NAME
     if not path.is_file():
-        raise LogoError(f"--router {choice}: no such router file; give auto, official or a logo_router.json path")
+        raise LogoError(f"--router {choice}: no such router file; give auto, official or a {FILE_NAME} path")
     return path

@@ -19,7 +19,7 @@ from logo.adapter_source import resolve_adapters
 from logo.engine import LoGoEngine, default_device
 from logo.errors import LogoError
 from logo.generation import check_decode
-from logo.library import AdapterLibrary
+from logo.library import AdapterLibrary, check_entries
 from logo.models import DTYPES, load_base_model
 from logo.presets import PRESETS, default_adapters, get_preset
 from logo.router import RouterConfig, check_k
@@ -107,17 +107,27 @@ class EngineSpec:
         """The adapters to load: the given ones, else the preset's library."""
         return self.adapters if self.adapters is not None else default_adapters(self.base_model)
 
+    def entries(self) -> list[tuple[str, Path]]:
+        """The adapters as ``(name, dir)``, their names checked unique (no model is loaded)."""
+        entries = resolve_adapters(self.adapter_spec())
+        check_entries(entries)
+        return entries
+
     def resolved(self) -> tuple[list[tuple[str, Path]], RouterConfig]:
         """The adapters as ``(name, dir)`` and the router with k checked against them (no model is loaded)."""
-        entries = resolve_adapters(self.adapter_spec())
+        entries = self.entries()
         return entries, self.router_choice(entries)[0]
 
     def router_choice(self, entries: list[tuple[str, Path]]) -> tuple[RouterConfig, RouterFile | None]:
-        """The router to build (given, fitted or official, then the overrides) and the router file it reads."""
+        """The router to build (given, fitted or official, then the overrides) and the router file it reads, checked
+        against the adapters' names."""
         path = choose_router_file([p for _, p in entries], self.router_file) if self.router is None else None
         if self.router is not None and self.router_file not in (None, "auto", "official"):
             raise LogoError("give either router options or a router file, not both")
         file = RouterFile.load(path) if path is not None else None
+        if file is not None:
+            file.check_adapters([name for name, _ in entries], where=f"router file {file.path}",
+                                hint="; or give --router official to route without it")
         router = self.router or (file.config if file is not None else RouterConfig())
         if self.router_overrides:
             changes = dict(self.router_overrides)
@@ -143,7 +153,7 @@ class EngineSpec:
     def build(self, progress: bool = False) -> LoGoEngine:
         """Resolve the adapters and the router first (bad input fails before the slow model load), then load the
         engine; a router file is checked against the library and the model, and lends the library its statistics."""
-        entries = resolve_adapters(self.adapter_spec())
+        entries = self.entries()
         router, file = self.router_choice(entries)
         model, tokenizer = load_base_model(self.base_model, device=self.device, dtype=self.dtype)
         library = AdapterLibrary.from_entries(entries, model, progress=progress)

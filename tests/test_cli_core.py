@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -114,6 +115,11 @@ def test_calibrate_then_route_calibrated(model_and_lib, tmp_path):
         (["-p", "x", "--max-new-tokens", "-3", "--decode", "eager"], "max_new_tokens must be at least 1, got -3"),
         (["-p", "x", "--device", "tpu"], "unknown device 'tpu'"),
         (["-p", "x", "-m", "smolm2"], "did you mean 'smollm2-135m'?"),
+        (["-p", "x", "--temperature", "0.7", "--decode", "eager"], "--temperature only applies when sampling; add "
+         "--do-sample"),
+        (["-p", "x", "--temperature", "0.7", "--top-p", "0.9", "--decode", "eager"], "--temperature and --top-p "
+         "only apply when sampling; add --do-sample"),
+        (["-p", "x", "--router", "/nonexistent/routers/"], "--router /nonexistent/routers/: no such router file"),
     ],
 )
 def test_user_mistakes_are_one_clear_line(model_and_lib, args, message, monkeypatch, capsys):
@@ -218,3 +224,98 @@ def test_another_librarys_multi_line_message_prints_as_one_line(monkeypatch, cap
     with pytest.raises(SystemExit):
         cli.main()
     assert capsys.readouterr().err == "error: first line second line\n"
+
+
+def test_fit_router_on_some_of_a_folders_adapters_needs_out_before_any_model_loads(model_and_lib, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """The folder's logo_router.json is the router of all its adapters: fitting two of them does not overwrite it
+    (nor do too few example prompts or a duplicate name wait for the model: the base model here does not exist)."""
+    from logo import cli
+
+    _, lib = model_and_lib
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for name in ("a_r4", "b_r8"):
+        (prompts / f"{name}.jsonl").write_text('{"prompt": "one"}\n{"prompt": "two"}\n')
+    (tmp_path / "other").mkdir()
+    shutil.copytree(lib / "a_r4", tmp_path / "other" / "a_r4")
+    two = ["-a", str(lib / "a_r4"), "-a", str(lib / "b_r8")]
+    for args, message in [(two, "not exactly"), (["-a", str(lib)], "too few for: c_r2_rslora (0), d_qonly (0)"),
+                          (["-a", str(lib / "a_r4"), "-a", str(tmp_path / "other" / "a_r4")],
+                           "duplicate adapter name 'a_r4'")]:
+        monkeypatch.setattr(sys, "argv", ["logo", "fit-router", "-m", "org/not-loaded", *args,
+                                          "--prompts-dir", str(prompts)])
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+        stderr = capsys.readouterr().err
+        assert exc.value.code == 2 and message in stderr and "Traceback" not in stderr, stderr
+    assert "give --out FILE and route them with --router FILE" in run_logo(
+        "fit-router", "-m", "org/not-loaded", *two, "--prompts-dir", str(prompts)).stderr
+    assert not (lib / "logo_router.json").exists()
+
+
+def test_calibrate_reads_the_library_router_file_and_names_layers_as_given(model_and_lib, tmp_path, monkeypatch,
+                                                                           capsys):
+    """`logo calibrate` with a flag computes the statistics `logo route` reads with the same flags over the
+    library's (pooled) fitted router; a missing one is named by its layer as written (-2, not 1). Some of a
+    folder's adapters keep their statistics in the cache, not in the folder's file."""
+    from transformers import AutoModelForCausalLM
+
+    from logo.calibration import FILE_NAME as CALIBRATION_FILE
+    from logo.cli_core import calibrate, route
+    from logo.errors import LogoError
+    from logo.library import AdapterLibrary
+    from logo.router import RouterConfig
+    from logo.router_file import FILE_NAME, RouterFile, model_fingerprint
+
+    monkeypatch.setenv("LOGO_CACHE", str(tmp_path / "cache"))
+    model_dir, source = model_and_lib
+    lib = shutil.copytree(source, tmp_path / "lib")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    pooled = RouterConfig(k=2, layers=(-2, -1), layer=-2, module="v_proj", modules=("v_proj",), strategy="entropy",
+                          post_norm=True, weighting="softmax", temperature=0.5)
+    names = AdapterLibrary.load(lib, model).names
+    RouterFile(pooled, names, model_fingerprint(model), {}, "tiny").save(lib / FILE_NAME)  # calibration none: no stats
+    common = {"base_model": str(model_dir), "adapters": [str(lib)], "device": "cpu"}
+
+    def routed(**flags):
+        capsys.readouterr()
+        route(prompt=["x"], json_out=True, **common, **flags)
+        return json.loads(capsys.readouterr().out)
+
+    with pytest.raises(LogoError, match=r"no 'zscore' calibration statistics for signal at layer -2 \(= 1; entropy"):
+        routed(signal_layer=-2, calibration="zscore")
+    calibrate(**common, signal_layer=-2)
+    assert "entropy of v_proj at layer -2 (post-norm, last token)" in capsys.readouterr().out
+    assert len(routed(signal_layer=-2, calibration="zscore")["selected"]) == 2
+    calibrate(**common)  # the fitted router's own signal: both of its layers
+    assert "at layers -2, -1" in capsys.readouterr().out
+    assert len(routed(calibration="zscore")["selected"]) == 2
+    stored = json.loads((lib / CALIBRATION_FILE).read_text())
+    assert len(stored["entries"]) == 2 and all("module=v_proj" in key for key in stored["entries"])
+    some = {**common, "adapters": [str(lib / "a_r4"), str(lib / "b_r8")]}
+    with pytest.raises(LogoError, match="--router official"):
+        calibrate(**some)
+    calibrate(**some, router="official")
+    assert "logo_calibration.json" not in capsys.readouterr().out.splitlines()[-1]
+    assert json.loads((lib / CALIBRATION_FILE).read_text()) == stored, "the folder's file is the whole folder's"
+
+
+def test_export_output_mistakes_before_any_model_loads(model_and_lib, tmp_path):
+    """--output that is a file, under a file, not empty or not writable: one line before the model loads (the base
+    model here does not exist, so a later check would have failed on loading it)."""
+    from logo.errors import LogoError
+    from logo.export import export
+
+    _, lib = model_and_lib
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    for output, message in [(tmp_path / "a_file", "is a file, not a directory"),
+                            (tmp_path / "a_file" / "out", "is a file, not a directory"),
+                            (tmp_path / "full", "exists and is not empty"), (Path("/proc/nope"), "cannot")]:
+        with pytest.raises(LogoError, match=message):
+            export(output=output, base_model="org/not-loaded", adapters=[str(lib)], prompt="x", exact=True)
+    with pytest.raises(LogoError, match="cannot load|org/not-loaded"):
+        export(output=tmp_path / "new", base_model="org/not-loaded", adapters=[str(lib)], prompt="x", exact=True)
+    assert not (tmp_path / "new").exists(), "an output folder made for nothing is removed again"

@@ -97,6 +97,7 @@ def test_fit_writes_a_router_file_that_routes_as_fitted(lib_copy, tokenizer):
     file = fitted(model, tokenizer, root, examples)
     assert file.adapters == names and file.fit["n_seen"] == 3 * len(names) and file.fit["n_unseen"] == 2
     assert file.config.abstain in ("top", "margin") and 0 <= file.fit["precision_at_1"] <= 1
+    assert file.config.abstain_below == file.fit["abstain"]["threshold"], "stored as fitted (no rounding after)"
     path = file.save(root / FILE_NAME)
     assert library_router_file([root / n for n in names]) == path
     loaded = RouterFile.load(path)
@@ -353,3 +354,77 @@ def test_fit_with_an_abstain_signal_of_its_own_round_trips(lib_copy, tokenizer):
     engine.close()
     with pytest.raises(LogoError, match="unknown abstain signal source 'all'"):
         fitted(model, tokenizer, root, examples, abstain_from="all")
+
+
+def test_best_threshold_reproduces_its_decisions_in_the_scores_dtype():
+    """The router compares float32 confidences with the stored threshold in float32: a float64 midpoint of two
+    neighbouring floats rounds to the lower one (which then routes instead of abstaining), and so may a midpoint
+    rounded to 6 decimals (1.0000001 and 1.0000003 -> 1.0)."""
+    from logo.fit import best_threshold
+
+    one = torch.tensor(1.0)
+    pairs = [(one, torch.nextafter(one, torch.tensor(2.0))), (torch.tensor(1.0000001), torch.tensor(1.0000003)),
+             (torch.tensor(-1.6612346), torch.tensor(-1.2)), (torch.tensor(2e-9), torch.tensor(3e-9))]
+    for below, above in pairs:
+        conf = torch.stack([below, above, above + 1])
+        keep, drop = torch.tensor([False, True, True]), torch.tensor([True, False, False])
+        right, threshold = best_threshold(conf, keep, drop)
+        assert right == 3
+        stored = RouterConfig.from_dict(json.loads(json.dumps(RouterConfig(k=1, abstain_below=threshold).to_dict())))
+        assert (conf < stored.abstain_below).tolist() == [True, False, False], (below, above, threshold)
+    keep = torch.tensor([False, True])
+    assert best_threshold(torch.tensor([-1.5, 0.5]), keep, ~keep)[1] == -0.5  # as few decimals as exactness allows
+
+
+def test_a_router_file_for_other_adapters_is_refused_before_any_model_loads(lib_copy, tmp_path):
+    from logo.spec import EngineSpec
+
+    model, root = lib_copy
+    lib = AdapterLibrary.load(root, model)
+    fitted_file(model, lib, RouterConfig(k=1)).save(root / FILE_NAME)
+    subset = [str(root / "a_r4"), str(root / "b_r8")]  # two of the folder's six adapters: its file is not theirs
+    with pytest.raises(LogoError, match=r"fitted with adapter\(s\) \['c_r2_rslora', .*--router official"):
+        EngineSpec("org/not-loaded", subset).resolved()
+    assert EngineSpec("org/not-loaded", subset, router_file="official", fit_k=True).resolved()[1] == RouterConfig(k=2)
+    (tmp_path / "other").mkdir()
+    shutil.copytree(root / "a_r4", tmp_path / "other" / "a_r4")
+    with pytest.raises(LogoError, match=r"duplicate adapter name 'a_r4'"):
+        EngineSpec("org/not-loaded", [str(root / "a_r4"), str(tmp_path / "other" / "a_r4")]).resolved()
+
+
+def test_router_option_takes_a_folder_holding_a_router_file(lib_copy, tmp_path):
+    from logo.spec import EngineSpec
+
+    model, root = lib_copy
+    lib = AdapterLibrary.load(root, model)
+    config = RouterConfig(k=2, calibration="zscore", statistics="fit", weighting="softmax")
+    (tmp_path / "routers").mkdir()
+    fitted_file(model, lib, config).save(tmp_path / "routers" / FILE_NAME)
+    assert EngineSpec("org/not-loaded", str(root), router_file=str(tmp_path / "routers")).resolved()[1] == config
+    with pytest.raises(LogoError, match=f"--router {tmp_path} is a folder without a {FILE_NAME}"):
+        EngineSpec("org/not-loaded", str(root), router_file=str(tmp_path)).resolved()
+
+
+def test_library_folder_and_calibration_file_of_some_of_a_folders_adapters(lib_copy, monkeypatch, tmp_path):
+    """Statistics of some of a folder's adapters go to the logo cache, not over the folder's own file; a router
+    file's statistics stay in the router file."""
+    from logo.calibration import FILE_NAME as CALIBRATION_FILE
+    from logo.calibration import cache_file, library_folder, save_calibration
+
+    monkeypatch.setenv("LOGO_CACHE", str(tmp_path / "cache"))
+    model, root = lib_copy
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert library_folder([root / n for n in names]) == root.resolve()
+    assert library_folder([root / n for n in names[:2]]) is None
+    assert library_folder([root / names[0], tmp_path / "elsewhere" / names[1]]) is None
+    whole = AdapterLibrary.load(root, model)
+    whole.calibration = {"k": {"method": "mean", "values": [1.0] * 6, "std": [1.0] * 6},
+                         "k|statistics=fit": {"method": "fit", "values": [1.0] * 6, "std": [1.0] * 6}}
+    assert save_calibration(whole) == root / CALIBRATION_FILE
+    assert list(json.loads((root / CALIBRATION_FILE).read_text())["entries"]) == ["k"]
+    some = AdapterLibrary.load([root / n for n in names[:2]], model)
+    some.calibration = {"k": {"method": "mean", "values": [2.0] * 2, "std": [1.0] * 2}}
+    assert save_calibration(some) == cache_file(names[:2])
+    assert json.loads((root / CALIBRATION_FILE).read_text())["adapters"] == names  # the folder's file is intact
+    assert AdapterLibrary.load([root / n for n in names[:2]], model).calibration == some.calibration
+    assert AdapterLibrary.load(root, model).calibration["k"]["values"] == [1.0] * 6
