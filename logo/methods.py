@@ -167,10 +167,15 @@ class Arrow(Method):
     takes_over_model: bool = True
     _built: dict = field(default_factory=dict, repr=False)
 
+    def check_library(self, names: list[str], paths: list[Path]) -> None:
+        check_k(self.k, len(names))
+
     def generator(self, engine: LoGoEngine, seed: int) -> ArrowGenerator:
-        """The Arrow model over the engine's base model and adapter directories (made once per engine)."""
+        """The Arrow model over the engine's base model and adapter directories (made once per engine); the
+        library is checked before the engine is closed, so a refusal leaves the engine usable."""
         key = (id(engine.model), seed)
         if key not in self._built:
+            self.check_library(engine.library.names, engine.library.paths)
             # the engine's hooks come off and it refuses further use: PEFT's layers replace the base model's
             engine.close("the arrow method took over its model (PEFT's Arrow layers replace the base model's)")
             self._built[key] = ArrowGenerator(engine.model, engine.tokenizer, engine.library.paths, top_k=self.k,

@@ -4,6 +4,9 @@ or file before any work (no heavy imports here)."""
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from logo.errors import LogoError
@@ -61,3 +64,31 @@ def write_output_file(path: Path, text: str, option: str, kept: str) -> None:
         path.write_text(text)
     except OSError as err:
         raise LogoError(f"cannot write {option} {path}: {err.strerror or err}; {kept}") from None
+
+
+@contextmanager
+def replacing(path: Path, fsync: bool = False) -> Iterator[Path]:
+    """A temporary path in ``path``'s directory for the block to write; when the block ends without an error, the
+    file there replaces ``path`` in one step (``os.replace``), so that ``path`` is always either its old content or
+    the whole new one, never a cut-off file. On an error the temporary file goes and ``path`` is left as it was.
+    ``fsync``: flush the new file to disk before it replaces the old one (survives a power cut, not just a kill)."""
+    path = Path(path)
+    # hidden, and ending in path's own suffix (for writers that infer the format from it); made by the block
+    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}")
+    try:
+        yield tmp
+        if fsync:
+            with tmp.open("rb+") as file:
+                os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data: str | bytes, fsync: bool = False) -> None:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically (see :func:`replacing`)."""
+    with replacing(path, fsync) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")

@@ -52,8 +52,11 @@ def test_method_lists_and_official_data_dir(captured, tmp_path):
     assert result.exit_code == 0, result.output
     config, methods = calls[-1]
     assert methods == ["logo", "base", "arrow"] and config.data_dir == "data"
-    assert config.base_model.endswith("hf_models/Llama-3.1-8B")
-    assert config.adapters == ["hub:archon159/LoGo-loras-collection/Llama-3.1-8B-loras-flanv2/flanv2."]
+    assert (config.base_model, config.model_dir) == ("Llama-3.1-8B", "hf_models")
+    spec = config.engine_spec(methods)
+    assert spec.base_model == str(tmp_path.joinpath("hf_models", "Llama-3.1-8B").relative_to(tmp_path))
+    assert spec.adapters == ["hub:archon159/LoGo-loras-collection/Llama-3.1-8B-loras-flanv2/flanv2."]
+    assert config.run_name() == "Llama-3.1-8B_selection_norm_n_20_seed_0"  # the official name, as without it
 
 
 def test_user_mistakes_are_one_line_errors(monkeypatch, capsys, tmp_path):
@@ -64,6 +67,12 @@ def test_user_mistakes_are_one_line_errors(monkeypatch, capsys, tmp_path):
         (["run", "--dataset", "squad.v2", "--method", "base"], "error: unknown dataset 'squad.v2'"),
         (["run", "--method", "best"], "error: unknown method 'best'"),
         (["run", "--gpu", "0", "--device", "cpu"], "error: give --gpu or --device, not both"),
+        (["run", "--dataset", "bbh.boolean_expressions,bbh.boolen_expressions", "--method", "base"],
+         "error: unknown dataset 'bbh.boolen_expressions' (did you mean bbh.boolean_expressions?)"),
+        (["run", "--model_dir", "hf_models"],
+         "error: --model-dir hf_models: hf_models/Llama-3.1-8B is not a directory"),
+        (["run", "--workers", "3"], "error: --workers needs --ray"),
+        (["run", "--workers", "3", "--gpus-per-worker", "1"], "error: --workers and --gpus-per-worker need --ray"),
         (["compare", str(tmp_path)], "error: no `logo run` results"),
     ):
         monkeypatch.setattr(sys, "argv", ["logo", *argv])
@@ -84,3 +93,28 @@ def test_fitted_says_which_router_flags_it_ignores(captured):
                                      "--n_selected_modules", "5", "--signal-layer", "-3"])
     assert noted.exit_code == 0, noted.output
     assert "--n-selected-modules, --signal-layer apply only to the other methods" in noted.output
+
+
+def test_model_dir_without_the_model_fails_before_anything_loads(monkeypatch, tmp_path):
+    """A --model_dir that lacks <model_dir>/<base_model> is an error naming the path, not a silent hub download."""
+    from logo.errors import LogoError
+
+    monkeypatch.setattr(runner_mod, "resolve_adapters", lambda spec: pytest.fail("the library was resolved"))
+    monkeypatch.setattr(runner_mod, "load_engine", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "hf_models" / "Qwen2.5-7B").mkdir(parents=True)  # another model is there; a file named like ours:
+    (tmp_path / "hf_models" / "Llama-3.1-8B").write_text("")
+    config = runner_mod.RunConfig(model_dir=str(tmp_path / "hf_models"), dataset="bbh.navigate",
+                                  output_dir=str(tmp_path / "out"))
+    with pytest.raises(LogoError, match=r"--model-dir .*hf_models: .*hf_models/Llama-3.1-8B is not a directory"):
+        runner_mod.run_methods(config, ["base"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_ray_flags_need_ray_and_save_dir_is_noted(captured):
+    app, calls = captured
+    for flags in (["--workers", "4"], ["--gpus-per-worker", "0.5"]):
+        result = CliRunner().invoke(app, ["run", "--dataset", "bbh.navigate", *flags])
+        assert result.exit_code != 0 and "needs --ray" in str(result.exception) and not calls
+    result = CliRunner().invoke(app, ["run", "--dataset", "bbh.navigate", "--save_dir", "interim"])
+    assert result.exit_code == 0, result.output
+    assert "note: --save-dir interim is not used" in result.output and len(calls) == 1

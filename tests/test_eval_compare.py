@@ -94,3 +94,45 @@ def test_demo_checks_its_output_before_loading_the_model(tmp_path, monkeypatch):
     afile.write_text("x")
     with pytest.raises(LogoError, match=r"^--output .*afile is a file, not a directory"):
         demo.run_demo(afile, quick=True)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("[[\"a\"], [\"b\"", r"selected_loras.json is not valid JSON"),
+    (json.dumps({"a": 1}), r"selected_loras.json is not a list \(one entry per instance\) of lists of adapter names "
+                           r"but an object"),
+    (json.dumps([["a"], "b"]), r"selected_loras.json: entry 1 \(a string 'b'\) is not a list of adapter names"),
+    (json.dumps([["a", 3]]), r"selected_loras.json: entry 0 \(an array \['a', 3\]\) is not a list of adapter names"),
+])
+def test_damaged_selections_fail_before_any_output_is_written(tmp_path, content, message):
+    run = write_run(tmp_path / "runs", "M_seed_0", {"bbh.a": [1, 0]})
+    (run / "bbh.a" / "selected_loras.json").write_text(content)
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "compare.md").write_text("earlier comparison")
+    with pytest.raises(LogoError, match=message) as exc:
+        compare([tmp_path / "runs"], tmp_path / "cmp")
+    assert str(run / "bbh.a" / "selected_loras.json") in str(exc.value) and "\n" not in str(exc.value)
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.md"]  # untouched, nothing half-made
+    assert (tmp_path / "cmp" / "compare.md").read_text() == "earlier comparison"
+
+
+def test_a_heatmap_of_an_earlier_comparison_goes_when_nothing_was_selected(tmp_path):
+    run = write_run(tmp_path / "runs", "M_selection_norm_n_1_seed_0", {"bbh.a": [1, 0]})
+    (run / "bbh.a" / "selected_loras.json").write_text(json.dumps([["x"], ["y"]]))
+    write_run(tmp_path / "runs", "M_selection_norm_n_1_seed_0_layer=-2", {"bbh.a": [1, 1]})
+    (tmp_path / "runs" / "M_selection_norm_n_1_seed_0_layer=-2" / "bbh.a" / "selected_loras.json").write_text(
+        json.dumps([["x"], ["x"]]))
+    report = compare([tmp_path / "runs"], tmp_path / "cmp")
+    assert [p.name for p in report.files] == ["compare.md", "compare.csv", "selection.png"]
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.csv", "compare.md", "selection.png"]
+    for d in (tmp_path / "runs").iterdir():
+        (d / "bbh.a" / "selected_loras.json").write_text(json.dumps([[], []]))  # now runs that select nothing
+    compare([tmp_path / "runs"], tmp_path / "cmp")
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.csv", "compare.md"]
+
+
+def test_method_labels_keep_the_router_options():
+    from logo.eval.compare import method_label
+
+    assert method_label("Llama-3.1-8B_selection_norm_n_20_seed_0") == "logo"
+    assert method_label("Llama-3.1-8B_selection_norm_n_20_seed_0_layer=-8") == "logo_layer=-8"
+    assert method_label("Llama-3.1-8B_selection_norm_n_20_seed_0_method_fixed-a") == "fixed-a"

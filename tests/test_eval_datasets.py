@@ -38,8 +38,40 @@ def test_unregistered_names_of_a_known_family_take_its_metric(tmp_path):
     (tmp_path / "gem" / "xsum").mkdir(parents=True)
     (tmp_path / "gem" / "xsum" / "test.jsonl").write_text(json.dumps({"context": "c", "completion": "d"}) + "\n")
     assert ds.load_instances("gem.xsum", tmp_path) == [ds.Instance("c", "d")]
-    with pytest.raises(LogoError, match=r"no data for gem.other: expected .*gem/other/test.jsonl"):
+    with pytest.raises(LogoError, match=r"unknown dataset 'gem.other': .* there is no .*gem/other/test.jsonl"):
         ds.load_instances("gem.other", tmp_path)
+
+
+def test_dataset_names_are_checked_against_what_exists_without_the_hub(tmp_path, monkeypatch):
+    """A misspelt name fails the check (did you mean ...), before any loading and without asking the hub; a BBH
+    task outside the paper's 8 has a hub source, and any name of a known family exists once its file does."""
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the hub was asked"))
+    with pytest.raises(LogoError, match=r"^unknown dataset 'bbh.boolen_expressions' \(did you mean "
+                                        r"bbh.boolean_expressions\?\): it is not one of the paper's 26 datasets or the "
+                                        r"27 BBH tasks, and no --data-dir was given"):
+        ds.check_dataset("bbh.boolen_expressions")
+    with pytest.raises(LogoError, match=r"unknown dataset 'bbh.boolen_expressions' \(did you mean"):
+        ds.load_instances("bbh.boolen_expressions")  # the loader checks too: no hub error about a missing config
+    assert ds.check_dataset("bbh.date_understanding").source.data_files == "date_understanding/test/*.parquet"
+    assert ds.check_dataset("wmt14.fr-en", tmp_path).name == "wmt14.fr-en"
+    with pytest.raises(LogoError, match=r"unknown dataset 'wmt16.de-em' \(did you mean wmt16.de-en"):
+        ds.check_dataset("wmt16.de-em", tmp_path)
+    (tmp_path / "bbh").mkdir()
+    (tmp_path / "bbh" / "my_task.json").write_text(json.dumps({"examples": [{"input": "q", "target": "a"}]}))
+    (tmp_path / "gem" / "xsum").mkdir(parents=True)
+    (tmp_path / "gem" / "xsum" / "test.jsonl").write_text(json.dumps({"context": "c", "completion": "d"}) + "\n")
+    assert ds.local_datasets(tmp_path) == ["gem.xsum", "bbh.my_task"]
+    assert ds.check_dataset("bbh.my_task", tmp_path).metric == "em"
+    assert len(ds.load_instances("bbh.my_task", tmp_path)) == 1
+    with pytest.raises(LogoError, match=r"unknown dataset 'gem.xsun' \(did you mean gem.xsum\?\): .* there is no "
+                                        r".*gem/xsun/test.jsonl"):
+        ds.check_dataset("gem.xsun", tmp_path)
+    with pytest.raises(LogoError, match=r"unknown dataset 'bbh.my_tsak' \(did you mean bbh.my_task\?\).*my_tsak.json"):
+        ds.check_dataset("bbh.my_tsak", tmp_path)
+    with pytest.raises(LogoError, match=r"^--data-dir .*nowhere does not exist; give the folder"):
+        ds.check_dataset("bbh.navigate", tmp_path / "nowhere")
 
 
 @needs_shared

@@ -219,3 +219,20 @@ def test_lm_evals_command_line_with_the_model_registered(tiny_model_dir, tiny_li
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "logo_toy_gen" in done.stdout and "exact_match" in done.stdout
+
+
+def test_lm_evals_command_line_prints_a_model_arg_mistake_in_one_line(tiny_model_dir, tmp_path):
+    """``python -m logo.eval.lm_eval_backend`` with a bad logo model argument: ``error: ...`` and exit 2, as the
+    ``logo`` command prints a user mistake, not a traceback (the argument fails before the model loads)."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "toy.jsonl"
+    data.write_text(json.dumps({"question": "is 1 small", "answer": "yes"}))
+    (tmp_path / "gen.yaml").write_text(TASK_GEN.format(data=data))
+    args = [sys.executable, "-m", "logo.eval.lm_eval_backend", "--model", "logo", "--model_args",
+            f"base_model={tiny_model_dir('llama')},k=0", "--tasks", "logo_toy_gen", "--include_path", str(tmp_path)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "error: k must be at least 1, got 0"

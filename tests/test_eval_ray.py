@@ -72,6 +72,8 @@ def test_cli_passes_ray_options(monkeypatch, tmp_path):
                                       "--gpus-per-worker", "0.5"])
     assert result.exit_code == 0, result.output
     assert calls == [(["logo", "base"], {"address": "local", "workers": 3, "gpus_per_worker": 0.5})]
+    assert CliRunner().invoke(app, ["run", "--ray", "local"]).exit_code == 0  # the defaults
+    assert calls[-1] == (["logo"], {"address": "local", "workers": 2, "gpus_per_worker": 0.0})
 
 
 def test_a_users_mistake_on_a_worker_is_one_line():

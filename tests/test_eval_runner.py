@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -203,32 +204,103 @@ def test_a_changed_library_is_not_mixed(setup, tmp_path, monkeypatch):
     run(cfg, progress=False)
     monkeypatch.setattr(runner_mod, "load_engine", no_model)
     run(cfg, progress=False)  # the same library: resumed (nothing left to do)
-    weights = next(p for p in (lib / "task_0").iterdir() if p.name.startswith("adapter_model"))
+    weights = lib / "task_0" / "adapter_model.safetensors"
+    original = weights.read_bytes()
     config_file = lib / "task_1" / "adapter_config.json"
-    stat, text = config_file.stat(), config_file.read_text()
+    text = config_file.read_text()
 
-    def touch_weights():
-        os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-
-    def untouch_weights():
-        os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns - 10**9))
-
-    def restore_config():
-        config_file.write_text(text)
-        os.utime(config_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    def retrain_weights():  # another value of the last weight: the same header, shapes and file size
+        weights.write_bytes(original[:-4] + bytes(b ^ 0x55 for b in original[-4:]))
 
     changes = [
         (lambda: (lib / "logo_router.json").write_text("{}"), (lib / "logo_router.json").unlink),
         (lambda: (lib / "logo_calibration.json").write_text("{}"), (lib / "logo_calibration.json").unlink),
-        (touch_weights, untouch_weights),
-        (lambda: config_file.write_text(text + " "), restore_config),
+        (retrain_weights, lambda: weights.write_bytes(original)),
+        (lambda: config_file.write_text(text + " "), lambda: config_file.write_text(text)),
     ]
     for change, undo in changes:
         change()
         with pytest.raises(LogoError, match=r"other settings \(library differ\).*--overwrite"):
             run(cfg, progress=False)
         undo()
-        run(cfg, progress=False)  # back as it was: accepted again
+        run(cfg, progress=False)  # back as it was (new modification times): accepted again
+    os.utime(weights, ns=(0, 10**18))  # only touched
+    run(cfg, progress=False)
+
+
+def test_a_copied_library_resumes_the_run(setup, tmp_path, monkeypatch):
+    """The library is its content: a copy elsewhere (new paths, new modification times) resumes the run."""
+    import shutil
+
+    lib, copy = tmp_path / "lib", tmp_path / "elsewhere" / "lib_copy"
+    shutil.copytree(setup[1], lib)
+    run(config(setup, tmp_path / "out", adapters=[str(lib)], method="base", limit=2), progress=False)
+    shutil.copytree(lib, copy, copy_function=shutil.copy)  # contents only, not the times
+    assert (copy / "task_0" / "adapter_config.json").stat().st_mtime_ns != (
+        lib / "task_0" / "adapter_config.json").stat().st_mtime_ns
+    monkeypatch.setattr(runner_mod, "load_engine", no_model)
+    run(config(setup, tmp_path / "out", adapters=[str(copy)], method="base", limit=2), progress=False)
+
+
+def test_file_digest_reads_headers_and_samples_of_large_files(tmp_path):
+    import os
+
+    from logo.eval.runner import SAMPLE_BYTES, file_digest
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [300000], "data_offsets": [0, 1200000]}}).encode()
+    data = bytes(range(256)) * (1200000 // 256) + bytes(1200000 % 256)
+    file = tmp_path / "adapter_model.safetensors"
+    file.write_bytes(len(header).to_bytes(8, "little") + header + data)
+    before = file_digest(file)
+    os.utime(file, ns=(0, 10**18))
+    assert file_digest(file) == before  # the time is no part of it
+    start, size = 8 + len(header), file.stat().st_size
+    for where in (start + 10, size // 2 + 10, size - 1):  # a weight in each sample
+        changed = bytearray(file.read_bytes())
+        changed[where] ^= 0xFF
+        (tmp_path / "changed.safetensors").write_bytes(bytes(changed))
+        assert file_digest(tmp_path / "changed.safetensors") != before, where
+    wider = header.replace(b"300000", b"300001")
+    (tmp_path / "changed.safetensors").write_bytes(len(wider).to_bytes(8, "little") + wider + data[:-1])
+    assert file_digest(tmp_path / "changed.safetensors") != before
+    assert file.stat().st_size > 4 * SAMPLE_BYTES  # the sampled path was the one tested
+
+
+def test_model_dir_copy_of_a_preset_is_the_presets_run():
+    """--model_dir D --base_model Llama-3.1-8B is the preset read from D: the same run name and settings as the
+    preset (the library compared by fingerprint, not as typed), the model read from D, the preset's library."""
+    from logo.presets import default_adapters
+
+    plain = RunConfig(library="f1")
+    local = RunConfig(model_dir="/no/such/dir", library="f1")
+    assert plain.settings() == local.settings() and plain.run_name() == local.run_name()
+    spec = local.engine_spec(["logo"])
+    assert spec.base_model == "/no/such/dir/Llama-3.1-8B" and spec.adapters == [default_adapters("Llama-3.1-8B")]
+    typed = RunConfig(adapters=[default_adapters("Llama-3.1-8B")], library="f1")
+    assert typed.settings() == plain.settings()
+
+
+def test_router_options_name_the_run_of_logo_only(setup, tmp_path, monkeypatch):
+    """A logo run with other router options gets its own directory (the official name stays the default's); the
+    methods that do not read them keep theirs, and are not refused for them."""
+    official = {"layer": -1, "module": "q_proj", "post_norm": False, "position": "last", "weighting": "normalize",
+                "temperature": 1.0, "calibration": "none"}
+    default = config(setup, tmp_path, limit=2, router_options=official)
+    other = config(setup, tmp_path, limit=2, router_options=official | {"layer": -2, "temperature": 0.5})
+    assert default.run_name() == f"{setup[0].name}_selection_norm_n_2_seed_0"
+    assert other.run_name() == f"{setup[0].name}_selection_norm_n_2_seed_0_layer=-2_temperature=0.5"
+    assert replace(other, method="base").run_name() == replace(default, method="base").run_name()
+    run_methods(default, ["logo", "base"], progress=False)
+    loads = []
+    original = runner_mod.load_engine
+    monkeypatch.setattr(runner_mod, "load_engine", lambda *a, **k: loads.append(a[1]) or original(*a, **k))
+    run_methods(other, ["logo", "base"], progress=False)  # no refusal, and only logo has work left
+    assert loads == [["logo", "base"]]
+    predicted = {json.loads(line)["index"] for line in
+                 (tmp_path / other.run_name() / "bbh.toy" / RECORDS).read_text().splitlines()}
+    assert predicted == {0, 1} and (tmp_path / default.run_name() / "bbh.toy" / "eval_results.json").is_file()
+    assert read(tmp_path, replace(other, method="base"), "predictions.json") == read(
+        tmp_path, replace(default, method="base"), "predictions.json")
 
 
 def test_a_smaller_limit_keeps_the_records_beyond_it(setup, tmp_path, monkeypatch):

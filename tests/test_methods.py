@@ -63,3 +63,22 @@ def test_selections_follow_their_definitions(tiny_library, tokenizer):
         assert [r.indices for r in routed] == [r.indices for r in engine.with_router(RouterConfig(k=3)).route(prompts)]
     finally:
         engine.close()
+
+
+def test_arrow_checks_k_against_the_library_before_any_model_or_takeover(tiny_library, tokenizer):
+    """Arrow's k is checked like random's: before any model loads (`logo run --method base,arrow` refuses before
+    running base), and again before Arrow takes the engine's model over, so a refusal leaves the engine usable."""
+    from logo.generation import GenerationSettings
+
+    model, root = tiny_library("llama")
+    library = AdapterLibrary.load(root, model)
+    with pytest.raises(LogoError, match=r"k=7 adapters requested but the library holds 6; choose 1 <= k <= 6"):
+        get_method("arrow", k=7).check_library(library.names, library.paths)
+    get_method("arrow", k=6).check_library(library.names, library.paths)
+    engine = LoGoEngine(model, tokenizer, library, RouterConfig(k=2))
+    try:
+        with pytest.raises(LogoError, match="choose 1 <= k <= 6"):
+            Arrow(7).generate(engine, ["Q: a\nA:"], [0], 0, GenerationSettings(max_new_tokens=1))
+        assert len(engine.route(["Q: a\nA:"])) == 1  # not taken over
+    finally:
+        engine.close()

@@ -10,7 +10,6 @@ import typer
 
 from logo.cli_options import Calibration, Layer, Module, Position, PostNorm, Weighting, WeightTemp
 from logo.errors import LogoError
-from logo.presets import default_adapters, get_preset
 
 OFFICIAL_DATA_DIR = Path("data")
 METHOD_HELP = "logo | fitted | base | uniform | random | fixed:NAME | arrow"
@@ -49,7 +48,8 @@ def run(
     model_dir: Annotated[str | None, typer.Option(
         "--model-dir", "--model_dir", help="Official: a directory holding the base model as <model_dir>/<base_model>.")
     ] = None,
-    save_dir: Annotated[str | None, typer.Option("--save-dir", "--save_dir", hidden=True)] = None,  # unused officially
+    save_dir: Annotated[str | None, typer.Option(
+        "--save-dir", "--save_dir", hidden=True, help="Official, and unused there too: accepted with a note.")] = None,
     dtype: Annotated[str, typer.Option("--dtype")] = "auto",
     decode: Annotated[str, typer.Option(
         "--decode", help="eager (transformers generate) | static (static KV cache) | compiled (+ torch.compile)")
@@ -63,8 +63,10 @@ def run(
     calibration: Calibration = "none",
     ray: Annotated[str | None, typer.Option(
         "--ray", help="Run on Ray: 'local' (or '') starts a local Ray, HOST:PORT joins a cluster.")] = None,
-    workers: Annotated[int, typer.Option("--workers", help="With --ray: worker actors, one engine each.")] = 2,
-    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", help="With --ray: GPUs per worker.")] = 0.0,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", help="With --ray: worker actors, one engine each (default 2).")] = None,
+    gpus_per_worker: Annotated[float | None, typer.Option(
+        "--gpus-per-worker", help="With --ray: GPUs per worker (default 0).")] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Start afresh instead of continuing the results already in the output directory.")] = False,
 ) -> None:
@@ -75,10 +77,15 @@ def run(
         if device is not None:
             raise LogoError("give --gpu or --device, not both")
         device = f"cuda:{gpu}"
-    if model_dir is not None and (Path(model_dir) / base_model).is_dir():
-        if not adapters and get_preset(base_model) is not None:
-            adapters = [default_adapters(base_model)]  # the preset's library, as without --model_dir
-        base_model = str(Path(model_dir) / base_model)
+    if ray is None:
+        given = [flag for flag, value in (("--workers", workers), ("--gpus-per-worker", gpus_per_worker))
+                 if value is not None]
+        if given:
+            raise LogoError(f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} --ray (e.g. --ray local); "
+                            "without it the run is one process")
+    if save_dir is not None:
+        print(f"note: --save-dir {save_dir} is not used (the official main.py does not use it either); each dataset's "
+              "progress is kept in its result directory (.logo_records.jsonl)", file=sys.stderr)
     if data_dir is None and OFFICIAL_DATA_DIR.is_dir():
         data_dir = str(OFFICIAL_DATA_DIR)
         print(f"--data-dir {OFFICIAL_DATA_DIR} (the official default; datasets not found there come from the hub)")
@@ -86,7 +93,7 @@ def run(
     if not methods:
         raise LogoError(f"--method is empty; give one or more of {METHOD_HELP}")
     config = RunConfig(
-        base_model=base_model, dataset=dataset, selection_strategy=selection_strategy,
+        base_model=base_model, model_dir=model_dir, dataset=dataset, selection_strategy=selection_strategy,
         n_selected_modules=n_selected_modules, seed=seed, generation_early_stop=generation_early_stop,
         data_dir=data_dir, adapters=adapters or None, output_dir=output_dir, batch_size=batch_size, limit=limit,
         max_new_tokens=max_new_tokens, method=methods[0], device=device, dtype=dtype, decode=decode,
@@ -103,7 +110,8 @@ def run(
         return
     from logo.eval.distributed import run_methods_ray  # lazy: Ray is an optional extra
 
-    run_methods_ray(config, methods, address=ray, workers=workers, gpus_per_worker=gpus_per_worker)
+    run_methods_ray(config, methods, address=ray, workers=2 if workers is None else workers,
+                    gpus_per_worker=0.0 if gpus_per_worker is None else gpus_per_worker)
 
 
 def compare(

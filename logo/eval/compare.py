@@ -4,13 +4,17 @@ Each cell is the dataset's headline number: accuracy x100 for ``em`` / ``em_mult
 (read from ``eval_results.json``; per-instance dicts are ROUGE). Runs evaluated on different numbers of
 instances of a dataset are flagged: their numbers are not comparable. The average is over the datasets every
 compared run has (the header says how many when some run lacks one, and each missing cell is warned about).
+Every input file is read and checked before any output is written, and each output is written atomically.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from logo.errors import LogoError, json_kind
-from logo.paths import check_output_dir
+from logo.paths import check_output_dir, write_atomic
 from logo.plots import selection_heatmap
 
 
@@ -63,6 +67,29 @@ def check_scores(file: Path, scores) -> list:
     return scores
 
 
+def read_json(file: Path):
+    """The JSON value of a result file, or a one-line LogoError naming it."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LogoError(f"{file} is not valid JSON ({err}); rerun `logo run` for it") from err
+    except OSError as err:
+        raise LogoError(f"cannot read {file}: {err.strerror or err}") from None
+
+
+def check_selected(file: Path, selected) -> list[list[str]]:
+    """``selected`` if it is what `logo run` writes in ``selected_loras.json``: a list (one per instance) of lists
+    of adapter names."""
+    expected = "a list (one entry per instance) of lists of adapter names"
+    if not isinstance(selected, list):
+        raise LogoError(f"{file} is not {expected} but {json_kind(selected)}; rerun `logo run` for it")
+    for i, row in enumerate(selected):
+        if not isinstance(row, list) or not all(isinstance(name, str) for name in row):
+            raise LogoError(f"{file}: entry {i} ({json_kind(row)}) is not a list of adapter names, in {expected}; "
+                            "rerun `logo run` for it")
+    return selected
+
+
 def headline_value(scores: list) -> float:
     """Mean x100; ROUGE-L F1 for per-instance ROUGE dicts."""
     if not scores:
@@ -82,11 +109,7 @@ def collect(runs: list[Path]) -> tuple[list[str], dict[str, dict[str, tuple[floa
             file = d / "eval_results.json"
             if not file.is_file():
                 continue
-            try:
-                scores = json.loads(file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise LogoError(f"{file} is not valid JSON ({err}); rerun `logo run` for it") from err
-            scores = check_scores(file, scores)
+            scores = check_scores(file, read_json(file))
             row[d.name] = (headline_value(scores), len(scores))
             if d.name not in datasets:
                 datasets.append(d.name)
@@ -136,14 +159,21 @@ def check_same_data(datasets: list[str], table: dict[str, dict[str, tuple[float,
 FIXED_MIXTURES = ("_method_base", "_method_uniform", "_method_fixed-")  # same mixture for every instance
 
 
+RUN_NAME = re.compile(r"_seed_-?\d+(?P<rest>.*)$")
+
+
 def method_label(run_name: str) -> str:
-    """``logo`` for an official-named run, else its method suffix (``random``, ``arrow``, ...)."""
-    return run_name.split("_method_", 1)[1] if "_method_" in run_name else "logo"
+    """``logo`` for an official-named run, ``logo_layer=-8`` for one with router options (see
+    :func:`logo.eval.runner.router_suffix`), else its method suffix (``random``, ``arrow``, ...)."""
+    if "_method_" in run_name:
+        return run_name.split("_method_", 1)[1]
+    match = RUN_NAME.search(run_name)
+    return "logo" + (match["rest"] if match else "")
 
 
-def selection_png(runs: list[Path], path: Path, top: int = 25) -> bool:
-    """Heatmap: each (run, dataset)'s share of selections per adapter, for the most selected adapters overall.
-    Runs whose mixture is the same for every instance (base, uniform, fixed) are left out."""
+def selection_counts(runs: list[Path]) -> dict[str, Counter]:
+    """Each (run, dataset)'s count of selections per adapter, from its checked ``selected_loras.json``. Runs whose
+    mixture is the same for every instance (base, uniform, fixed) are left out."""
     runs = [r for r in runs if not any(tag in r.name for tag in FIXED_MIXTURES)]
     labels = [method_label(r.name) for r in runs]
     if len(set(labels)) < len(labels):  # e.g. several models: the full run names tell them apart
@@ -153,9 +183,15 @@ def selection_png(runs: list[Path], path: Path, top: int = 25) -> bool:
         for d in sorted(run.iterdir()):
             file = d / "selected_loras.json"
             if file.is_file():
-                selected = json.loads(file.read_text())
+                selected = check_selected(file, read_json(file))
                 if any(selected):
                     counts[f"{label} | {d.name}"] = Counter(n for row in selected for n in row)
+    return counts
+
+
+def selection_png(counts: dict[str, Counter], path: Path, top: int = 25) -> bool:
+    """Heatmap (written atomically): each (run, dataset)'s share of selections per adapter, for the most selected
+    adapters overall. False, and no file, when no run selected adapters."""
     if not counts:
         return False
     overall: Counter = Counter()
@@ -163,23 +199,31 @@ def selection_png(runs: list[Path], path: Path, top: int = 25) -> bool:
         overall.update(c)
     adapters = [a for a, _ in overall.most_common(top)]
     grid = np.array([[c[a] / max(1, sum(c.values())) for a in adapters] for c in counts.values()])
-    selection_heatmap(path, grid, list(counts), adapters, "Adapters selected per dataset (share of all selections)",
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix tells matplotlib the format
+    selection_heatmap(tmp, grid, list(counts), adapters, "Adapters selected per dataset (share of all selections)",
                       colorbar="share")
+    os.replace(tmp, path)
     return True
 
 
 def compare(paths: list[Path], out_dir: Path) -> Report:
-    """Write ``compare.md``, ``compare.csv`` and (if any run selected adapters) ``selection.png`` to ``out_dir``."""
+    """Write ``compare.md``, ``compare.csv`` and (if any run selected adapters) ``selection.png`` to ``out_dir``.
+    Every input is read and checked first; a ``selection.png`` of an earlier comparison is removed when this one
+    has none, so that the folder never mixes two comparisons."""
     check_output_dir(out_dir)
     runs = find_runs(paths)
     datasets, table = collect(runs)
+    counts = selection_counts(runs)
     md, rows = render(datasets, table)
     report = Report(md, rows, check_same_data(datasets, table))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compare.md").write_text(md + "\n" + "".join(f"\n> warning: {w}\n" for w in report.warnings))
-    with (out_dir / "compare.csv").open("w", newline="") as f:
-        csv.writer(f).writerows(rows)
+    write_atomic(out_dir / "compare.md", md + "\n" + "".join(f"\n> warning: {w}\n" for w in report.warnings))
+    table_csv = io.StringIO(newline="")
+    csv.writer(table_csv).writerows(rows)
+    write_atomic(out_dir / "compare.csv", table_csv.getvalue())
     report.files = [out_dir / "compare.md", out_dir / "compare.csv"]
-    if selection_png(runs, out_dir / "selection.png"):
+    if selection_png(counts, out_dir / "selection.png"):
         report.files.append(out_dir / "selection.png")
+    else:
+        (out_dir / "selection.png").unlink(missing_ok=True)
     return report

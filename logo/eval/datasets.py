@@ -16,6 +16,7 @@ any ``<main>.<sub>`` of a known family can be evaluated from the official jsonl 
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from itertools import islice
@@ -62,6 +63,17 @@ BBH_DESCRIPTIONS = {
     "word_sorting": "Sort a list of words.",
 }
 GENERIC = "Answer the following question."
+# The 27 tasks of BIG-Bench Hard: the configs of the hub's lukaemon/bbh (the paper evaluates the 8 above).
+BBH_TASKS = (
+    "boolean_expressions", "causal_judgement", "date_understanding", "disambiguation_qa", "dyck_languages",
+    "formal_fallacies", "geometric_shapes", "hyperbaton", "logical_deduction_five_objects",
+    "logical_deduction_seven_objects", "logical_deduction_three_objects", "movie_recommendation",
+    "multistep_arithmetic_two", "navigate", "object_counting", "penguins_in_a_table",
+    "reasoning_about_colored_objects", "ruin_names", "salient_translation_error_detection", "snarks",
+    "sports_understanding", "temporal_sequences", "tracking_shuffled_objects_five_objects",
+    "tracking_shuffled_objects_seven_objects", "tracking_shuffled_objects_three_objects", "web_of_lies",
+    "word_sorting",
+)
 LANGS = {"en": "English", "fr": "French", "de": "German", "ro": "Romanian"}
 GEM_DESCRIPTIONS = {
     "common_gen": "Write a sentence that uses all of the following concepts.",
@@ -123,16 +135,63 @@ def list_datasets() -> list[str]:
 
 def get_dataset_spec(name: str) -> DatasetSpec:
     """The dataset's metric, prompt description and hub source. Unregistered ``<family>.<sub>`` names of a
-    known family get the family's metric (and, for BBH, the hub's BBH task of that name)."""
+    known family get the family's metric, and a hub source only for the other BBH tasks (:data:`BBH_TASKS`):
+    whether such a name exists is :func:`check_dataset`'s question."""
     if name in REGISTRY:
         return REGISTRY[name]
     family, _, sub = name.partition(".")
     if family in FAMILY_METRICS and sub:
         if family == "bbh":
-            return DatasetSpec(name, "em", GENERIC, _bbh_source(sub), hub.bbh)
+            known = sub in BBH_TASKS
+            return DatasetSpec(name, "em", GENERIC, _bbh_source(sub) if known else None, hub.bbh if known else None)
         return DatasetSpec(name, FAMILY_METRICS[family], GENERIC)
-    raise LogoError(f"unknown dataset {name!r}: give one of {', '.join(REGISTRY)}, or <family>.<name> with a family "
-                    f"among {', '.join(FAMILY_METRICS)} and its test.jsonl under --data-dir")
+    raise LogoError(f"unknown dataset {name!r}{_did_you_mean(name, None)}: give one of {', '.join(REGISTRY)}, or "
+                    f"<family>.<name> with a family among {', '.join(FAMILY_METRICS)} and its test.jsonl under "
+                    "--data-dir")
+
+
+def local_datasets(data_dir: str | Path | None) -> list[str]:
+    """The dataset names that ``data_dir`` holds files for: ``<family>/<sub>/test.jsonl`` of a known family, and
+    BBH JSON ``<task>.json`` / ``bbh/<task>.json`` (BBH JSON files must be named after their task)."""
+    if data_dir is None or not Path(data_dir).is_dir():
+        return []
+    root = Path(data_dir)
+    names = [f"{family}.{f.parent.name}" for family in FAMILY_METRICS
+             for f in sorted(root.glob(f"{family}/*/test.jsonl"))]
+    names += [f"bbh.{f.stem}" for folder in (root, root / "bbh") for f in sorted(folder.glob("*.json"))]
+    return list(dict.fromkeys(names))
+
+
+def _did_you_mean(name: str, data_dir: str | Path | None) -> str:
+    """`` (did you mean X or Y?)`` from the known names close to ``name``; '' when none is."""
+    candidates = [*REGISTRY, *(f"bbh.{t}" for t in BBH_TASKS), *local_datasets(data_dir)]
+    close = difflib.get_close_matches(name, list(dict.fromkeys(candidates)), n=3, cutoff=0.75)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def check_dataset(name: str, data_dir: str | Path | None = None) -> DatasetSpec:
+    """``name``'s spec once it is known to exist, without loading anything or asking the hub: one of the paper's
+    26, another BBH task, or a name whose file is under ``data_dir``; else a LogoError that says so, with the close
+    names (did you mean). ``data_dir`` must be a directory when given."""
+    spec = get_dataset_spec(name)
+    if data_dir is not None:
+        root = Path(data_dir)
+        if not root.is_dir():
+            why = "is a file, not a directory" if root.exists() else "does not exist"
+            raise LogoError(f"--data-dir {root} {why}; give the folder holding the datasets' files")
+        if local_file(spec, root) is not None:
+            return spec
+    if spec.source is not None:
+        return spec
+    family, _, sub = name.partition(".")
+    where = Path(data_dir) if data_dir is not None else Path("DATA_DIR")
+    files = f"{where / family / sub / 'test.jsonl'} (the official jsonl layout)"
+    if family == "bbh":
+        files += f" or {where / (sub + '.json')} (BBH JSON)"
+    known = "the paper's 26 datasets or the 27 BBH tasks" if family == "bbh" else "the paper's 26 datasets"
+    given = "there is no" if data_dir is not None else "no --data-dir was given to hold"
+    raise LogoError(f"unknown dataset {name!r}{_did_you_mean(name, data_dir)}: it is not one of {known}, and {given} "
+                    f"{files}; check the name (logo.eval.datasets.list_datasets() lists the paper's)")
 
 
 def format_prompt(description: str, question: str) -> str:
@@ -224,34 +283,29 @@ def convert_rows(spec: DatasetSpec, rows) -> list[Instance]:
     return out
 
 
-def _local_file(spec: DatasetSpec, root: Path) -> list[Instance] | None:
+def local_file(spec: DatasetSpec, root: Path) -> Path | None:
+    """The file under ``root`` that holds ``spec``'s test instances (official jsonl first, then BBH JSON), if any."""
     family, _, sub = spec.name.partition(".")
-    official = root / family / sub / "test.jsonl"
-    if official.is_file():
-        return _from_official(official, spec)
+    candidates = [root / family / sub / "test.jsonl"]
     if family == "bbh":
-        for candidate in (root / f"{sub}.json", root / "bbh" / f"{sub}.json"):
-            if candidate.is_file():
-                return _from_bbh_json(candidate, spec)
-    return None
+        candidates += [root / f"{sub}.json", root / "bbh" / f"{sub}.json"]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _local_file(spec: DatasetSpec, root: Path) -> list[Instance] | None:
+    path = local_file(spec, root)
+    if path is None:
+        return None
+    return _from_official(path, spec) if path.name == "test.jsonl" else _from_bbh_json(path, spec)
 
 
 def load_instances(name: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Instance]:
     """Test instances of ``name`` (the first ``limit``) from the first source that has them (module docstring)."""
-    spec = get_dataset_spec(name)
+    spec = check_dataset(name, data_dir)
     if limit is not None and limit < 1:
         raise LogoError(f"--limit must be at least 1, got {limit}")
-    instances = None
-    if data_dir is not None:
-        root = Path(data_dir)
-        if not root.is_dir():
-            raise LogoError(f"data directory {root} does not exist")
-        instances = _local_file(spec, root)
-    if instances is None:
-        if spec.source is None:
-            family, _, sub = name.partition(".")
-            expected = Path(data_dir or "DATA_DIR") / family / sub / "test.jsonl"
-            raise LogoError(f"no data for {name}: expected {expected} (the official jsonl layout)")
+    instances = _local_file(spec, Path(data_dir)) if data_dir is not None else None
+    if instances is None:  # check_dataset: there is a hub source
         rows = hub.load_rows(spec.source, data_dir, name)
         instances = convert_rows(spec, islice(rows, limit) if limit is not None else rows)
     if not instances:

@@ -21,13 +21,14 @@ lm-eval's disjoint windows of ``max_length`` tokens.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 from logo.engine import LoGoEngine
-from logo.errors import LogoError
+from logo.errors import LogoError, one_line
 from logo.router import router_overrides
 from logo.spec import EngineSpec
 
@@ -226,7 +227,18 @@ def _number(name: str, value, kind: type, minimum: float | None = 1):
     return number
 
 
-if __name__ == "__main__":  # lm-eval's command line, with "logo" registered by this module's import
+def main() -> None:
+    """lm-eval's command line (``python -m logo.eval.lm_eval_backend``), with ``--model logo`` registered by this
+    module's import; a user mistake in the logo model's arguments (a :class:`LogoError`) is one line,
+    ``error: ...``, and exit status 2, as the ``logo`` command prints it."""
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except LogoError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from logo.errors import LogoError
+from logo.paths import write_atomic
 
 RECORDS = ".logo_records.jsonl"
 META = ".logo_run.json"
@@ -28,12 +29,6 @@ OFFICIAL_FILES = ("eval_results.json", "predictions.json", "selected_loras.json"
 def instance_key(prompt: str, label) -> str:
     """Identifies an instance's content, so that records never attach to other data."""
     return hashlib.sha1(json.dumps([prompt, label], ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class RecordStore:
@@ -60,7 +55,7 @@ class RecordStore:
             self.remove_official()  # first: a run stopped after this leaves no results of the old records
             self.records_path.unlink(missing_ok=True)
             meta = {"settings": settings, "inference_s": 0.0, "loading_s": None}
-            _write_atomic(self.meta_path, json.dumps(meta))
+            write_atomic(self.meta_path, json.dumps(meta))
         self.meta = meta
 
     def load(self, keys: list[str]) -> dict[int, dict]:
@@ -85,7 +80,7 @@ class RecordStore:
         if len(done) < len(keys):
             self.remove_official()  # they describe other instances than the ones this run will finish
         kept = sorted([*done.values(), *beyond.values()], key=lambda r: r["index"])
-        _write_atomic(self.records_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        write_atomic(self.records_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
         return done
 
     def append(self, records: list[dict], inference_s: float) -> None:
@@ -95,11 +90,11 @@ class RecordStore:
             sink.flush()
             os.fsync(sink.fileno())
         self.meta["inference_s"] += inference_s
-        _write_atomic(self.meta_path, json.dumps(self.meta))
+        write_atomic(self.meta_path, json.dumps(self.meta))
 
     def set_loading(self, seconds: float) -> None:
         self.meta["loading_s"] = seconds
-        _write_atomic(self.meta_path, json.dumps(self.meta))
+        write_atomic(self.meta_path, json.dumps(self.meta))
 
     def remove_official(self) -> None:
         """Remove the official files (before the records they came from are replaced or extended)."""
@@ -117,4 +112,4 @@ class RecordStore:
             "time_dict.json": {"loading": loading_s, "inference": self.meta["inference_s"]},
         }
         for filename, value in outputs.items():
-            _write_atomic(self.dir / filename, json.dumps(value, ensure_ascii=False))
+            write_atomic(self.dir / filename, json.dumps(value, ensure_ascii=False))

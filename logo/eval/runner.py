@@ -1,7 +1,9 @@
 """`logo run`: the official evaluation protocol, batched, resumable, for LoGo and the baselines.
 
 Per dataset it writes the official six files to
-``OUTPUT/{base_model}_selection_{strategy}_n_{k}_seed_{seed}[_method_X]/{dataset}/``:
+``OUTPUT/{base_model}_selection_{strategy}_n_{k}_seed_{seed}[_OPTION=VALUE...][_method_X]/{dataset}/``
+(``OPTION=VALUE``: each router option of method ``logo`` set away from the official router's, see
+:func:`router_suffix`):
 ``eval_results.json`` (per-instance scores), ``predictions.json`` (the generation stripped and cut at its
 first line), ``selected_loras.json`` (names), ``weights.json``, ``metric_dict.json`` (raw selection scores of
 all N adapters, ``{strategy: [[N scores], ...]}`` under the strategy that scored them; empty for the
@@ -15,7 +17,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -23,21 +25,27 @@ from tqdm import tqdm
 from logo import calibration, router_file
 from logo.adapter_source import resolve_adapters
 from logo.errors import LogoError
-from logo.eval.datasets import PAPER_DATASETS, get_dataset_spec, load_instances
+from logo.eval.datasets import PAPER_DATASETS, check_dataset, get_dataset_spec, load_instances
 from logo.eval.metrics import headline, score_instance, summary_line
 from logo.eval.records import RecordStore, instance_key
 from logo.generation import GenerationSettings, first_line
 from logo.methods import Method, get_method
 from logo.paths import check_output_dir
+from logo.presets import default_adapters, get_preset
 from logo.router import RouterConfig
 from logo.spec import EngineSpec
 
 CHUNK_BATCHES = 4  # batches per checkpoint: the engine sorts a chunk by length, so less padding
+SAMPLE_BYTES = 1 << 16  # library_fingerprint reads a large file's header and three samples of this size
 
 
 @dataclass
 class RunConfig:
     base_model: str = "Llama-3.1-8B"
+    """A preset, a local directory or a hub id; with ``model_dir``, the name of the folder under it."""
+    model_dir: str | None = None
+    """The official ``--model_dir``: the base model is read from ``<model_dir>/<base_model>``. The run stays named
+    (and its settings keyed) by ``base_model``, so a local copy of a preset resumes the preset's runs."""
     dataset: str = ""  # one name, a comma-separated list, or "" for the paper's 26
     selection_strategy: str = "norm"
     n_selected_modules: int = 20
@@ -62,9 +70,15 @@ class RunConfig:
     overwrite: bool = False
 
     def run_name(self) -> str:
-        model = Path(self.base_model).name if Path(self.base_model).exists() else self.base_model.replace("/", "--")
+        path = Path(self.model_path())
+        model = path.name if path.exists() else self.base_model.replace("/", "--")
+        routing = router_suffix(self.router_options) if self.method == "logo" else ""
         return (f"{model}_selection_{self.selection_strategy}_n_{self.n_selected_modules}_seed_{self.seed}"
-                f"{method_suffix(self.method)}")
+                f"{routing}{method_suffix(self.method)}")
+
+    def model_path(self) -> str:
+        """Where the base model is read from: ``<model_dir>/<base_model>``, or ``base_model`` itself."""
+        return str(Path(self.model_dir) / self.base_model) if self.model_dir is not None else self.base_model
 
     def router(self, k: int | None = None) -> RouterConfig:
         return RouterConfig(strategy=self.selection_strategy, k=self.n_selected_modules if k is None else k,
@@ -80,30 +94,76 @@ class RunConfig:
         return [d.strip() for d in self.dataset.split(",") if d.strip()] or list(PAPER_DATASETS)
 
     def settings(self) -> dict:
-        """What decides the predictions (the resumable store refuses to mix results of other settings)."""
-        keep = ("base_model", "adapters", "method", "selection_strategy", "n_selected_modules", "seed",
-                "generation_early_stop", "max_new_tokens", "dtype", "router_options")
+        """What decides the predictions (the resumable store refuses to mix results of other settings). The library
+        is its content's fingerprint, not the ``adapters`` as typed (a copy of it, or the preset's library named
+        explicitly, is the same library); the router options only for ``logo``, the one method that reads them."""
+        keep = ("base_model", "method", "selection_strategy", "n_selected_modules", "seed", "generation_early_stop",
+                "max_new_tokens", "dtype") + (("router_options",) if self.method == "logo" else ())
         library = self.library or library_fingerprint(self.entries())
         return {k: v for k, v in asdict(self).items() if k in keep} | {"library": library}
 
     def engine_spec(self, methods: list[str]) -> EngineSpec:
-        """The engine for ``methods`` (k only matters to LoGo routing)."""
+        """The engine for ``methods`` (k only matters to LoGo routing). With ``model_dir`` and no ``adapters``, a
+        preset's own library, as without ``model_dir``."""
         router = self.router(None if "logo" in methods else 1)
-        return EngineSpec(self.base_model, self.adapters, router, self.device, self.dtype, self.decode)
+        adapters = self.adapters
+        if not adapters and self.model_dir is not None and get_preset(self.base_model) is not None:
+            adapters = [default_adapters(self.base_model)]
+        return EngineSpec(self.model_path(), adapters or None, router, self.device, self.dtype, self.decode)
 
     def entries(self) -> list[tuple[str, Path]]:
         """The library's adapters as ``(name, dir)`` (resolved, no model loaded)."""
         return resolve_adapters(self.engine_spec([self.method]).adapter_spec())
 
 
+def router_suffix(options: dict) -> str:
+    """The run name's mark of the router options set away from the official router's: ``_layer=-8``,
+    ``_weighting=softmax_temperature=0.5``, ...; '' for the official router (the official run name)."""
+    official = RouterConfig()
+    order = [f.name for f in fields(RouterConfig)]
+    parts = []
+    for key in sorted(options, key=lambda k: order.index(k) if k in order else len(order)):
+        value = options[key]
+        if key in order and value == getattr(official, key):
+            continue
+        if isinstance(value, (list, tuple)):
+            text = ",".join(map(str, value))
+        elif isinstance(value, float):
+            text = format(value, "g")
+        else:
+            text = str(value)
+        parts.append(f"_{key}=" + "".join(c if c.isalnum() or c in "-.,+" else "-" for c in text))
+    return "".join(parts)
+
+
+def file_digest(file: Path) -> str:
+    """What identifies a file's content without reading all of it: all of a small file; of a large one (adapter
+    weights), its safetensors header (names, shapes, dtypes, offsets) and three samples of its bytes (start, middle,
+    end), so a retrained adapter of the same shapes differs while hundreds of MB of weights are not read."""
+    size = file.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with file.open("rb") as f:
+        if size <= 4 * SAMPLE_BYTES:
+            digest.update(f.read())
+            return digest.hexdigest()
+        if file.suffix == ".safetensors":
+            length = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(min(length, size - 8)))
+        for offset in (0, size // 2, size - SAMPLE_BYTES):
+            f.seek(offset)
+            digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
 def library_fingerprint(entries: list[tuple[str, Path]]) -> str:
-    """What identifies the library's content, cheaply (no weights are read): each adapter's name and its files'
-    names, sizes and modification times, and the bytes of the library's router and calibration files."""
+    """What identifies the library's content, cheaply (see :func:`file_digest`; no modification times, so a copied
+    library is the same library): each adapter's name and its files' names, sizes and digests, and the bytes of the
+    library's router and calibration files."""
     paths = [path for _, path in entries]
     parts: list = []
     for name, path in entries:
         files = sorted(f for f in Path(path).rglob("*") if f.is_file())
-        parts.append([name, [[f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns] for f in files]])
+        parts.append([name, [[f.relative_to(path).as_posix(), f.stat().st_size, file_digest(f)] for f in files]])
     roots = {Path(p).parent for p in paths}
     side = [router_file.library_router_file(paths), calibration.cache_file([n for n, _ in entries])]
     side += [roots.pop() / calibration.FILE_NAME] if len(roots) == 1 else []
@@ -118,11 +178,19 @@ def check_run(config: RunConfig, methods: list[str]) -> tuple[RunConfig, list[Me
     the library, and each method against it (a fixed: adapter name, a fitted router, k). Returns the config with
     the library's fingerprint taken (see ``RunConfig.library``) and the methods, in order."""
     config.generation()
+    if config.model_dir is not None and not Path(config.model_path()).is_dir():
+        raise LogoError(f"--model-dir {config.model_dir}: {config.model_path()} is not a directory; give the folder "
+                        f"that holds {config.base_model}/ (or leave --model-dir out to load {config.base_model} "
+                        "as a preset, local path or hub id)")
     if config.batch_size < 1:
         raise LogoError(f"--batch-size must be at least 1, got {config.batch_size}")
     objects = [get_method(m, k=config.n_selected_modules) for m in methods]
-    for name in config.datasets():
-        get_dataset_spec(name)  # every dataset, before hours of generation
+    datasets = config.datasets()
+    twice = sorted({name for name in datasets if datasets.count(name) > 1})
+    if twice:
+        raise LogoError(f"--dataset names {', '.join(twice)} more than once; give each dataset once")
+    for name in datasets:
+        check_dataset(name, config.data_dir)  # every dataset exists, before hours of generation (no hub asked)
     check_output_dir(Path(config.output_dir), "--output-dir")
     entries = config.entries()
     names, paths = [n for n, _ in entries], [p for _, p in entries]
