@@ -24,7 +24,7 @@ import torch
 
 from logo.adapter_source import resolve_adapters
 from logo.errors import AdapterError, LogoError
-from logo.paths import cache_dir
+from logo.paths import cache_dir, write_atomic
 
 FILE_NAME = "logo_calibration.json"
 DEFAULT_PROMPTS = Path(__file__).parent / "assets" / "calibration_prompts.txt"
@@ -89,7 +89,7 @@ def save_calibration(library, path: Path | None = None) -> Path:
                     and os.access(beside.parent, os.W_OK))
         path = beside if writable else cache_file(library.names)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1))
+    write_atomic(path, json.dumps(payload, indent=1))
     return path
 
 

@@ -3,7 +3,8 @@
 This is the one way in for every front end (CLI, evaluation, lm-eval, experiments, server):
 
 - routing: :meth:`LoGoEngine.route` (prompts) and :meth:`LoGoEngine.route_batch` (token ids), or the
-  signal vectors themselves at any layers and positions with :meth:`LoGoEngine.signals`;
+  signal vectors themselves at any layers and positions with :meth:`LoGoEngine.signals`, and the router's
+  scores of them with :meth:`LoGoEngine.scores` (and :meth:`LoGoEngine.weight_norms`);
 - mixtures: ``with engine.mixture(selections): ...`` (or :meth:`set_mixture` / :meth:`clear_mixture`);
 - generation: :meth:`LoGoEngine.generate`; batching: :meth:`LoGoEngine.batches`;
 - another router or decode path on the same model and library: :meth:`with_router` and
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from logo import library_decode
-from logo.calibration import default_prompts, save_calibration
+from logo.calibration import default_prompts, save_calibration, weight_norms
 from logo.errors import LogoError
 from logo.generation import MAX_PROMPT_TOKENS, GenerationSettings, check_decode, check_prompts
 from logo.library import AdapterLibrary
@@ -218,6 +219,24 @@ class LoGoEngine:
             order += batch
         inverse = torch.argsort(torch.tensor(order))
         return {p: torch.cat(c)[inverse.to(c[0].device)] for p, c in chunks.items()}
+
+    def scores(self, found: dict[SignalPoint, torch.Tensor]) -> torch.Tensor:
+        """The router's raw scores of signal vectors already probed by :meth:`signals` (``found`` must hold the
+        router's points; nothing is probed again): ``[n, N]`` for one signal, ``[n, S, N]`` for several. With
+        :meth:`with_router`, one probe at many points scores many routers, each as its own routing would."""
+        self._check_open()
+        missing = [p for p in self._router.points if p not in found]
+        if missing:
+            raise LogoError(f"no signal vectors at {missing}; probe them with engine.signals(prompts, "
+                            "engine.router.points)")
+        if len(self._router.signals) == 1:
+            return self._router.raw_scores(found[self._router.point])
+        return self._router.signal_scores(found)
+
+    def weight_norms(self) -> torch.Tensor:
+        """``[N]``: what ``weight-norm`` calibration divides the router's (first) signal's raw scores by, each
+        adapter's ``scaling * ||B A||_F`` in the signal module."""
+        return weight_norms(self.library, self._router.signal_module)
 
     # --------------------------------------------------------------- mixtures
     def set_mixture(self, selections: Sequence[Selection | None]) -> None:

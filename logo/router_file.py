@@ -17,6 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from logo.errors import LogoError, json_kind
+from logo.paths import write_atomic
 from logo.router import RouterConfig
 
 FILE_NAME = "logo_router.json"
@@ -80,7 +81,7 @@ class RouterFile:
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
         return path
 
     @classmethod

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from logo.calibration import weight_norms
 from logo.engine import LoGoEngine
 from logo.errors import LogoError
 from logo.experiments.signal_study import run_study
@@ -136,3 +137,51 @@ def test_signal_flags_replace_a_fitted_routers_pooled_signal(tiny_library, tiny_
                 call()
     finally:
         engine.close()
+
+
+def test_engine_scores_are_the_routers_scores_of_probed_signals(engine, tokenizer):
+    """``engine.scores``: one probe at many points, scored by any router (one signal or pooled) as it routes."""
+    single = engine.with_router(RouterConfig(k=1, layer=-2, post_norm=True))
+    pooled = engine.with_router(RouterConfig(k=1, layers=(-2, -1)))
+    points = list(dict.fromkeys(single.router.points + pooled.router.points))
+    found = engine.signals(MORE_PROMPTS, points, batch_size=3)
+    raw = single.scores(found)
+    assert raw.shape == (len(MORE_PROMPTS), len(engine.library))
+    torch.testing.assert_close(raw, single.router.raw_scores(found[single.router.point]))
+    routed = torch.tensor([r.all_scores for r in single.route(MORE_PROMPTS)])
+    torch.testing.assert_close(routed, raw, rtol=1e-4, atol=1e-5)
+    both = pooled.scores(found)
+    assert both.shape == (len(MORE_PROMPTS), 2, len(engine.library))
+    torch.testing.assert_close(both, pooled.router.signal_scores(found))
+    torch.testing.assert_close(single.weight_norms(), weight_norms(engine.library, single.router.signal_module))
+    with pytest.raises(LogoError, match="no signal vectors at .*engine.signals"):
+        single.scores({pooled.router.point: found[pooled.router.point]})
+
+
+def test_signal_study_numbers_equal_the_routers_formula(engine):
+    """The study scores through the engine (one way in) and gets what a Router of each option, built directly,
+    gets: precision@1 of raw, mean-calibrated and weight-norm-calibrated scores."""
+    import inspect
+
+    import logo.experiments.signal_study as study
+    import logo.train.library_builder as builder
+
+    source = inspect.getsource(study)
+    assert "Router(" not in source and "weight_norms(engine.library" not in source
+    assert "LoGoEngine(" not in inspect.getsource(builder) and "AdapterLibrary" not in inspect.getsource(builder)
+    targets = [i % len(engine.library) for i in range(len(MORE_PROMPTS))]
+    rows = run_study(engine, MORE_PROMPTS, targets, PROMPTS, [-1, 1], batch_size=2)
+    points = [SignalPoint(layer, post, pos) for layer in sorted({-1 % engine.num_layers, 1}) for post in (False, True)
+              for pos in ("last", "mean")]
+    found = engine.signals(MORE_PROMPTS, points, 2)
+    calib = engine.signals(PROMPTS, points, 2)
+    expected = []
+    for point in points:
+        for strategy in ("norm", "entropy"):
+            router = Router(engine.model, engine.library, RouterConfig(
+                strategy=strategy, k=1, layer=point.layer, post_norm=point.post_norm, position=point.position))
+            raw = router.raw_scores(found[point])
+            for div in (None, router.mean_statistics(calib[point]), weight_norms(engine.library, router.signal_module)):
+                scores = raw if div is None else raw / div.clamp(min=1e-12)
+                expected.append(sum(int(t) == g for t, g in zip(scores.argmax(1), targets)) / len(targets))
+    assert [r.precision_at_1 for r in rows] == expected

@@ -1,5 +1,5 @@
 """`logo signal-study`: its flags are checked before the study, the table is printed before it is written, and
-its help says what the table covers."""
+its help says what the table covers; `logo demo`'s flags are checked before its model loads."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import logo.experiments.signal_study as study
 from logo.engine import LoGoEngine
 from logo.errors import LogoError
-from logo.experiments.cli import signal_study
+from logo.experiments.cli import demo, signal_study
 from logo.library import AdapterLibrary
 from logo.router import RouterConfig
 
@@ -76,3 +76,35 @@ def test_help_says_what_the_table_covers(tiny_library, tokenizer):
     assert "calibration none, mean or weight-norm" in covered and "norm or entropy strategy" in covered
     assert "last-token or mean position" in covered and "residual or post-norm input" in covered
     assert "zscore calibration" in not_covered and "other signal modules" in not_covered
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_per_task=0), "^--n-per-task must be a whole number of at least 1, got 0$"),
+    (dict(n_per_task=-2), "^--n-per-task must be a whole number of at least 1, got -2$"),
+    (dict(batch_size=0), "^--batch-size must be a whole number of at least 1, got 0$"),
+    (dict(quick=True, n_per_task=6), "^--quick runs 2 instances per task, so it cannot take --n-per-task 6; give "
+                                     "one of --quick or --n-per-task$"),
+])
+def test_demo_flags_are_checked_before_the_model_loads(tmp_path, monkeypatch, kwargs, message):
+    from logo.experiments import demo as demo_module
+
+    def build(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(demo_module.EngineSpec, "build", build)
+    with pytest.raises(LogoError, match=message):
+        demo(output=tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_instances_per_task():
+    from logo.experiments.demo import check_demo_options
+
+    assert check_demo_options(None, 32, quick=False) == 6  # the published demo's
+    assert check_demo_options(None, 32, quick=True) == 2
+    assert check_demo_options(3, 1, quick=False) == 3
+    res = subprocess.run([sys.executable, "-m", "logo.cli", "demo", "--quick", "--n-per-task", "4"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: --quick runs 2 instances per task, so it cannot take --n-per-task 4; give one of --quick or "
+        "--n-per-task"]

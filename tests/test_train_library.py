@@ -90,6 +90,9 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the user error was found")
 
+    # the spec (which the builder's engine is built through) holds its own name for the loader: patched first, so
+    # that importing it here binds the real loader, not the refusal, for later tests
+    monkeypatch.setattr("logo.spec.load_base_model", refuse)
     monkeypatch.setattr("logo.models.load_base_model", refuse)
 
 
@@ -197,3 +200,82 @@ def test_shipped_calibration_matches_the_library_as_loaded():
     names = [name for name, _ in resolve_adapters("embedded:demo")]
     calibration = json.loads((demo / "logo_calibration.json").read_text())
     assert calibration["adapters"] == names and calibration["entries"]
+
+
+def test_a_build_cut_off_while_writing_its_manifest_resumes(tmp_path, tiny_model_dir, monkeypatch):
+    """The manifest is written atomically: a build stopped half-way through writing it leaves the last build's
+    manifest, so the next build still knows its own adapters (and removes the one no longer built)."""
+    from pathlib import Path
+
+    lib = tmp_path / "lib"
+
+    def build(*names: str) -> dict:
+        return build_library(out_dir=lib, tasks=[get_task(n) for n in names], config=TINY_BUILD,
+                             base_model=str(tiny_model_dir("llama")), n_eval=1, progress=False)
+
+    build("parity", "uppercase")
+    real = Path.write_text
+
+    def cut_off(self, data, *args, **kwargs):
+        if "manifest" in self.name:
+            real(self, data[: len(data) // 2], *args, **kwargs)
+            raise KeyboardInterrupt  # the build is stopped mid-manifest
+        return real(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        build("parity", "uppercase")
+    monkeypatch.undo()
+    assert [a["name"] for a in json.loads((lib / "manifest.json").read_text())["adapters"]] == ["parity", "uppercase"]
+    assert not [p.name for p in lib.iterdir() if p.name.endswith(".tmp.json")]  # no temporary file left
+    manifest = build("parity")
+    assert [a["name"] for a in manifest["adapters"]] == ["parity"] and not (lib / "uppercase").exists()
+
+
+def test_a_retrained_library_never_keeps_the_old_router(tmp_path, tiny_model_dir, monkeypatch):
+    """Retraining removes the library's router and statistics first: a fit that then fails leaves no router fitted
+    to the old adapters (the next build fits one); a build that retrains nothing keeps a valid router if its fit
+    fails, and replaces it only with a finished fit."""
+    import logo.train.library_builder as builder
+    from logo.router_file import FILE_NAME as ROUTER_FILE
+
+    lib = tmp_path / "lib"
+
+    def build(force: bool = False) -> dict:
+        return build_library(out_dir=lib, tasks=[get_task("parity"), get_task("uppercase")], config=TINY_BUILD,
+                             base_model=str(tiny_model_dir("llama")), n_eval=1, force=force, progress=False)
+
+    build()
+    router = (lib / ROUTER_FILE).read_text()
+
+    def fit_fails(*args, **kwargs):
+        raise RuntimeError("the fit failed")
+
+    monkeypatch.setattr(builder, "fit_router", fit_fails)
+    with pytest.raises(RuntimeError):
+        build()  # nothing retrained: the router still fits these adapters
+    assert (lib / ROUTER_FILE).read_text() == router
+    with pytest.raises(RuntimeError):
+        build(force=True)  # retrained: the old router must not stay beside the new adapters
+    assert not (lib / ROUTER_FILE).exists()
+    monkeypatch.undo()
+    build()  # resumes: nothing to retrain, the router is fitted again
+    assert json.loads((lib / ROUTER_FILE).read_text())["adapters"] == ["parity", "uppercase"]
+    assert (lib / "logo_calibration.json").is_file()
+
+
+def test_replacing_keeps_the_old_file_until_the_new_one_is_whole(tmp_path):
+    from logo.paths import replacing, write_atomic
+
+    target = tmp_path / "summary.json"
+    write_atomic(target, "old")
+    with pytest.raises(KeyboardInterrupt), replacing(target) as tmp:
+        tmp.write_text("half of the ne")
+        raise KeyboardInterrupt
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+    with replacing(target, fsync=True) as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".json" and tmp.name.startswith(".")
+        tmp.write_text("new")
+    write_atomic(tmp_path / "weights.bin", b"\x00\x01")
+    assert target.read_text() == "new" and (tmp_path / "weights.bin").read_bytes() == b"\x00\x01"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json", "weights.bin"]

@@ -109,3 +109,45 @@ def test_bad_settings_are_user_errors(tmp_path):
     with pytest.raises(LogoError, match="not linear layers"):
         train_lora(make_tiny_model("llama"), make_tokenizer(), get_task("parity"), tmp_path / "x",
                    TrainConfig(targets=("qproj",), steps=1), "tiny", progress=False)
+
+
+def test_a_save_cut_off_leaves_no_truncated_adapter(tmp_path, monkeypatch):
+    """A save that dies half-way (here: the bf16 rewrite writes half its file, then the process is stopped) leaves
+    no truncated adapter file where the adapter goes, and hands the base model back."""
+    import logo.train.trainer as trainer
+
+    def half_then_stop(tensors, filename, metadata=None):
+        with open(filename, "wb") as file:
+            file.write(b"\0" * 10)  # a cut-off file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "save_file", half_then_stop)
+    model = make_tiny_model("llama")
+    out = tmp_path / "parity"
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(model, make_tokenizer(), get_task("parity"), out, TrainConfig(rank=2, alpha=4, steps=1,
+                   batch_size=1, warmup=1), "tiny", progress=False)
+    assert not out.exists() or not any(out.iterdir())
+    assert not any("lora" in name for name, _ in model.named_modules())
+
+
+def test_adapter_files_are_moved_in_record_first_weights_last_order(tmp_path, monkeypatch):
+    """The train record is written first (the folder is then a recognisable trainer output) and the weights last (a
+    folder with weights is complete); each file atomically."""
+    import logo.train.trainer as trainer
+
+    order = []
+    real = trainer.write_atomic
+
+    def recording(path, data, fsync=False):
+        order.append(path)
+        real(path, data, fsync)
+
+    monkeypatch.setattr(trainer, "write_atomic", recording)
+    out = tmp_path / "parity"
+    train_lora(make_tiny_model("llama"), make_tokenizer(), get_task("parity"), out,
+               TrainConfig(rank=2, alpha=4, steps=1, batch_size=1, warmup=1), "tiny", progress=False)
+    assert [p.name for p in order if p.parent == out] == ["train_record.json", "adapter_config.json",
+                                                          "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                     "train_record.json"]

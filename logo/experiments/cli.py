@@ -15,8 +15,9 @@ def demo(
     output: Annotated[Path, typer.Option("--output", help="Directory for summary.json, results.md, heatmap.")] = Path(
         "demo_results"),
     quick: Annotated[bool, typer.Option("--quick", help="A CI-sized run of the whole path.")] = False,
-    n_per_task: Annotated[int, typer.Option("--n-per-task")] = 6,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    n_per_task: Annotated[int | None, typer.Option(
+        "--n-per-task", help="Held-out instances per task, at least 1 (default 6; --quick: 2).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per batch, at least 1.")] = 32,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     no_arrow: Annotated[bool, typer.Option("--no-arrow", help="Skip the PEFT Arrow baseline.")] = False,
 ) -> None:

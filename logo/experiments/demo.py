@@ -21,9 +21,10 @@ from rich.table import Table
 from tqdm import tqdm
 
 from logo.engine import LoGoEngine
+from logo.errors import LogoError
 from logo.generation import GenerationSettings, first_line
 from logo.methods import Fitted, LoGo, Method, get_method
-from logo.paths import check_output_dir
+from logo.paths import check_output_dir, replacing, write_atomic
 from logo.plots import selection_heatmap
 from logo.router import RouterConfig, Selection
 from logo.spec import EngineSpec
@@ -183,13 +184,31 @@ def task_shares(instances: list[Instance], selections: list[Selection], names: l
 
 def write_outputs(out_dir: Path, summary: dict, table: str, meta: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.json").write_text(json.dumps(summary | {"meta": meta}, indent=1))
-    (out_dir / "results.md").write_text(table + "\n")
+    write_atomic(out_dir / "summary.json", json.dumps(summary | {"meta": meta}, indent=1))
+    write_atomic(out_dir / "results.md", table + "\n")
+
+
+DEFAULT_N_PER_TASK = 6
+QUICK_N_PER_TASK = 2
+"""Held-out instances per task: by default, and under ``--quick``."""
+
+
+def check_demo_options(n_per_task: int | None, batch_size: int, quick: bool) -> int:
+    """The instances per task that the demo runs, with its flags checked (before any model loads): ``n_per_task``
+    None is the default (or ``--quick``'s), and ``--quick`` with an explicit ``--n-per-task`` is an error, not an
+    override."""
+    if quick and n_per_task is not None:
+        raise LogoError(f"--quick runs {QUICK_N_PER_TASK} instances per task, so it cannot take --n-per-task "
+                        f"{n_per_task}; give one of --quick or --n-per-task")
+    for flag, value in (("--n-per-task", n_per_task), ("--batch-size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise LogoError(f"{flag} must be a whole number of at least 1, got {value!r}")
+    return QUICK_N_PER_TASK if quick else DEFAULT_N_PER_TASK if n_per_task is None else n_per_task
 
 
 def run_demo(
     output_dir: Path,
-    n_per_task: int = 6,
+    n_per_task: int | None = None,
     batch_size: int = 32,
     max_new_tokens: int = 16,
     seed: int = 0,
@@ -198,14 +217,16 @@ def run_demo(
     adapters: str = "embedded:demo",
     console: Console | None = None,
 ) -> dict:
-    """The whole demo: load, route, generate for every method, score, report. Returns the summary."""
+    """The whole demo: load, route, generate for every method, score, report. Returns the summary.
+    ``n_per_task``: held-out instances per task (None: 6, or 2 with ``quick``; giving both is an error)."""
+    n_per_task = check_demo_options(n_per_task, batch_size, quick)  # flags, then the output, before the model
     check_output_dir(output_dir)  # before the minute of loading and generating
     console = console or Console()
     start = time.perf_counter()
     engine = EngineSpec("smollm2-135m", adapters, device="cpu").build()  # the library's fitted router
     names = engine.library.names
     load_s = time.perf_counter() - start
-    instances = build_instances(names, 2 if quick else n_per_task, seed=seed)
+    instances = build_instances(names, n_per_task, seed=seed)
     methods = default_methods(instances, len(names))
     if quick:
         quick_methods = ("base", "oracle", "uniform", "logo-official-k1", "logo-official-k1+cal", MAIN_METHOD, "arrow")
@@ -238,10 +259,11 @@ def run_demo(
     table = markdown_table(summary, labels)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = [t if _seen(instances, t) else f"{t} (unseen)" for t in _task_order(instances)]
-    selection_heatmap(output_dir / "selection_heatmap.png", task_shares(instances, selections[main], names), rows,
-                      names, f"{main}: adapter selected per task (held-out instances)", "task of the instance")
+    with replacing(output_dir / "selection_heatmap.png") as heatmap:
+        selection_heatmap(heatmap, task_shares(instances, selections[main], names), rows, names,
+                          f"{main}: adapter selected per task (held-out instances)", "task of the instance")
     total_s = time.perf_counter() - start
-    meta = {"n_instances": len(instances), "n_per_task": 2 if quick else n_per_task, "seed": seed,
+    meta = {"n_instances": len(instances), "n_per_task": n_per_task, "seed": seed,
             "adapters": names, "methods": {label: repr(m) for label, m in methods}, "load_s": round(load_s, 2),
             "method_seconds": timings, "total_seconds": round(total_s, 1), "quick": quick,
             "max_new_tokens": max_new_tokens}

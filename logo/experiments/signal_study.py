@@ -1,20 +1,21 @@
 """Which routing signal works on this model? Precision@1 of signal options on labelled validation prompts.
 
 The engine's probe reads every signal point (layers x {residual, post-norm} x {last token, mean}) in one pass
-per batch, and each option is scored by a :class:`~logo.router.Router` of that signal, exactly as routing
-would score it: {norm, entropy} x calibrations {none, mean, weight-norm}, on the engine's signal module (the
-demo's: q_proj). Not studied: zscore calibration, other signal modules, several layers or modules summed. Use
-validation instances (never the test set) to choose settings.
+per batch, and each option is scored by the engine under a router of that signal
+(``engine.with_router(config).scores(...)``), exactly as routing would score it: {norm, entropy} x calibrations
+{none, mean, weight-norm}, on the engine's signal module (the demo's: q_proj). Not studied: zscore calibration,
+other signal modules, several layers or modules summed. Use validation instances (never the test set) to choose
+settings.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from logo.calibration import default_prompts, weight_norms
+from logo.calibration import default_prompts
 from logo.engine import LoGoEngine
 from logo.experiments.demo import build_instances
-from logo.router import Router, RouterConfig, SignalPoint
+from logo.router import RouterConfig, SignalPoint
 from logo.spec import EngineSpec
 
 POSITIONS = ("last", "mean")
@@ -49,10 +50,9 @@ def run_study(engine: LoGoEngine, prompts: list[str], targets: list[int], calibr
         for strategy in STRATEGIES:
             config = RouterConfig(strategy=strategy, k=1, layer=point.layer, module=engine.router.config.module,
                                   post_norm=point.post_norm, position=point.position)
-            router = Router(engine.model, engine.library, config)
-            raw = router.raw_scores(signals[point])
-            divisors = {"none": None, "mean": router.mean_statistics(calib[point]),
-                        "weight-norm": weight_norms(engine.library, router.signal_module)}
+            routed = engine.with_router(config)
+            raw = routed.scores(signals)
+            divisors = {"none": None, "mean": routed.scores(calib).mean(0), "weight-norm": routed.weight_norms()}
             for calibration in CALIBRATIONS:
                 div = divisors[calibration]
                 scores = raw if div is None else raw / div.clamp(min=1e-12)

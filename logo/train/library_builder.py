@@ -5,6 +5,9 @@ build continues) on its training templates, measures each adapter's accuracy and
 held-out instances asked in the task's test templates, writes ``manifest.json`` (with each adapter's trained
 and held-out templates), computes the library's calibration statistics on the generic default prompts
 (never on task data) and fits the library's router (``logo_router.json``) on the validation templates.
+Every file is written atomically (a cut-off build leaves whole files, so the next one resumes), and a build that
+changes the adapters first removes the old router and statistics, so none is left beside adapters it was not
+fitted to; the engine that measures and fits is built by :class:`~logo.spec.EngineSpec`, as every front end's.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from logo.adapter_source import EMBEDDED_LIBRARIES
+from logo.calibration import FILE_NAME as CALIBRATION_FILE
 from logo.errors import LogoError
 from logo.fit import fit_router
-from logo.paths import check_output_dir
+from logo.paths import check_output_dir, replacing, write_atomic
 from logo.router_file import FILE_NAME as ROUTER_FILE
 from logo.train.manifest_examples import examples_from_manifest
 from logo.train.tasks import Task, seen_tasks, unseen_tasks
@@ -116,10 +120,9 @@ def build_library(
     progress: bool = True,
 ) -> dict:
     """Train missing adapters, evaluate all, write manifest.json and calibration. Returns the manifest."""
-    from logo.engine import LoGoEngine
-    from logo.library import AdapterLibrary
     from logo.models import load_base_model
     from logo.router import RouterConfig, Selection
+    from logo.spec import EngineSpec
     from logo.train.evaluate import task_accuracy
 
     # everything that needs no model first: a bad flag or a folder in the way fails before any training
@@ -137,20 +140,25 @@ def build_library(
                         f"(its {MANIFEST_FILE} does not list them) and would delete or mix into the library; move them "
                         f"out of {out_dir} or choose another --out (nothing was deleted)")
     held_out = {task.name: task.examples(0, n_eval, split="eval") for task in tasks}  # enough distinct instances?
+    retrain = [task for task in tasks if force or not _up_to_date(out_dir / task.name, task, config)]
+    if stale or retrain:  # the adapters change: the library's router and statistics are the old adapters'
+        remove_library_files(out_dir)
     for folder in stale:  # adapters this builder made (its last manifest lists them) for tasks no longer built
         shutil.rmtree(folder)
-    model, tokenizer = load_base_model(base_model)
-    records = {}
-    for task in tasks:
-        adapter_dir = out_dir / task.name
-        if force or not _up_to_date(adapter_dir, task, config):
+    if retrain:
+        model, tokenizer = load_base_model(base_model)
+        for task in retrain:
+            adapter_dir = out_dir / task.name
             if adapter_dir.exists():
                 shutil.rmtree(adapter_dir)
             train_lora(model, tokenizer, task, adapter_dir, config, base_model, progress=progress)
-        records[task.name] = json.loads((adapter_dir / RECORD_FILE).read_text())
+        del model, tokenizer  # the engine below loads its own (the same weights: training hands them back unchanged)
+    records = {task.name: json.loads((out_dir / task.name / RECORD_FILE).read_text()) for task in tasks}
     # adapters in folder-name order, as `logo ... --adapters DIR` loads them, so the calibration file matches
-    library = AdapterLibrary.load(sorted((out_dir / t.name for t in tasks), key=lambda p: p.name), model)
-    engine = LoGoEngine(model, tokenizer, library, RouterConfig(k=1))
+    paths = sorted((out_dir / t.name for t in tasks), key=lambda p: p.name)
+    engine = EngineSpec(base_model, [str(p) for p in paths], RouterConfig(k=1), device="cpu", dtype="float32",
+                        router_file="official").build()
+    library = engine.library
     adapters = []
     for task in tasks:
         base = task_accuracy(engine, task, None, held_out[task.name])
@@ -186,16 +194,25 @@ def build_library(
             for t in unseen_tasks()
         ],
     }
-    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
-    (out_dir / "README.md").write_text(library_readme(manifest))
+    write_atomic(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+    write_atomic(out_dir / "README.md", library_readme(manifest))
     for signal in calibration_signals():
         engine.with_router(signal).calibrate()
     fitted = fit_router(engine, examples_from_manifest(out_dir / MANIFEST_FILE, "valid", FIT_PER_TEMPLATE),
                         base_model=base_model,
                         source=f"manifest validation templates, {FIT_PER_TEMPLATE} prompts per template")
-    fitted.save(out_dir / ROUTER_FILE)
+    with replacing(out_dir / ROUTER_FILE) as tmp:  # only a finished fit replaces the router file
+        fitted.save(tmp)
     engine.close()
     return manifest
+
+
+def remove_library_files(out_dir: Path) -> None:
+    """Remove the library's fitted router and calibration statistics before its adapters change: they describe the
+    old adapters (under the same names, so nothing would notice), and a build cut off before its new fit must
+    leave no router at all (the fitted method then says to fit one; the next build refits) rather than a stale one."""
+    for name in (ROUTER_FILE, CALIBRATION_FILE):
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def calibration_signals() -> list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,9 +16,11 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from logo.errors import LogoError
+from logo.paths import replacing, write_atomic
 from logo.train.tasks import Task
 
 RECORD_FILE = "train_record.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 @dataclass
@@ -93,7 +96,8 @@ def train_lora(
 
     The data is ``config.steps * config.batch_size`` fresh instances of the task's train split (seed
     ``config.seed``), asked in its training templates in turn, one pass. ``model`` is handed back unchanged
-    (the LoRA layers are unloaded).
+    (the LoRA layers are unloaded). The adapter is made in a temporary folder and moved into ``out_dir`` file by
+    file, atomically (:func:`save_adapter`), so that a cut-off run leaves no truncated file.
     """
     task.check_trainable()
     linear_names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
@@ -146,13 +150,28 @@ def train_lora(
     record.wall_time_s = round(time.perf_counter() - start, 1)
     record.cpu_threads = torch.get_num_threads()
     peft_model.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(out_dir)
-    peft_model.unload()  # give the caller its plain base model back
-    to_bf16(out_dir / "adapter_model.safetensors")
-    tidy_adapter_dir(out_dir, base_model_name)
-    (out_dir / RECORD_FILE).write_text(json.dumps(asdict(record), indent=1))
+    try:
+        with tempfile.TemporaryDirectory(prefix="logo-train-") as staging:
+            peft_model.save_pretrained(staging)
+            to_bf16(Path(staging) / WEIGHTS_FILE)
+            tidy_adapter_dir(Path(staging), base_model_name)
+            save_adapter(Path(staging), out_dir, record)
+    finally:
+        peft_model.unload()  # give the caller its plain base model back
     return record
+
+
+def save_adapter(staging: Path, out_dir: Path, record: TrainRecord) -> None:
+    """Move a finished adapter from ``staging`` into ``out_dir``, each file written atomically, in an order that
+    leaves no ambiguous folder behind a cut-off: the train record first (the folder is this task's trainer output
+    from then on, which `logo build-demo-library` retrains rather than calling it foreign), the weights last (a
+    folder with weights is complete)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / RECORD_FILE, json.dumps(asdict(record), indent=1))
+    for file in sorted(staging.iterdir()):
+        if file.name != WEIGHTS_FILE:
+            write_atomic(out_dir / file.name, file.read_bytes())
+    write_atomic(out_dir / WEIGHTS_FILE, (staging / WEIGHTS_FILE).read_bytes())
 
 
 def answer_loss(peft_model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -171,10 +190,12 @@ def tidy_adapter_dir(out_dir: Path, base_model_name: str) -> None:
     config_file = out_dir / "adapter_config.json"
     config = json.loads(config_file.read_text())
     config["base_model_name_or_path"] = base_model_name
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_atomic(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def to_bf16(file: Path) -> None:
     """Rewrite a safetensors file with every tensor in bfloat16 (halves the size of the committed library)."""
     tensors = load_file(str(file))
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
+    with replacing(file) as tmp:  # a cut-off rewrite leaves the old file, not a truncated one
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": "pt"})
