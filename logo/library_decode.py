@@ -202,7 +202,8 @@ def build(portable: bool = False) -> ModuleType:
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) was found")
     x86 = platform.machine() in ("x86_64", "AMD64")
-    flags = ["-O3", "-fopenmp"] + (["-march=native"] if x86 else []) + (["-mno-avx512f"] if portable and x86 else [])
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off"]  # the kernel writes each multiply-add as one itself
+    flags += (["-march=native"] if x86 else []) + (["-mno-avx512f"] if portable and x86 else [])
     # built for this CPU (-march=native): one build per kind of CPU
     name = "logo_library_decode_" + _machine_tag() + ("_portable" if portable else "")
     directory = cache_dir() / "kernels" / name

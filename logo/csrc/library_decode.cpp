@@ -15,10 +15,14 @@
 // read, which is exact, so a compact library gives the very bits an fp32 one gives while half the bytes cross the
 // memory bus. Where the compiler targets AVX-512 the inner loops are written with its intrinsics (one register is
 // one lane block); elsewhere they are plain loops the compiler vectorises. Both compute the same fused
-// multiply-adds in the same order.
+// multiply-adds in the same order: every multiply-add is written as one (intrinsic or std::fma), and the build turns
+// off the compiler's own contraction (-ffp-contract=off), so no instantiation is left to fuse differently (with
+// contraction left to the compiler, the fp32 and compact instantiations' scalar tails were fused differently on one
+// CPU and differed by a rounding).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -97,7 +101,7 @@ inline void project(const T* a, const float* const* x, int64_t d, const float* c
       const T* row = a + q * d + i;
       for (int64_t p = 0; p < P; ++p) {
 #pragma omp simd
-        for (int64_t l = 0; l < kLanes; ++l) lane[p][q][l] += widen(row[l]) * x[p][i + l];
+        for (int64_t l = 0; l < kLanes; ++l) lane[p][q][l] = std::fma(widen(row[l]), x[p][i + l], lane[p][q][l]);
       }
     }
   }
@@ -105,7 +109,7 @@ inline void project(const T* a, const float* const* x, int64_t d, const float* c
   for (int64_t p = 0; p < P; ++p) {
     for (int64_t q = 0; q < count; ++q) {
       float s = reduce(lane[p][q]);
-      for (int64_t i = full; i < d; ++i) s += widen(a[q * d + i]) * x[p][i];
+      for (int64_t i = full; i < d; ++i) s = std::fma(widen(a[q * d + i]), x[p][i], s);
       low[p][q] = c[p] * s;
     }
   }
@@ -155,7 +159,7 @@ inline int64_t expand_block(const float* const* low, const T* bt, int64_t r, int
       for (int64_t p = 0; p < P; ++p) {
         const float s = low[p][t];
 #pragma omp simd
-        for (int64_t l = 0; l < width; ++l) acc[p][l] += s * widen(row[l]);
+        for (int64_t l = 0; l < width; ++l) acc[p][l] = std::fma(s, widen(row[l]), acc[p][l]);
       }
     }
     for (int64_t p = 0; p < P; ++p)
@@ -172,7 +176,7 @@ inline void expand(const float* const* low, const T* bt, int64_t r, int64_t d, f
   for (; j < d; ++j) {
     for (int64_t p = 0; p < P; ++p) {
       float s = 0.f;
-      for (int64_t t = 0; t < r; ++t) s += low[p][t] * widen(bt[t * d + j]);
+      for (int64_t t = 0; t < r; ++t) s = std::fma(low[p][t], widen(bt[t * d + j]), s);
       out[p][j] = s;
     }
   }
