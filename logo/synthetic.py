@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwen2Config
 
 from logo.errors import LogoError
+from logo.paths import save_safetensors
 
 SHAPES: dict[str, tuple[type, dict]] = {
     "llama-3.1-8b": (LlamaConfig, dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
@@ -63,7 +63,7 @@ def write_random_library(model: PreTrainedModel, root: Path, n: int, rank: int, 
                                                * 0.01).to(torch.bfloat16)
         out = root / f"adapter_{i:03d}"
         out.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
         config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha or 2 * rank, "target_modules": targets,
                   "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
                   "task_type": "CAUSAL_LM", "base_model_name_or_path": None}

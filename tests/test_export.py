@@ -86,11 +86,11 @@ def test_rank_above_the_exact_rank_is_refused(engine, tmp_path):
 
 
 def test_mixture_parsing_and_averaging(engine):
-    assert parse_mixture("a_r4=0.5, b_r8=0.25,a_r4=0.25", engine.library) == {"a_r4": 0.75, "b_r8": 0.25}
+    assert parse_mixture("a_r4=0.5, b_r8=0.25,a_r4=0.25", engine.library.names) == {"a_r4": 0.75, "b_r8": 0.25}
     for text, message in (("a_r4", "not NAME=WEIGHT"), ("a_r4=x", "not a number"), ("zz=1", "no adapter named 'zz'"),
                           ("a_r4=0", "non-zero weight"), ("a_r4=inf", "finite"), ("a_r4=nan", "finite")):
         with pytest.raises(LogoError, match=message):
-            parse_mixture(text, engine.library)
+            parse_mixture(text, engine.library.names)
     assert average_mixture([{"a": 0.75, "b": 0.25}, {"a": 0.5, "c": 0.5}]) == {"a": 0.625, "c": 0.25, "b": 0.125}
     assert average_mixture([{"a": 1.0}, {}]) == {"a": 0.5}  # a prompt the router abstained on: weight 0
     with pytest.raises(LogoError, match="abstained on every prompt.*--abstain none"):
@@ -152,3 +152,99 @@ def test_export_command(tiny_model_dir, tiny_library, tmp_path):
                           (["--mixture", "a_r4=1", "--exact", "--output", str(tmp_path / "one")], "not empty")):
         res = logo(*args)
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("how", ["file size limit", "full disk"])
+def test_a_failed_write_is_one_line_and_leaves_no_folder(engine, tmp_path, monkeypatch, how):
+    """`ulimit -f` (safetensors' SafetensorError: File too large) or a full disk (OSError) while writing: a one-line
+    error naming --output, and no half adapter folder, nor the parent folders made for it (a rerun would refuse a
+    half folder as not empty)."""
+    import errno
+
+    out = tmp_path / "a" / "b" / "out"
+    if how == "full disk":
+        import logo.export as export_module
+
+        def full(tensors, path, metadata=None):
+            path.write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(export_module, "save_safetensors", full)
+        message = "No space left on device"
+        with pytest.raises(LogoError, match=rf"cannot write --output {out}: {message}; nothing was written") as err:
+            export_mixture(engine.library, MIXTURE, out)
+    else:
+        resource = pytest.importorskip("resource")
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # Python ignores SIGXFSZ: writes fail with EFBIG
+        try:
+            with pytest.raises(LogoError, match=rf"cannot write --output {out}: .*File too large.*nothing was "
+                                                "written") as err:
+                export_mixture(engine.library, MIXTURE, out)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert export_mixture(engine.library, MIXTURE, out).rank == 25  # the rerun (space freed) writes it
+
+
+def test_input_mistakes_fail_before_the_model_loads(tiny_library, tiny_model_dir, tmp_path, monkeypatch):
+    """A bad --rank or --mixture (syntax, number, adapter name) is refused from the adapters' names alone: the model
+    is never built, and no --output folder (or parent) is made."""
+    from logo.spec import EngineSpec
+
+    def build(self, progress=False):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(EngineSpec, "build", build)
+    _, root = tiny_library("llama")
+    out = tmp_path / "new" / "out"
+    common = {"output": out, "base_model": str(tiny_model_dir("llama")), "adapters": [str(root)]}
+    for flags, message in (({"mixture": "zz=1", "exact": True}, "no adapter named 'zz'"),
+                           ({"mixture": "a_r4", "exact": True}, "not NAME=WEIGHT"),
+                           ({"mixture": "a_r4=x", "exact": True}, "not a number"),
+                           ({"mixture": "a_r4=inf", "exact": True}, "finite"),
+                           ({"mixture": "a_r4=1", "rank": 0}, "--rank must be at least 1, got 0"),
+                           ({"prompt": "Q: hi\nA:", "rank": -2}, "--rank must be at least 1, got -2")):
+        with pytest.raises(LogoError, match=message):
+            export(**common, **flags)
+    with pytest.raises(AssertionError, match="the model was built"):  # a good mixture gets as far as the model
+        export(**common, mixture="a_r4=1", exact=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_adapter_names_a_base_model_peft_loads(tiny_library, tiny_model_dir, tmp_path, monkeypatch):
+    """base_model_name_or_path is what AutoPeftModelForCausalLM loads: a local model folder's absolute path (given
+    relative to here), a preset's hub id (the embedded model's: SmolLM2-135M-Instruct), a hub id as given; the
+    folder and files get the modes plain writes get under the umask (safetensors alone writes 0600)."""
+    import os
+    import stat
+
+    from peft import AutoPeftModelForCausalLM
+
+    from logo.export import peft_base_model
+
+    _, root = tiny_library("llama")
+    shutil.copytree(tiny_model_dir("llama"), tmp_path / "models" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    old_mask = os.umask(0o027)
+    try:
+        export(output=tmp_path / "out", base_model="models/tiny", adapters=[str(root)],
+               mixture="a_r4=0.5,b_r8=0.5", exact=True)
+    finally:
+        os.umask(old_mask)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path.resolve() / "models" / "tiny")
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()} == {0o640}
+    monkeypatch.chdir(tmp_path / "out")  # the path holds from anywhere
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits,
+                                   _peft_logits(tmp_path / "out", ids, torch.ones_like(ids)))
+    assert peft_base_model("Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+    assert peft_base_model("qwen2.5-7b") == "Qwen/Qwen2.5-7B"
+    assert peft_base_model("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert peft_base_model("some-org/some-model") == "some-org/some-model"

@@ -124,3 +124,97 @@ def test_a_broken_embedded_cache_says_to_delete_it(tiny_model_dir, tmp_path, mon
     with pytest.raises(ModelLoadError, match=message) as err:
         load_base_model("smollm2-135m")
     assert "\n" not in str(err.value)
+
+
+def _fake_conversion(monkeypatch, tmp_path, convert):
+    """Make the embedded model's conversion ``convert(gguf_dir, into)`` (fast, no wheel needed) under a fresh cache;
+    the real temporary-folder, marker and rename logic stays."""
+    import logo.models as models
+
+    monkeypatch.setenv("LOGO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_smollm2_gguf_dir", lambda: tmp_path)
+    monkeypatch.setattr(models, "_convert_embedded", convert)
+    return tmp_path / "cache" / "models" / "smollm2-135m"
+
+
+def test_two_conversions_at_once_leave_one_whole_readable_folder(monkeypatch, tmp_path, tiny_model_dir):
+    """`logo serve --replicas 2` on a fresh cache: two processes convert at once. Both finish (each in its own folder;
+    both reach the rename together, so the second meets the first's folder and drops its own), and one complete
+    copy is left, with no stray file or folder, readable by other users (save_pretrained writes its weights 0600)."""
+    import os
+    import stat
+    import threading
+
+    from tests.helpers import save_tiny_model
+
+    both_saved = threading.Barrier(2)
+
+    def convert(gguf_dir, into):
+        save_tiny_model(into)
+        (into / f"by-{threading.current_thread().name}").write_text("")
+        both_saved.wait(timeout=120)
+
+    target = _fake_conversion(monkeypatch, tmp_path, convert)
+    results, errors = {}, []
+
+    def run(name):
+        try:
+            results[name] = embedded_checkpoint()
+        except Exception as err:  # a thread's error, reported by the assertion below
+            errors.append(err)
+
+    old_mask = os.umask(0o022)
+    try:
+        threads = [threading.Thread(target=run, args=(name,), name=name) for name in ("one", "two")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    finally:
+        os.umask(old_mask)
+    assert errors == [] and results == {"one": target, "two": target}
+    assert [p.name for p in target.parent.iterdir()] == ["smollm2-135m"]
+    names = {p.name for p in target.iterdir()}
+    assert len({n for n in names if n.startswith("by-")}) == 1, "one process's copy, not a mix of two"
+    expected = {*os.listdir(tiny_model_dir("llama")), "logo_converted.json"}  # what save_tiny_model writes, marked
+    assert {n for n in names if not n.startswith("by-")} == expected
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in target.iterdir()} == {0o644}
+    model, _ = load_base_model("smollm2-135m")
+    assert model.config.num_hidden_layers == 3
+
+
+def test_leftovers_of_killed_conversions_do_not_break_the_next(monkeypatch, tmp_path, tiny_model_dir):
+    """A conversion killed mid-way leaves its temporary folder (stale ones are removed; a recent one may be another
+    process's conversion under way and stays), and an older logo's cut-off one left an unmarked target (replaced)."""
+    import os
+    import time
+
+    target = _fake_conversion(monkeypatch, tmp_path, lambda gguf_dir, into: shutil.copytree(
+        tiny_model_dir("llama"), into, dirs_exist_ok=True))
+    parent = target.parent
+    for name in (".smollm2-135m.killed.partial", "smollm2-135m.partial", ".smollm2-135m.live.partial"):
+        (parent / name).mkdir(parents=True)
+        (parent / name / "model.safetensors").write_bytes(b"cut off")
+    for name in (".smollm2-135m.killed.partial", "smollm2-135m.partial"):
+        os.utime(parent / name, (time.time() - 7200, time.time() - 7200))
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"cut off")  # no marker: not converted
+    assert embedded_checkpoint() == target
+    assert sorted(p.name for p in parent.iterdir()) == [".smollm2-135m.live.partial", "smollm2-135m"]
+    assert (target / "logo_converted.json").is_file()
+    assert load_base_model("smollm2-135m")[0].config.num_hidden_layers == 3
+
+
+def test_a_failed_conversion_is_one_line_and_leaves_nothing(monkeypatch, tmp_path):
+    import errno
+
+    def convert(gguf_dir, into):
+        (into / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = _fake_conversion(monkeypatch, tmp_path, convert)
+    with pytest.raises(ModelLoadError, match=rf"cannot convert the embedded model into {re.escape(str(target))}: "
+                                             r".*No space left on device.*LOGO_CACHE") as err:
+        embedded_checkpoint()
+    assert "\n" not in str(err.value) and list(target.parent.iterdir()) == []

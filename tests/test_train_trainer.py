@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -56,8 +58,14 @@ def test_training_writes_a_loadable_bf16_adapter_and_record(tmp_path):
     tok = make_tokenizer()
     config = TrainConfig(rank=2, alpha=4, steps=3, batch_size=2, lr=1e-2)
     out = tmp_path / "parity"
-    record = train_lora(model, tok, get_task("parity"), out, config, "tiny", progress=False)
+    old_mask = os.umask(0o027)
+    try:
+        record = train_lora(model, tok, get_task("parity"), out, config, "tiny", progress=False)
+    finally:
+        os.umask(old_mask)
     assert len(record.loss_curve) == 3 and record.wall_time_s >= 0 and record.n_train_examples == 6
+    # readable as the umask allows (group here), not 0600 as safetensors' save_file leaves a file
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o640}
     saved = json.loads((out / "train_record.json").read_text())
     assert saved["task"] == "parity" and saved["config"]["steps"] == 3 and saved["config"]["seed"] == 0
     assert saved["data_source"] == json.loads(json.dumps(get_task("parity").describe()))
@@ -114,14 +122,14 @@ def test_bad_settings_are_user_errors(tmp_path):
 def test_a_save_cut_off_leaves_no_truncated_adapter(tmp_path, monkeypatch):
     """A save that dies half-way (here: the bf16 rewrite writes half its file, then the process is stopped) leaves
     no truncated adapter file where the adapter goes, and hands the base model back."""
-    import logo.train.trainer as trainer
+    import safetensors.torch
 
     def half_then_stop(tensors, filename, metadata=None):
         with open(filename, "wb") as file:
             file.write(b"\0" * 10)  # a cut-off file
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "save_file", half_then_stop)
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_stop)
     model = make_tiny_model("llama")
     out = tmp_path / "parity"
     with pytest.raises(KeyboardInterrupt):

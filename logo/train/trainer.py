@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from logo.errors import LogoError
-from logo.paths import replacing, write_atomic
+from logo.paths import save_safetensors, write_atomic
 from logo.train.tasks import Task
 
 RECORD_FILE = "train_record.json"
@@ -196,6 +196,6 @@ def tidy_adapter_dir(out_dir: Path, base_model_name: str) -> None:
 def to_bf16(file: Path) -> None:
     """Rewrite a safetensors file with every tensor in bfloat16 (halves the size of the committed library)."""
     tensors = load_file(str(file))
-    with replacing(file) as tmp:  # a cut-off rewrite leaves the old file, not a truncated one
-        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"format": "pt"})
+    # atomic: a cut-off rewrite leaves the old file, not a truncated one
+    save_safetensors({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, file,
+                     metadata={"format": "pt"})
