@@ -263,7 +263,7 @@ def test_hub_requests_and_failures(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     assert len(ds.load_instances("ai2_arc.ARC-Easy", limit=2)) == 2
     assert calls == [("allenai/ai2_arc", "ARC-Easy", {"split": "test"})]
-    hint = r"cannot load wmt16.en-de \(wmt/wmt16, de-en, test\) from the hub.*huggingface-cli download wmt/wmt16"
+    hint = r"cannot load wmt16.en-de \(wmt/wmt16, de-en, test\) from the hub.*hf download wmt/wmt16"
     with pytest.raises(LogoError, match=hint):
         ds.load_instances("wmt16.en-de")
     with pytest.raises(LogoError, match="GEM/web_nlg"):

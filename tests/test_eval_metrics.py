@@ -32,6 +32,9 @@ def test_rouge_hand_checked():
     assert got["rouge-1"] == pytest.approx(0.5)  # P = 1, R = 2/6
     assert got["rouge-2"] == pytest.approx(2 * 1 * 0.2 / 1.2)  # P = 1, R = 1/5
     assert rouge("cats running", "cat runs")["rouge-1"] == pytest.approx(1.0)  # stemming
+    empty = rouge("", "abc")  # rouge_score gives the int 0 here: results files hold floats only
+    assert empty == {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-L": 0.0}
+    assert all(type(v) is float for v in empty.values())
 
 
 def test_aggregate_and_headline():

@@ -85,6 +85,11 @@ def test_a_users_mistake_on_a_worker_is_one_line():
     mistake = RayTaskError("predict", "Traceback (most recent call last): ...", LogoError("fixed:nope: no adapter"))
     assert str(worker_error(mistake)) == "fixed:nope: no adapter"
     assert "run the same command again to resume" in str(worker_error(RayActorError()))
+    # the worker's own exception: Ray ran the method once (no retries), so no "failed 4 times"; no colour codes
+    crash = RayTaskError("predict", "Traceback ...", RuntimeError("\x1b[36mCUDA out of memory\x1b[39m\nmore"))
+    message = str(worker_error(crash))
+    assert message.startswith("a Ray worker raised RuntimeError: CUDA out of memory; ") and "times" not in message
+    assert "\x1b" not in message and "\n" not in message
 
 
 def test_ray_run_checks_every_method_before_any_worker(setup, tmp_path, monkeypatch):
@@ -96,3 +101,17 @@ def test_ray_run_checks_every_method_before_any_worker(setup, tmp_path, monkeypa
     with pytest.raises(LogoError, match="fixed:nope: no adapter of that name"):
         distributed.run_methods_ray(config(setup, tmp_path), ["base", "fixed:nope"], workers=1, progress=False)
     assert not any(tmp_path.rglob(RECORDS))
+
+
+def test_workers_the_cluster_cannot_place_are_refused():
+    """An actor Ray cannot place waits forever (and the shards given to it): more workers than the cluster's CPUs or
+    GPUs hold is a one-line error, before any actor is made."""
+    from logo.errors import LogoError
+    from logo.eval.distributed import check_capacity
+
+    check_capacity({"CPU": 2.0}, 2, 1.0, 0.0)
+    check_capacity({"CPU": 4.0, "GPU": 2.0}, 4, 1.0, 0.5)
+    with pytest.raises(LogoError, match=r"has 1 CPUs, but --workers 2 x 1 CPU each needs 2: give at most --workers 1"):
+        check_capacity({"CPU": 1.0}, 2, 1.0, 0.0)
+    with pytest.raises(LogoError, match=r"has 0 GPUs, but --workers 1 x --gpus-per-worker 1 needs 1"):
+        check_capacity({"CPU": 8.0}, 1, 1.0, 1.0)

@@ -17,6 +17,7 @@ filesystem or the same hub cache).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -55,13 +56,38 @@ class EvalWorker:
 
 
 def worker_error(err: Exception) -> LogoError:
-    """The one-line error for a failure on a worker: a user's mistake (a LogoError raised there) as it is, anything
-    else as a worker that kept failing (the finished shards are recorded)."""
+    """The one-line error for a failure on a worker: a user's mistake (a LogoError raised there) as it is; another
+    exception raised by the worker's code (Ray runs an actor method once: such an error is not retried) by its type
+    and first line; a worker process that died more often than Ray restarts it as such. The finished shards are
+    recorded either way."""
     cause = getattr(err, "cause", None)
     if isinstance(cause, LogoError):
         return LogoError(str(cause))
-    return LogoError(f"a Ray worker failed {MAX_RESTARTS + 1} times ({type(err).__name__}: {err}); every finished "
-                     "shard is recorded: run the same command again to resume")
+    if cause is not None:  # RayTaskError: the method raised; rerunning repeats it unless its cause is fixed
+        return LogoError(f"a Ray worker raised {type(cause).__name__}: {_short(cause)}; every finished shard "
+                         "is recorded: fix the cause and run the same command again to resume")
+    return LogoError(f"a Ray worker failed {MAX_RESTARTS + 1} times ({type(err).__name__}: {_short(err)}); "
+                     "every finished shard is recorded: run the same command again to resume")
+
+
+def _short(err: BaseException) -> str:
+    """An exception's message for a one-line error: without terminal colour codes (Ray's tracebacks carry them), its
+    first non-blank line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].rstrip(".") if lines else "no message"
+
+
+def check_capacity(resources: dict, workers: int, cpus_per_worker: float, gpus_per_worker: float) -> None:
+    """Raise a LogoError unless the cluster's ``resources`` (``ray.cluster_resources()``) can hold every worker at
+    once: an actor Ray cannot place waits forever, and the shards handed to it with it."""
+    for kind, each, per in (("CPU", cpus_per_worker, "CPU each"), ("GPU", gpus_per_worker, "--gpus-per-worker")):
+        have = resources.get(kind, 0.0)
+        if workers * each > have + 1e-9:
+            what = f"{each:g} {per}" if kind == "CPU" else f"{per} {each:g}"
+            raise LogoError(f"the Ray cluster has {have:g} {kind}s, but --workers {workers} x {what} needs "
+                            f"{workers * each:g}: give at most --workers {int(have // each + 1e-9)}, or a bigger "
+                            "cluster")
 
 
 def run_methods_ray(config: RunConfig, methods: list[str], address: str = "", workers: int = 2,
@@ -83,6 +109,7 @@ def run_methods_ray(config: RunConfig, methods: list[str], address: str = "", wo
     if units:
         if not ray.is_initialized():
             ray.init(address=None if address in ("", "local") else address)
+        check_capacity(ray.cluster_resources(), workers, cpus_per_worker, gpus_per_worker)
         remote = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=MAX_RESTARTS,
                             max_task_retries=MAX_RESTARTS)(EvalWorker)
         actors = [remote.remote(config, methods, int(cpus_per_worker)) for _ in range(workers)]

@@ -6,8 +6,8 @@ the ``refs/convert/parquet`` revision, laid out ``<config>/<split>/0000.parquet`
 
 A local snapshot of a repository at ``DATA_DIR/<owner>/<name>`` is used instead of the hub, e.g.::
 
-    huggingface-cli download allenai/ai2_arc --repo-type dataset --local-dir DATA_DIR/allenai/ai2_arc
-    huggingface-cli download GEM/dart --repo-type dataset --revision refs/convert/parquet \\
+    hf download allenai/ai2_arc --repo-type dataset --local-dir DATA_DIR/allenai/ai2_arc
+    hf download GEM/dart --repo-type dataset --revision refs/convert/parquet \\
         --local-dir DATA_DIR/GEM/dart
 """
 
@@ -40,7 +40,7 @@ class HubSource:
 
     def download_hint(self, data_dir: str | Path = "DATA_DIR") -> str:
         revision = f" --revision {self.revision}" if self.revision else ""
-        return (f"huggingface-cli download {self.repo} --repo-type dataset{revision} "
+        return (f"hf download {self.repo} --repo-type dataset{revision} "
                 f"--local-dir {Path(data_dir) / self.repo}")
 
 

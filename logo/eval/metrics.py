@@ -1,7 +1,9 @@
 """Metrics, as the official LoGo code computes them.
 
 - ``em``: lowercase, strip, remove every ``.``, exact match (BBH, ARC, ANLI, GLUE);
-- ``em_multi``: ``em`` against any of a list of answers (NQ, TQA);
+- ``em_multi``: ``em`` against any of a list of answers (NQ, TQA). The official code means the same, but its
+  ``DataLoader`` (batch size 1, default collation) turns a list label inside out and its ``zip`` then keeps the
+  first answer only; this module scores against every answer, so NQ/TQA can come out higher than the paper's;
 - ``bleu``: NLTK ``sentence_bleu`` (BLEU-4, smoothing method1) on whitespace tokens, per sentence (WMT);
 - ``rouge``: ROUGE-1/2/L F1 with stemming, per instance (GEM).
 Dataset scores are the mean over instances (per key for ROUGE).
@@ -45,8 +47,9 @@ def rouge(prediction: str, label: str) -> dict[str, float]:
 
         _ROUGE = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     scores = _ROUGE.score(label, prediction)
-    return {"rouge-1": scores["rouge1"].fmeasure, "rouge-2": scores["rouge2"].fmeasure,
-            "rouge-L": scores["rougeL"].fmeasure}
+    # floats always (rouge_score gives the int 0 for an empty prediction)
+    return {"rouge-1": float(scores["rouge1"].fmeasure), "rouge-2": float(scores["rouge2"].fmeasure),
+            "rouge-L": float(scores["rougeL"].fmeasure)}
 
 
 def score_instance(metric: str, prediction: str, label):
