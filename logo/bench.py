@@ -15,7 +15,8 @@ Progress (the step under way: shape, phase, batch size and variant) goes to stde
 
 ``--fast static|compiled`` adds a second phase on the fast generation path (``logo.static_decode``:
 static KV cache, and a compiled decode step with CUDA graphs on GPU): base, one adapter and LoGo again,
-interleaved among themselves, after a warm-up that compiles each batch size (its time is reported).
+interleaved among themselves, after a warm-up that compiles each batch size (its time is reported). One
+adapter runs on its own fast engine with k = 1, so its fixed-width mixture is one adapter wide, not k.
 """
 
 from __future__ import annotations
@@ -28,25 +29,28 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 import typer
 
 from logo.errors import LogoError
 from logo.paths import check_output_file, write_output_file
-from logo.perf.official import OfficialPeft
+from logo.perf.official import OFFICIAL_BATCHES, OfficialPeft
 from logo.perf.progress import Phases
 from logo.perf.report import print_table, ratios
 from logo.perf.timing import GenerationTiming, time_generate, time_static, timed
-from logo.router import Router, RouterConfig, Selection, check_k
+from logo.router import RouterConfig, Selection, check_k
+
+if TYPE_CHECKING:
+    from logo.engine import LoGoEngine
 
 VARIANTS = ("base", "one_adapter", "logo", "logo_mid_signal", "logo_shared_pool", "official")
 FAST_VARIANTS = ("base", "one_adapter", "logo")
 FAST_PATHS = ("static", "compiled")
-OFFICIAL_BATCHES = (1,)
 
 
 def distinct_picks(n: int, k: int, rows: int, seed: int) -> list[list[int]]:
@@ -149,16 +153,16 @@ class Bench:
     @torch.no_grad()
     def probe_vs_prefill(self, repeats: int) -> dict[str, float]:
         """Batch-1 plain prefill (what generate's prefill computes: logits of the last token only) against
-        the LoGo probe with routing (official signal: last layer) and a probe at the middle layer."""
+        LoGo's routing (probe, score, select) with the official signal (last layer), ``probe_ms``, and the same
+        routing with the signal at the middle layer, ``probe_mid_layer_ms``: like for like, only the layer differs."""
         ids, mask = self.inputs(1)
-        mid = Router(self.model, self.library, RouterConfig(k=self.k, layer=self.model.config.num_hidden_layers // 2))
         jobs = {
             "prefill_ms": lambda: self.prefill(ids, mask),
             "probe_ms": lambda: self.engine.route_batch(ids, mask),
-            "probe_mid_layer_ms": lambda: mid.probe(ids, mask),
+            "probe_mid_layer_ms": lambda: self.mid_engine.route_batch(ids, mask),
         }
         with self.phases.step("probe vs prefill, batch 1"):
-            return {**self._median_ms(jobs, repeats), "probe_mid_layer": mid.config.layer}
+            return {**self._median_ms(jobs, repeats), "probe_mid_layer": self.mid_engine.router.config.layer}
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor):
         """One prompt forward as ``generate``'s prefill computes it (logits of the last token only), no cache."""
@@ -175,9 +179,12 @@ class Bench:
         return {key: round(statistics.median(v), 2) for key, v in runs.items()}
 
     def signal_layers(self) -> list[int]:
-        """The signal layers of the first-token sweep: a quarter, half and three quarters deep, and the last."""
+        """The signal layers of the first-token sweep: a quarter, half and three quarters deep, and the last.
+
+        The probe at layer ``i`` runs the ``i`` layers before it, so layer ``n * f`` is ``f`` deep (as the
+        middle layer, ``n // 2``, of ``logo_mid_signal``); the last is ``n - 1``, the official signal."""
         n = self.engine.num_layers
-        return sorted({max(0, n // 4 - 1), n // 2, (3 * n) // 4, n - 1})
+        return sorted({n // 4, n // 2, (3 * n) // 4, n - 1})
 
     @torch.no_grad()
     def first_token_by_layer(self, repeats: int) -> dict:
@@ -214,19 +221,35 @@ class Bench:
         samples = self._interleave(jobs, repeats, lambda v, b: self.run(v, b, self.new_tokens), "decode")
         return self._summary(samples, VARIANTS)
 
+    @contextmanager
+    def fast_engines(self, path: str) -> Iterator[dict[str, LoGoEngine]]:
+        """The fast-path engine of each fast variant, closed (hooks removed) when the block ends: base and LoGo
+        share one with the router's k; one adapter has its own with k = 1. A fast engine's mixture is always
+        ``k * r`` wide (unused slots hold zeros), so on LoGo's engine one adapter would cost as much as k."""
+        with ExitStack() as opened:
+            logo = self.engine.with_decode(path)
+            opened.callback(logo.close)
+            single = self.engine.with_router(replace(self.engine.router.config, k=1)).with_decode(path)
+            opened.callback(single.close)
+            yield {"base": logo, "one_adapter": single, "logo": logo}
+
     def fast_decode(self, path: str, batch_sizes: list[int], repeats: int) -> dict:
-        """The decode phase again on the fast path (static cache; compiled step), with its own warm-up."""
-        fast = self.engine.with_decode(path)
+        """The decode phase again on the fast path (static cache; compiled step), with its own warm-up.
+
+        Both fast engines live through the whole phase, so the variants stay interleaved and each compiled
+        graph sees the same hooks from warm-up on; a switched-off hook adds nothing to a compiled step (and a
+        Python call per module to a static one), the same for every variant."""
         jobs = [(v, b) for b in batch_sizes for v in FAST_VARIANTS]
+        with self.fast_engines(path) as engines:
 
-        def run(variant: str, batch: int, new_tokens: int) -> GenerationTiming:
-            ids, mask = self.inputs(batch)
-            try:
-                return time_static(fast.decoder, ids, mask, new_tokens, self._setup(fast, variant, batch))
-            finally:
-                fast.clear_mixture()
+            def run(variant: str, batch: int, new_tokens: int) -> GenerationTiming:
+                ids, mask = self.inputs(batch)
+                fast = engines[variant]
+                try:
+                    return time_static(fast.decoder, ids, mask, new_tokens, self._setup(fast, variant, batch))
+                finally:
+                    fast.clear_mixture()
 
-        try:
             warmup: dict[str, dict[str, float]] = {v: {} for v in FAST_VARIANTS}
             for variant, batch in jobs:  # first runs compile (one graph per batch size and mixture on/off)
                 with self.phases.step(f"{path} warm-up: batch {batch}, {variant}"):
@@ -234,8 +257,6 @@ class Bench:
                     run(variant, batch, self.new_tokens)
                     warmup[variant][str(batch)] = round(time.perf_counter() - start, 2)
             samples = self._interleave(jobs, repeats, lambda v, b: run(v, b, self.new_tokens), f"{path} decode")
-        finally:
-            fast.close()
         return {"path": path, **self._summary(samples, FAST_VARIANTS), "warmup_s": warmup}
 
     def _interleave(self, jobs: list[tuple[str, int]], repeats: int, run,

@@ -131,10 +131,17 @@ class StaticDecoder:
         return torch.stack(tokens, 1)
 
 
+def _recompile_limit_name() -> str:
+    """The dynamo setting that caps recompiles: ``recompile_limit`` from torch 2.7, ``cache_size_limit`` before
+    (the same setting, renamed; pyproject allows torch 2.4)."""
+    return "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+
+
 def _recompile_limit():
     """Room for one graph per (batch, cache length, mixture on/off), for the duration of a step call only."""
-    limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-    return dynamo_config.patch(recompile_limit=limit)
+    name = _recompile_limit_name()
+    limit = max(getattr(dynamo_config, name), RECOMPILE_LIMIT)
+    return dynamo_config.patch(**{name: limit})
 
 
 def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,

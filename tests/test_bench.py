@@ -6,15 +6,18 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import logo.bench
-from logo.bench import bench, distinct_picks, pooled_picks, run_bench
+from logo.bench import Bench, bench, distinct_picks, pooled_picks, run_bench
+from logo.engine import LoGoEngine
 from logo.errors import LogoError
 from logo.library import AdapterLibrary
-from logo.mixture import Mixture
+from logo.mixture import Mixture, _StaticSlot
+from logo.perf.report import print_table
 from logo.perf.timing import time_generate
 from logo.synthetic import SHAPES, random_model, write_random_library
 
@@ -65,6 +68,7 @@ def test_bench_cli_table_json_and_errors(tmp_path):
     res = subprocess.run(CLI + ["--save", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "decode tokens/s" in res.stdout and "official" in res.stdout
+    assert "add 1 to --batch-sizes" not in res.stdout  # measured at batch 1: a row, no note
     assert json.loads((tmp_path / "r.json").read_text())["shape"] == "tiny"
     res = subprocess.run(CLI + ["--json"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
@@ -165,3 +169,77 @@ def test_base_model_runs_hook_free_outside_a_mixture(tmp_path):
     assert hooked() == len(mixture.factors) > 0, "per-row mixtures never merge: no idle pre-hook on them"
     mixture.clear()
     assert hooked() == 0 and not mixture.active
+
+
+def _small_bench(tmp_path: Path, k: int = 4) -> Bench:
+    """A tiny-shape bench of 8 rank-4 adapters (q_proj, v_proj), mixtures of ``k``, up to batch 2."""
+    return Bench("tiny", "cpu", n_adapters=8, rank=4, k=k, targets=["q_proj", "v_proj"], prompt_len=8, new_tokens=3,
+                 max_batch=2, library_dir=tmp_path / "library")
+
+
+def _active_widths(model: torch.nn.Module) -> set[int]:
+    """Columns per row of every static-mixture hook switched on in ``model`` (what its bmm multiplies)."""
+    return {hook.a.shape[1] for m in model.modules() for hook in m._forward_hooks.values()
+            if isinstance(hook, _StaticSlot) and hook.switch.on}
+
+
+def test_fast_one_adapter_is_one_adapter_wide(tmp_path, monkeypatch):
+    """On the fast path a mixture is k_cap * r wide whatever it holds: one adapter must run on its own k = 1
+    engine (r columns), LoGo on k * r, and the phase leaves no hook on the model."""
+    b = _small_bench(tmp_path)
+    seen: list[set[int]] = []
+    real = logo.bench.time_static
+
+    def spy(decoder, ids, mask, new_tokens, setup=None):
+        def observed_setup():
+            if setup is not None:
+                setup()
+            seen.append(_active_widths(decoder.model))
+        return real(decoder, ids, mask, new_tokens, observed_setup)
+
+    monkeypatch.setattr(logo.bench, "time_static", spy)
+    result = b.fast_decode("static", [2], repeats=1)
+    assert all(v > 0 for row in result["decode_tok_s"].values() for v in row.values())
+    rank, k = 4, 4
+    # warm-up then one interleaved run, each in FAST_VARIANTS order: base (no mixture), one adapter, LoGo
+    assert seen == [set(), {1 * rank}, {k * rank}] * 2
+    assert _active_widths(b.model) == set() and not any(
+        isinstance(h, _StaticSlot) for m in b.model.modules() for h in m._forward_hooks.values())
+
+
+def test_mid_layer_probe_routes_like_the_last_layer_probe(tmp_path, monkeypatch):
+    """probe_ms and probe_mid_layer_ms time the same work (route_batch: probe, score, select), at two layers."""
+    b = _small_bench(tmp_path, k=2)
+    routed: list[int] = []
+    real = LoGoEngine.route_batch
+
+    def spy(engine, ids, mask):
+        routed.append(engine.router.config.layer)
+        return real(engine, ids, mask)
+
+    monkeypatch.setattr(LoGoEngine, "route_batch", spy)
+    result = b.probe_vs_prefill(repeats=1)
+    n = b.model.config.num_hidden_layers
+    assert result["probe_mid_layer"] == n // 2
+    assert sorted(set(routed)) == [-1, n // 2]  # the official last layer, then the middle one
+    assert routed.count(-1) == routed.count(n // 2) == 1 + 3  # a warm-up and max(3, repeats) timed rounds
+
+
+@pytest.mark.parametrize("n", [2, 4, 24, 30, 32])
+def test_signal_layers_are_a_quarter_half_three_quarters_deep_and_last(n):
+    """The probe at layer i runs i layers first: f deep is layer int(f * n), for every fraction alike."""
+    layers = Bench.signal_layers(SimpleNamespace(engine=SimpleNamespace(num_layers=n)))
+    assert layers == sorted({int(n * f) for f in (0.25, 0.5, 0.75)} | {n - 1})
+
+
+def test_official_path_not_measured_is_said_not_left_blank(capsys):
+    """Without batch 1 in --batch-sizes the official path is not timed: the JSON keeps its empty row, the table
+    leaves it out and says how to get it."""
+    result = run_bench("tiny", "cpu", n_adapters=4, rank=2, k=2, targets=["q_proj", "v_proj"], prompt_len=8,
+                       new_tokens=3, batch_sizes=[2], repeats=1)
+    assert result["decode_tok_s"]["official"] == {} and result["ttft_ms"]["official"] == {}
+    print_table(result)
+    out = capsys.readouterr().out
+    rows = [line.split()[1] for line in out.splitlines() if line.startswith("│")]
+    assert rows == ["base", "one_adapter", "logo", "logo_mid_signal", "logo_shared_pool"]
+    assert "official (PEFT) path: measured at batch 1 only; add 1 to --batch-sizes" in out

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
+import torch._dynamo.config as dynamo_config
 
+import logo.static_decode
 from logo.engine import LoGoEngine
 from logo.errors import LogoError
 from logo.library import AdapterLibrary
 from logo.mixture import StaticMixture
 from logo.router import RouterConfig, Selection
-from logo.static_decode import StaticDecoder
+from logo.static_decode import RECOMPILE_LIMIT, StaticDecoder, _recompile_limit
 from tests.helpers import make_tiny_model
 from tests.test_mixture import PROMPTS
 
@@ -144,3 +148,31 @@ def test_bad_decode_path_and_shapes_are_named(tiny_library, tokenizer):
                 change()
     finally:
         static.close()
+
+
+class _OldDynamoConfig:
+    """torch < 2.7's dynamo config: the recompile cap is named ``cache_size_limit`` (no ``recompile_limit``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.cache_size_limit = limit
+        self.patched: dict[str, int] = {}
+
+    def patch(self, **changes: int):
+        self.patched = changes
+        return nullcontext()
+
+
+@pytest.mark.parametrize("limit", [8, 500])
+def test_recompile_limit_uses_the_old_name_on_old_torch(monkeypatch, limit):
+    old = _OldDynamoConfig(limit)
+    monkeypatch.setattr(logo.static_decode, "dynamo_config", old)
+    with _recompile_limit():
+        pass
+    assert old.patched == {"cache_size_limit": max(limit, RECOMPILE_LIMIT)}
+
+
+def test_recompile_limit_is_raised_only_around_the_step():
+    before = dynamo_config.recompile_limit
+    with _recompile_limit():
+        assert dynamo_config.recompile_limit == max(before, RECOMPILE_LIMIT)
+    assert dynamo_config.recompile_limit == before

@@ -13,6 +13,9 @@ from pathlib import Path
 
 from torch import nn
 
+OFFICIAL_BATCHES = (1,)
+"""The batch sizes the bench times the official path at (the official protocol runs at batch 1)."""
+
 
 class OfficialPeft:
     """PEFT's mixed LoRA model over ``model``, swappable in and out of the module tree."""

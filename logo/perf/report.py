@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from logo.perf.official import OFFICIAL_BATCHES
+
 
 def over_base(decode: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """Every variant's decode tokens/s over the base's at the same batch size."""
@@ -42,7 +44,7 @@ def print_table(result: dict) -> None:
                   f"median of {result['repeats']} interleaved runs; {result['decode_kernel']}")
     console.print(f"library load {result['load_s']:.2f} s (written in {result['library_write_s']:.1f} s); "
                   f"plain prefill {result['prefill_ms']:.1f} ms; probe+route {result['probe_ms']:.1f} ms "
-                  f"({r['probe_over_prefill']:.2f}x prefill); probe at layer {result['probe_mid_layer']} "
+                  f"({r['probe_over_prefill']:.2f}x prefill); probe+route at layer {result['probe_mid_layer']} "
                   f"{result['probe_mid_layer_ms']:.1f} ms ({r['probe_mid_layer_over_prefill']:.2f}x); "
                   f"{result['peak_mem_label']} {result['peak_mem_gb']} GB")
     if "first_token_by_layer_over_prefill" in r:
@@ -53,6 +55,9 @@ def print_table(result: dict) -> None:
                       f"{by_layer['prefill_ms']:.1f} ms): {cells}")
     console.print(_decode_table("decode tokens/s, transformers generate (x base at the same batch) "
                                 "[time to first token, ms]", result, r["decode_over_base"]))
+    note = unmeasured_official(result)
+    if note:
+        console.print(note)
     if "fast" in result:
         fast = result["fast"]
         console.print(_decode_table(f"decode tokens/s, fast path: {fast['path']} (x fast base) [time to first "
@@ -69,6 +74,15 @@ def print_table(result: dict) -> None:
                       f"logo_mid_signal routes at layer {result['probe_mid_layer']}")
 
 
+def unmeasured_official(result: dict) -> str | None:
+    """A line saying why the decode table has no official row (none of its batch sizes were asked for), else None."""
+    if result["decode_tok_s"].get("official") != {}:  # measured, or a table without that variant (the fast one)
+        return None
+    batches = ", ".join(str(b) for b in OFFICIAL_BATCHES)
+    return (f"official (PEFT) path: measured at batch {batches} only; add {batches} to --batch-sizes to "
+            "compare with it")
+
+
 def _decode_table(title: str, result: dict, over: dict):
     from rich.table import Table
 
@@ -78,6 +92,8 @@ def _decode_table(title: str, result: dict, over: dict):
     for b in batches:
         table.add_column(f"batch {b}", justify="right")
     for variant, row in result["decode_tok_s"].items():
+        if not row:  # not measured at any batch size of this run (the official path): said below the table
+            continue
         cells = []
         for b in batches:
             if b not in row:
