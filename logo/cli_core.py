@@ -74,7 +74,13 @@ def engine_spec(base_model, adapters, overrides: dict, router_file: str, device,
 def build_engine(base_model, adapters, overrides: dict, router_file: str, device, dtype, decode="eager"):
     """The engine the flags describe (see :func:`engine_spec`), its calibration statistics checked before any
     prompt is routed."""
-    engine = engine_spec(base_model, adapters, overrides, router_file, device, dtype, decode).build(progress=True)
+    return build_checked(engine_spec(base_model, adapters, overrides, router_file, device, dtype, decode))
+
+
+def build_checked(spec, progress: bool = True):
+    """``spec``'s engine, its calibration statistics checked (:meth:`LoGoEngine.check_statistics`), so a router
+    that would fail every prompt fails here, once, instead (the engine is closed then)."""
+    engine = spec.build(progress=progress)
     try:
         engine.check_statistics()
     except LogoError:

@@ -197,13 +197,13 @@ def test_serve_takes_the_router_flags_of_route(model_and_lib, monkeypatch):
     model_dir, lib = model_and_lib
     with pytest.raises(LogoError, match="stopped before the model loads"):
         serve(base_model=str(model_dir), adapters=str(lib), n_selected_modules=2, abstain="margin",
-              abstain_below=0.25, calibration="none")
+              abstain_below=0.25, calibration="none", port=0)  # port 0: whatever listens on 8000 here
     assert built[0].router_overrides == {"k": 2, "abstain": "margin", "abstain_below": 0.25, "calibration": "none"}
     with pytest.raises(LogoError, match="use --decode eager"):
-        serve(base_model=str(model_dir), adapters=str(lib), decode="static")
+        serve(base_model=str(model_dir), adapters=str(lib), decode="static", port=0)
     for flag in ("max_batch_size", "max_queue", "max_prefill_rows"):  # before the model loads, not in its lifespan
         with pytest.raises(LogoError, match=f"--{flag.replace('_', '-')} must be at least 1, got 0"):
-            serve(base_model=str(model_dir), adapters=str(lib), **{flag: 0})
+            serve(base_model=str(model_dir), adapters=str(lib), port=0, **{flag: 0})
     assert len(built) == 1
     help_text = run_logo("serve", "--help").stdout
     assert "--abstain-below" in help_text

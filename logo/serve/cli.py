@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from typing import Annotated
 
 import typer
@@ -54,7 +56,8 @@ def serve(
     dtype: Dtype = "auto",
     decode: ServeDecode = "eager",
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port; the URL printed "
+                                                         "names it).")] = 8000,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Rows decoded together at most.")] = 32,
     max_queue: Annotated[int, typer.Option("--max-queue", help="Waiting requests at most; then 429.")] = 256,
     max_prefill_rows: Annotated[int, typer.Option("--max-prefill-rows", help="New requests prefilled together at "
@@ -72,22 +75,27 @@ def serve(
     replicas: Annotated[int, typer.Option("--replicas", help="Serve from N Ray Serve replicas, each with its own "
                                           "engine (0: one process, no Ray).")] = 0,
     min_replicas: Annotated[int | None, typer.Option("--min-replicas", help="With Ray Serve: autoscale from this "
-                                                     "many replicas...")] = None,
-    max_replicas: Annotated[int | None, typer.Option("--max-replicas", help="...up to this many.")] = None,
-    ray_address: Annotated[str, typer.Option("--ray-address", help="With replicas: 'local' starts a local Ray, "
-                                             "HOST:PORT joins a cluster.")] = "local",
+                                                     "many replicas (default 1; 0 scales to zero)...")] = None,
+    max_replicas: Annotated[int | None, typer.Option("--max-replicas", help="...up to this many (default: "
+                                                     "--min-replicas, at least 1). Not with --replicas.")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="With replicas: 'local' (the default) "
+                                                    "starts a local Ray, HOST:PORT joins a cluster.")] = None,
 ) -> None:
     """Serve an OpenAI-compatible API that routes every request with LoGo, batches requests and streams."""
     import torch  # lazy (as uvicorn): keeps `logo --help` fast
-    import uvicorn  # lazy: keeps `logo --help` free of the server stack
 
-    from logo.cli_core import engine_spec
+    from logo.cli_core import build_checked, engine_spec
     from logo.router import router_overrides
     from logo.serve.api import ServeConfig, create_app
 
     if decode not in SERVE_DECODE:
         raise LogoError(f"--decode {decode} is not supported by logo serve: it batches requests continuously on a "
                         f"dynamic KV cache; use --decode eager")
+    check_port(port)
+    replicated = replicas != 0 or min_replicas is not None or max_replicas is not None
+    if ray_address is not None and not replicated:
+        raise LogoError("--ray-address says where Ray runs the replicas: add --replicas N (or --min-replicas/"
+                        "--max-replicas), or leave --ray-address out to serve from this process")
     if threads is not None:
         if threads < 1:
             raise LogoError(f"--threads must be at least 1, got {threads}")
@@ -99,20 +107,80 @@ def serve(
     config = ServeConfig(base_id=base_model, routed_id=model_id, max_batch_size=max_batch_size, max_queue=max_queue,
                          max_prefill_rows=max_prefill_rows,
                          max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit, api_key=api_key)
-    if replicas or min_replicas is not None or max_replicas is not None:
-        from logo.serve.replicas import replica_options, run_replicas  # lazy: Ray is an optional extra
-
-        options = replica_options(replicas, min_replicas, max_replicas, threads or 1)
-        print(f"logo serve: Ray Serve replicas ({options.get('num_replicas') or options['autoscaling_config']}) on "
-              f"http://{host}:{port}/ (playground), /v1/completions, /v1/chat/completions", flush=True)
-        run_replicas(spec, config, host, port, options, threads or 1, ray_address)
+    if replicated:
+        serve_replicas(spec, config, host, port, replicas, min_replicas, max_replicas, threads or 1,
+                       ray_address or "local")
         return
-    engine = spec.build(progress=True)
-    print(f"logo serve: {engine.prepare_decode()}", flush=True)
-    app = create_app(engine, config)
-    print(f"logo serve: {len(engine.library)} adapters, k={engine.router.config.k}; http://{host}:{port}/ "
-          f"(playground), /v1/completions, /v1/chat/completions")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    sock = listening_socket(host, port)  # before the model loads: a port in use fails in a line, at once
+    try:
+        engine = build_checked(spec)
+        print(f"logo serve: {engine.prepare_decode()}", flush=True)
+        app = create_app(engine, config)
+        print(f"logo serve: {len(engine.library)} adapters, k={engine.router.config.k}; "
+              f"{server_url(host, sock.getsockname()[1])}/ (playground), /v1/completions, /v1/chat/completions",
+              flush=True)
+        run_server(app, sock)
+    finally:
+        sock.close()
+
+
+def serve_replicas(spec, config, host: str, port: int, replicas: int, min_replicas: int | None,
+                   max_replicas: int | None, threads: int, ray_address: str) -> None:
+    """`logo serve` from Ray Serve replicas: the replica flags, the adapters and the router (``spec.resolved``) and,
+    with a local Ray, the port are checked here, before Ray starts; then Ray Serve runs until interrupted."""
+    from logo.serve.replicas import replica_options, run_replicas  # lazy: Ray is an optional extra
+
+    options = replica_options(replicas, min_replicas, max_replicas, threads)
+    if port == 0:
+        raise LogoError("--port 0 (any free port) works only without replicas: give Ray Serve's proxy a port, "
+                        "e.g. --port 8000")
+    spec.resolved()  # what each replica checks before it loads the model, checked once here
+    if ray_address == "local":
+        listening_socket(host, port).close()  # the proxy binds it on this machine: is it free?
+    print(f"logo serve: Ray Serve replicas ({options.get('num_replicas') or options['autoscaling_config']}) on "
+          f"{server_url(host, port)}/ (playground), /v1/completions, /v1/chat/completions", flush=True)
+    run_replicas(spec, config, host, port, options, threads, ray_address)
+
+
+def check_port(port: int) -> None:
+    """``--port`` is a TCP port (0: any free one); checked before anything loads."""
+    if not 0 <= port <= 65535:
+        raise LogoError(f"--port must be between 0 and 65535 (0: any free port), got {port}")
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on ``host:port`` (IPv6 when ``host`` has a colon, as uvicorn binds), made before the
+    model loads so that a port in use, or an address this machine does not have, is a one-line error at once; it
+    listens at once too, so a second server cannot take the port while this one loads (clients wait meanwhile)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait on TIME_WAIT
+    try:
+        sock.bind((host, port))
+        sock.listen()
+    except OSError as err:
+        sock.close()
+        hint = ("another server listens there: stop it or give another --port" if err.errno == errno.EADDRINUSE
+                else "give --host an address of this machine (e.g. 127.0.0.1) and a --port you may use")
+        raise LogoError(f"cannot listen on --host {host} --port {port} ({err.strerror or err}); {hint}") from None
+    return sock
+
+
+def server_url(host: str, port: int) -> str:
+    """The server's root URL (an IPv6 address in brackets)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def run_server(app, sock: socket.socket) -> None:
+    """Serve ``app`` with uvicorn on the bound ``sock`` until Ctrl-C or SIGTERM (as ``uvicorn.run``, which binds
+    its own socket only after the model has loaded)."""
+    import uvicorn  # lazy: keeps `logo --help` free of the server stack
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped (uvicorn.run passes it too)
+        pass
 
 
 def loadtest(
@@ -121,7 +189,9 @@ def loadtest(
     requests: Annotated[int, typer.Option("--requests-per-client", help="Requests each client sends, one after "
                                           "the other (a level sends clients x this many).")] = 8,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="max_tokens of every request.")] = 32,
-    time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds per level at most.")] = 120.0,
+    time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds in which a level starts requests; "
+                                              "requests still running then get 30 s more, then count as lost "
+                                              "(as does one whose server is silent this long).")] = 120.0,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="LOGO_API_KEY")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per level.")] = False,
 ) -> None:

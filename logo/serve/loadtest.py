@@ -1,10 +1,12 @@
 """A bounded load test of a loopback server: streamed completions from N concurrent clients.
 
 Each level has ``concurrency`` clients send ``requests`` streamed greedy completions each, one after the
-other (prompts from the calibration set, cycled), within ``time_limit`` seconds, and reports aggregate output
-tokens per second, time to first token and latency (p50 / p95), errors (the server refused the request or
-could not be reached; the first one's reason is kept), and lost requests (sent but never finished: no
-``[DONE]``). Before the first level the server's ``/health`` must answer, so a wrong ``--url`` fails at once.
+other (prompts from the calibration set, cycled), starting none after ``time_limit`` seconds (those still running
+then get ``GRACE_S`` more to finish), and reports aggregate output tokens per second, time to first token and
+latency (p50 / p95; null when no request succeeded), errors (the server refused the request or could not be
+reached; the first one's reason is kept), and lost requests (sent but never finished: no ``[DONE]``, cut off
+after the grace time, or a server silent for ``time_limit`` seconds). Before the first level the server's
+``/health`` must answer, so a wrong ``--url`` fails at once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import httpx
 from logo.calibration import default_prompts
 from logo.errors import LogoError
 
+GRACE_S = 30
+"""Seconds a level's running requests get to finish after its ``--time-limit``; then they count as lost."""
+
 
 @dataclass
 class LevelResult:
@@ -34,16 +39,21 @@ class LevelResult:
     seconds: float
     output_tokens: int
     tokens_per_s: float
-    ttft_p50_s: float
-    ttft_p95_s: float
-    latency_p50_s: float
-    latency_p95_s: float
+    ttft_p50_s: float | None
+    """Percentiles are None (JSON null) when no request of the level succeeded."""
+    ttft_p95_s: float | None
+    latency_p50_s: float | None
+    latency_p95_s: float | None
     first_error: str | None = None
     """The first failed request's reason (HTTP status and the server's message)."""
 
 
 def check_loopback(url: str) -> str:
-    host = urlparse(url).hostname or ""
+    """``url`` without a trailing slash, if it is an http(s) URL of this machine's loopback."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise LogoError(f"--url {url!r}: give a URL with a scheme, e.g. http://127.0.0.1:8000")
+    host = parsed.hostname
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -68,6 +78,7 @@ def check_server(url: str) -> None:
 
 
 def _reason(status: int, body: bytes) -> str:
+    """A refused request's reason: its HTTP status and the message of OpenAI's error body (else the body's start)."""
     try:
         message = json.loads(body)["error"]["message"]
     except (ValueError, KeyError, TypeError):
@@ -75,12 +86,21 @@ def _reason(status: int, body: bytes) -> str:
     return f"HTTP {status}: {message}"
 
 
-def percentile(values: list[float], q: float) -> float:
+def _message(error) -> str:
+    """The message of an error chunk's ``error`` object (OpenAI's shape); anything else as JSON."""
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"]
+    return json.dumps(error)[:200]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile of ``values``, rounded to the millisecond; None (JSON null, not NaN, which is not
+    JSON) when there are none."""
     if not values:
-        return float("nan")
+        return None
     if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1]
+        return round(values[0], 3)
+    return round(statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1], 3)
 
 
 async def _one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, headers: dict) -> tuple:
@@ -103,7 +123,7 @@ async def _one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    return "error", None, time.perf_counter() - start, 0, f"in the stream: {chunk['error']}"
+                    return "error", None, time.perf_counter() - start, 0, f"in the stream: {_message(chunk['error'])}"
                 if ttft is None and any(c.get("text") for c in chunk.get("choices", [])):
                     ttft = time.perf_counter() - start
                 if chunk.get("usage"):
@@ -139,7 +159,7 @@ async def run_level(url: str, concurrency: int, requests: int, max_tokens: int, 
     async with httpx.AsyncClient(timeout=httpx.Timeout(time_limit), limits=limits) as client:
         tasks = [asyncio.create_task(client_loop(client)) for _ in range(concurrency)]
         try:
-            await asyncio.wait_for(asyncio.gather(*tasks), timeout=time_limit + 30)
+            await asyncio.wait_for(asyncio.gather(*tasks), timeout=time_limit + GRACE_S)
         except asyncio.TimeoutError:
             pass
     seconds = time.perf_counter() - start
@@ -151,10 +171,10 @@ async def run_level(url: str, concurrency: int, requests: int, max_tokens: int, 
         concurrency=concurrency, requests=sent, ok=len(ok), errors=sum(r[0] == "error" for r in results),
         lost=sent - len(ok) - sum(r[0] == "error" for r in results), seconds=round(seconds, 2),
         output_tokens=tokens, tokens_per_s=round(tokens / seconds, 2),
-        ttft_p50_s=round(percentile([r[1] for r in ok if r[1] is not None], 50), 3),
-        ttft_p95_s=round(percentile([r[1] for r in ok if r[1] is not None], 95), 3),
-        latency_p50_s=round(percentile([r[2] for r in ok], 50), 3),
-        latency_p95_s=round(percentile([r[2] for r in ok], 95), 3),
+        ttft_p50_s=percentile([r[1] for r in ok if r[1] is not None], 50),
+        ttft_p95_s=percentile([r[1] for r in ok if r[1] is not None], 95),
+        latency_p50_s=percentile([r[2] for r in ok], 50),
+        latency_p95_s=percentile([r[2] for r in ok], 95),
         first_error=errors[0] if errors else None,
     )
 
@@ -168,6 +188,13 @@ def parse_levels(text: str) -> list[int]:
     if not levels or any(c < 1 for c in levels):
         raise LogoError(f"--concurrency needs positive client counts, got {text!r}")
     return levels
+
+
+def table_row(r: LevelResult) -> str:
+    """One level as a row of the Markdown table; a percentile no request gave is ``-``."""
+    cells = [r.concurrency, r.requests, r.ok, r.errors, r.lost, r.seconds, r.output_tokens, r.tokens_per_s,
+             r.ttft_p50_s, r.ttft_p95_s, r.latency_p50_s, r.latency_p95_s]
+    return "| " + " | ".join("-" if cell is None else str(cell) for cell in cells) + " |"
 
 
 def run_levels(url: str, levels: list[int], requests: int, max_tokens: int, time_limit: float,
@@ -186,12 +213,9 @@ def run_levels(url: str, levels: list[int], requests: int, max_tokens: int, time
         result = asyncio.run(run_level(url, level, requests, max_tokens, time_limit, api_key, prompts))
         out.append(result)
         if json_out:
-            print(json.dumps(asdict(result)))
+            print(json.dumps(asdict(result), allow_nan=False), flush=True)
         else:
-            r = result
-            print(f"| {r.concurrency} | {r.requests} | {r.ok} | {r.errors} | {r.lost} | {r.seconds} | "
-                  f"{r.output_tokens} | {r.tokens_per_s} | {r.ttft_p50_s} | {r.ttft_p95_s} | {r.latency_p50_s} | "
-                  f"{r.latency_p95_s} |", flush=True)
+            print(table_row(result), flush=True)
         if result.first_error is not None and not json_out:
             print(f"  {result.errors} of {result.requests} failed; the first: {result.first_error}", file=sys.stderr)
     return out

@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from logo.cli_core import build_checked
 from logo.errors import LogoError
 from logo.serve.api import ServeConfig, create_app
 from logo.spec import EngineSpec
@@ -28,31 +29,46 @@ TARGET_ONGOING_REQUESTS = 16
 """Autoscaling target per replica: about half a full batch (``--max-batch-size`` 32) in flight."""
 
 
+def replica_app(spec: EngineSpec, config: ServeConfig, threads: int):
+    """The app one replica serves: its engine, calibration statistics checked as `logo serve` checks them (a router
+    that would answer every request 400 fails the replica instead), the decode kernel built, under the server app."""
+    torch.set_num_threads(max(1, threads))
+    engine = build_checked(spec, progress=False)
+    engine.prepare_decode()  # the kernel is built (once per machine) before the replica takes requests
+    return create_app(engine, config)
+
+
 @serve.deployment
 @serve.ingress()
 class LogoReplica:
     """One replica: an engine and the server app (with its own batching scheduler) on top of it."""
 
     def __init__(self, spec: EngineSpec, config: ServeConfig, threads: int) -> None:
-        torch.set_num_threads(max(1, threads))
-        engine = spec.build()
-        engine.prepare_decode()  # the kernel is built (once per machine) before the replica takes requests
-        self.server = create_app(engine, config)
+        self.server = replica_app(spec, config, threads)
 
     def __serve_build_asgi_app__(self):
         return self.server
 
 
 def replica_options(replicas: int, min_replicas: int | None, max_replicas: int | None, threads: int) -> dict:
-    """Ray Serve deployment options: a fixed count, or autoscaling between a minimum and a maximum."""
+    """Ray Serve deployment options: a fixed count (``--replicas``), or autoscaling between ``--min-replicas``
+    (default 1; 0 lets Ray Serve scale to zero) and ``--max-replicas`` (default: the minimum, at least 1)."""
     actor = {"ray_actor_options": {"num_cpus": threads}, "max_ongoing_requests": 1024}
     if min_replicas is None and max_replicas is None:
         if replicas < 1:
             raise LogoError(f"--replicas must be at least 1, got {replicas}")
         return {**actor, "num_replicas": replicas}
-    low, high = min_replicas or 1, max_replicas or max(replicas, min_replicas or 1)
-    if not 1 <= low <= high:
-        raise LogoError(f"autoscaling needs 1 <= --min-replicas <= --max-replicas, got {low} and {high}")
+    if replicas:
+        raise LogoError("give either --replicas N (a fixed count) or --min-replicas/--max-replicas (autoscaling), "
+                        "not both")
+    low = 1 if min_replicas is None else min_replicas
+    high = max(low, 1) if max_replicas is None else max_replicas
+    if low < 0:
+        raise LogoError(f"--min-replicas must be at least 0, got {low}")
+    if high < 1:
+        raise LogoError(f"--max-replicas must be at least 1, got {high}")
+    if low > high:
+        raise LogoError(f"--min-replicas ({low}) must not exceed --max-replicas ({high})")
     return {**actor, "autoscaling_config": {"min_replicas": low, "max_replicas": high,
                                             "target_ongoing_requests": TARGET_ONGOING_REQUESTS}}
 
@@ -71,6 +87,9 @@ def run_replicas(spec: EngineSpec, config: ServeConfig, host: str, port: int, op
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so a terminated server still shuts its replicas down
     try:
         serve.run(deployment, name="logo", route_prefix="/", blocking=True)
+    except RuntimeError as err:  # Ray Serve's "Deploying application logo failed": no replica could start
+        raise LogoError(f"Ray Serve could not start the replicas ({str(err).splitlines()[0].rstrip('.')}); the "
+                        "replicas' own error (e.g. missing calibration statistics) is in Ray's log above") from None
     finally:
         serve.shutdown()
         ray.shutdown()
