@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from logo.errors import LogoError
-from logo.library import AdapterLibrary
+from logo.library import AdapterLibrary, ModuleStack
 from logo.mixture_ops import ModuleMixture, Workspace, coefficients, gather
 
 
@@ -271,6 +271,19 @@ class _StaticSlot:
         return torch.baddbmm(output, torch.bmm(x, self.a.transpose(1, 2)), self.b)
 
 
+def _static_buffers(stack: ModuleStack, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A slot's zeroed ``a [rows, width, d_in]`` and ``b [rows, width, d_out]``, marked as static addresses.
+
+    Allocated outside ``torch.inference_mode`` even inside it: every later :meth:`StaticMixture.set` writes them in
+    place, which an inference tensor forbids outside inference mode (a normal tensor may be written in both)."""
+    with torch.inference_mode(False):
+        a = stack.A.new_zeros(rows, width, stack.A.shape[2], dtype=stack.dtype)
+        b = stack.Bt.new_zeros(rows, width, stack.Bt.shape[2], dtype=stack.dtype)
+    torch._dynamo.mark_static_address(a)
+    torch._dynamo.mark_static_address(b)
+    return a, b
+
+
 class StaticMixture:
     """Per-row mixtures for the static-cache / compiled decoder (``logo.static_decode``).
 
@@ -328,11 +341,7 @@ class StaticMixture:
             width = self.k_cap * r
             key = (rows, width)
             if key not in slot.buffers:
-                a = stack.A.new_zeros(rows, width, stack.A.shape[2], dtype=stack.dtype)
-                b = stack.Bt.new_zeros(rows, width, stack.Bt.shape[2], dtype=stack.dtype)
-                torch._dynamo.mark_static_address(a)
-                torch._dynamo.mark_static_address(b)
-                slot.buffers[key] = (a, b)
+                slot.buffers[key] = _static_buffers(stack, rows, width)
             a, b = slot.buffers[key]
             idx = flat.to(stack.A.device)
             coeff = coefficients(stack, idx.view(rows, k), weights.to(stack.A.device))

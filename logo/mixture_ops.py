@@ -65,8 +65,19 @@ factors 7.4 ms per decode step, i.e. 8 steps, where these units give 2.55 G agai
 FORMULATIONS = ("auto", "rows", "union", "library", "merged")
 
 
+def persistent_empty(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised flat buffer that later calls will write in place: allocated outside ``torch.inference_mode``
+    even when called inside it, because an inference tensor can never be written outside inference mode again (one
+    ``inference_mode`` call would break every later plain call), while a normal tensor may be written in both."""
+    with torch.inference_mode(False):
+        return torch.empty(numel, dtype=dtype, device=device)
+
+
 class Workspace:
-    """Reusable flat buffers, one per key, grown as needed and never shrunk (until :meth:`release`)."""
+    """Reusable flat buffers, one per key, grown as needed and never shrunk (until :meth:`release`).
+
+    The buffers are normal tensors even when taken inside ``torch.inference_mode`` (see :func:`persistent_empty`).
+    """
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
@@ -79,7 +90,7 @@ class Workspace:
         dtype = dtype or like.dtype
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != like.device:
-            grown = torch.empty(numel, dtype=dtype, device=like.device)
+            grown = persistent_empty(numel, dtype, like.device)
             if keep:
                 if buf is None or buf.numel() < keep or buf.dtype != dtype or buf.device != like.device:
                     raise ValueError(f"workspace buffer {key!r} does not hold the {keep} values to keep")

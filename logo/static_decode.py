@@ -61,8 +61,11 @@ class StaticDecoder:
         """A reset static cache for ``batch`` rows and ``size`` tokens (made on first use, then reused)."""
         key = (batch, size)
         cache = self._caches.get(key)
-        if cache is None:
-            cache = StaticCache(config=self.model.config, max_cache_len=size)
+        # one first filled inside torch.inference_mode holds inference tensors, which nothing outside it may write:
+        # a plain call replaces it (once: the new one's tensors are plain, and serve both modes)
+        if cache is None or (not torch.is_inference_mode_enabled() and _holds_inference_tensors(cache)):
+            with torch.inference_mode(False):  # the counter is made now; keys and values by the first prefill
+                cache = StaticCache(config=self.model.config, max_cache_len=size)
             self._caches[key] = cache
         else:
             cache.reset()
@@ -129,6 +132,11 @@ class StaticDecoder:
             if self.cuda_graphs:
                 logits = logits.clone()  # the graph's output buffer is overwritten by the next replay
         return torch.stack(tokens, 1)
+
+
+def _holds_inference_tensors(cache: StaticCache) -> bool:
+    """Whether ``cache`` was made or filled inside ``torch.inference_mode`` (its tensors are inference tensors)."""
+    return any(isinstance(t, torch.Tensor) and t.is_inference() for layer in cache.layers for t in vars(layer).values())
 
 
 def _recompile_limit_name() -> str:
