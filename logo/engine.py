@@ -22,7 +22,13 @@ from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from logo import library_decode
 from logo.calibration import default_prompts, save_calibration, weight_norms
@@ -139,7 +145,8 @@ class LoGoEngine:
             raise LogoError(f"with_router takes a RouterConfig, got {type(config).__name__}; e.g. "
                             "RouterConfig(**fields) or RouterConfig.from_dict(data)")
         other = copy.copy(self)
-        other._router = Router(self.model, self.library, config)
+        with self._mixer.suspended():  # the router's checks may run the base model (one row), whatever mixture is set
+            other._router = Router(self.model, self.library, config)
         other.timings = Timings()
         return other
 
@@ -384,25 +391,35 @@ class LoGoEngine:
         """New tokens ``[B, T]`` under the current mixture, by the engine's decode path."""
         if self.decoder is None:
             stopping = StoppingCriteriaList([NewlineStop(self.newline_id)]) if settings.early_stop else None
-            out = self.model.generate(input_ids=ids, attention_mask=mask,
-                                      generation_config=self._generation_config(settings),
-                                      stopping_criteria=stopping)
+            with self._without_model_defaults():
+                out = self.model.generate(input_ids=ids, attention_mask=mask,
+                                          generation_config=self._generation_config(settings),
+                                          stopping_criteria=stopping)
             return out[:, ids.shape[1] :]
         return self.decoder.generate(ids, mask, settings.max_new_tokens, stop_ids=self.stop_ids(settings.early_stop),
                                      pad_id=self.pad_id(), do_sample=settings.do_sample,
                                      temperature=settings.temperature, top_p=settings.top_p, generator=generator)
 
-    def _generation_config(self, settings: GenerationSettings):
-        config = copy.deepcopy(self.model.generation_config)
-        config.max_new_tokens = settings.max_new_tokens
-        config.max_length = None
-        config.do_sample = settings.do_sample
-        config.pad_token_id = self.tokenizer.pad_token_id
-        if settings.do_sample:
-            config.temperature, config.top_p, config.top_k = settings.temperature, settings.top_p, None
-        else:
-            config.temperature, config.top_p, config.top_k = None, None, None
-        return config
+    def _generation_config(self, settings: GenerationSettings) -> GenerationConfig:
+        """``settings`` as transformers' config (``top_k=0``: no top-k cut, as the static path and the server)."""
+        sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0} if settings.do_sample \
+            else {"temperature": None, "top_p": None, "top_k": None}
+        return GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+                                pad_token_id=self.tokenizer.pad_token_id, **sampling)
+
+    @contextmanager
+    def _without_model_defaults(self) -> Iterator[None]:
+        """The model's own generation defaults (Qwen2.5-Instruct ships ``repetition_penalty``, ``top_k`` ...) set
+        aside for one ``generate``: transformers fills every field a passed config leaves unset from them, so they
+        would act on this path only, and the static/compiled paths and the server, which apply none of them, would
+        give other tokens. Only the special tokens stay."""
+        own = self.model.generation_config
+        self.model.generation_config = GenerationConfig(eos_token_id=own.eos_token_id, bos_token_id=own.bos_token_id,
+                                                        pad_token_id=own.pad_token_id)
+        try:
+            yield
+        finally:
+            self.model.generation_config = own
 
     # ------------------------------------------------------------ calibration
     def check_statistics(self) -> None:

@@ -19,6 +19,7 @@ that best tells the adapters apart).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
@@ -346,6 +347,85 @@ def probe_points(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return {point: pool(captured[(point.layer, point.post_norm)], attention_mask, point.position) for point in points}
 
 
+_SAME_INPUT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Per model, ``(probed, module) -> bool`` from :func:`differing_inputs` (a fact of the architecture), so a router
+built again on the same model (``with_router``, a server's per-request check) runs no layer."""
+
+
+def differing_inputs(model: nn.Module, layer: int, probed: str, modules: list[str]) -> list[str]:
+    """The ones of ``modules`` (full names, in decoder layer ``layer``) whose input is not ``probed``'s input.
+
+    Decided by running the layer, not by names: a post-norm probe reads ``probed``'s input and feeds it to every
+    module's adapters, which scores a module correctly only if that vector is its input too (``q_proj``,
+    ``k_proj`` and ``v_proj`` read the same normed state; ``up_proj`` reads the state after attention)."""
+    known = _SAME_INPUT.setdefault(model, {})
+    unknown = [m for m in modules if m != probed and (probed, m) not in known]
+    if unknown:
+        inputs = layer_inputs(model, layer, [probed, *unknown])
+        for m in unknown:
+            here, there = inputs[probed], inputs[m]
+            known[(probed, m)] = here.shape == there.shape and torch.allclose(here.float(), there.float())
+    return [m for m in modules if m != probed and not known[(probed, m)]]
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, layer: int, names: list[str]) -> dict[str, torch.Tensor]:
+    """The inputs modules ``names`` (full names, in decoder layer ``layer``) receive when that layer alone runs on a
+    seeded random hidden state ``[1, 2, hidden]``; its other arguments (rotary embeddings, mask, positions) are those
+    the model passes its first layer for two tokens. The layer stops once every input is captured."""
+    layers = decoder_layers(model)
+    args, kwargs = _first_layer_call(model, layers[0])
+    hidden = args[0] if args else kwargs["hidden_states"]
+    generator = torch.Generator().manual_seed(0)
+    state = torch.randn(hidden.shape, generator=generator).to(hidden.device, hidden.dtype)
+    args, kwargs = ((state, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": state})
+    named = dict(model.named_modules())
+    captured: dict[str, torch.Tensor] = {}
+
+    def grabber(name: str):
+        def grab(_module, module_args, module_kwargs):
+            captured[name] = module_args[0] if module_args else next(iter(module_kwargs.values()))
+            if len(captured) == len(names):
+                raise _StopProbe
+
+        return grab
+
+    handles = [named[name].register_forward_pre_hook(grabber(name), with_kwargs=True) for name in dict.fromkeys(names)]
+    try:
+        layers[layer](*args, **kwargs)
+    except _StopProbe:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in names if name not in captured]
+    if missing:
+        raise LogoError(f"decoder layer {layer} never called {missing}; choose signal modules that the layer runs")
+    return captured
+
+
+def _first_layer_call(model: nn.Module, first: nn.Module) -> tuple[tuple, dict]:
+    """The positional and keyword arguments the model passes its first decoder layer for two tokens (the layer
+    itself does not run)."""
+    call: dict[str, object] = {}
+
+    def grab(_module, args, kwargs):
+        call["args"], call["kwargs"] = args, kwargs
+        raise _StopProbe
+
+    device = model.get_input_embeddings().weight.device
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
+    except _StopProbe:
+        pass
+    finally:
+        handle.remove()
+    if not call:
+        raise LogoError("the model never called its first decoder layer; is this a decoder-only causal LM?")
+    return call["args"], call["kwargs"]
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, position: str) -> torch.Tensor:
     """``hidden [B, T, d]`` to one fp32 vector per row: the last attended token, or the mean over attended ones."""
     hidden = hidden.float()
@@ -481,6 +561,7 @@ class Router:
             point = SignalPoint(own.layer % self.num_layers, own.post_norm, own.position)
             self.abstain_signal = Signal(point, name, own.key(self.num_layers))
             self._check_width(self.abstain_signal, own.module, abstain=True)
+        self._check_inputs()
 
     def _check_width(self, signal: Signal, module: str, abstain: bool = False) -> None:
         """The vector probed for ``signal`` must fit its module's adapters (``o = B A h`` needs ``h`` of their input
@@ -488,8 +569,7 @@ class Router:
         signal module in that layer, which every pooled module must share."""
         d_in = self.library.stacks[signal.module].in_features
         if signal.point.post_norm:
-            first = self.config.signal_modules[0]
-            probed = signal_module_name(self.model, replace(self.config, layer=signal.point.layer, module=first))
+            probed = self._probed_module(signal.point.layer)
             width = dict(self.model.named_modules())[probed].in_features
             if d_in == width:
                 return
@@ -513,6 +593,35 @@ class Router:
         raise LogoError(f"signal module {module!r} ({signal.module}) takes inputs of width {d_in}, not the model's "
                         f"hidden size {hidden}, so the probed hidden state cannot be fed to it; {choose}, or read "
                         f"{module}'s own input with --post-norm")
+
+    def _probed_module(self, layer: int) -> str:
+        """The module whose input a post-norm probe reads in ``layer``: the first signal module there (see
+        :func:`probe_points`, which every post-norm signal of the layer, the abstain signal's included, shares)."""
+        first = self.config.signal_modules[0]
+        return signal_module_name(self.model, replace(self.config, layer=layer, module=first))
+
+    def _check_inputs(self) -> None:
+        """Every post-norm signal (and a post-norm abstain signal) must be scored on its own module's input: the
+        probe reads the first signal module's input in each layer, so a module that reads another one (``up_proj``
+        beside ``q_proj``: the state after attention) is refused rather than scored on the wrong vector. Widths
+        alone cannot tell (:meth:`_check_width` has run); one run of the layer does (:func:`differing_inputs`)."""
+        own = [self.abstain_signal] if self.abstain_signal is not None else []
+        by_layer: dict[int, list[Signal]] = {}
+        for signal in self.signals + own:
+            if signal.point.post_norm:
+                by_layer.setdefault(signal.point.layer, []).append(signal)
+        for layer, signals in by_layer.items():
+            probed = self._probed_module(layer)
+            differing = differing_inputs(self.model, layer, probed, [signal.module for signal in signals])
+            signal = next((signal for signal in signals if signal.module in differing), None)
+            if signal is None:
+                continue
+            if signal is self.abstain_signal:
+                raise LogoError(f"the abstain signal's module {signal.module} does not take the input of {probed}, "
+                                "which its post-norm probe reads; fit the router again")
+            raise LogoError(f"post-norm signal module {signal.module} does not take the input of {probed}, which "
+                            "the post-norm probe reads, so its adapters would be scored on another module's input; "
+                            "pool modules that read the same input (e.g. q_proj, k_proj, v_proj), or drop post-norm")
 
     @property
     def point(self) -> SignalPoint:

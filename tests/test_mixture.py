@@ -162,7 +162,8 @@ def test_sampling_is_seeded_and_uses_the_mixture(engine, tiny_library, tokenizer
     peft_model = official_peft(arch, root, ours.route.names, ours.route.weights)
     ids = tokenizer(PROMPTS[:1], return_tensors="pt")
     config = copy.deepcopy(engine.model.generation_config)  # plain sampling: no top-k, no top-p
-    config.do_sample, config.temperature, config.top_p, config.top_k = True, 1.0, 1.0, None
+    # top_k 0: no top-k cut (None would be filled with transformers' default 50)
+    config.do_sample, config.temperature, config.top_p, config.top_k = True, 1.0, 1.0, 0
     config.max_new_tokens, config.max_length, config.pad_token_id = 8, None, tokenizer.pad_token_id
     torch.manual_seed(3)
     with torch.no_grad():

@@ -62,6 +62,28 @@ def test_static_engine_equals_eager_engine_with_routing_base_row_and_early_stop(
         static.close()
 
 
+def test_the_models_own_generation_defaults_do_not_split_the_paths(tiny_library, tokenizer):
+    """A model whose generation_config carries its own processors (repetition penalty, n-gram ban, top-k, as
+    Qwen2.5-Instruct's does) still gives the eager path the static path's greedy tokens: neither applies them."""
+    eager, static = _engines(tiny_library, tokenizer, "llama")
+    own = eager.model.generation_config
+    own.repetition_penalty, own.no_repeat_ngram_size, own.top_k = 1.3, 2, 5
+    try:
+        selections = [Selection([1], [1.0]), None, Selection([4, 1], [0.7, 0.3]), Selection([2], [1.0])]
+        want = static.generate(PROMPTS, max_new_tokens=16, batch_size=4, selections=selections)
+        got = eager.generate(PROMPTS, max_new_tokens=16, batch_size=4, selections=selections)
+        assert _texts(got) == _texts(want)
+        # the penalty would have changed them: the model's generate with its own config gives other tokens
+        ids, mask = eager.encode(PROMPTS)
+        penalised = eager.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=16,
+                                         do_sample=False, pad_token_id=eager.pad_id())
+        plain = eager.generate(PROMPTS, max_new_tokens=16, batch_size=4, selections=[None] * 4, early_stop=False)
+        assert [tokenizer.decode(r[ids.shape[1]:]) for r in penalised] != _texts(plain)
+    finally:
+        eager.close()
+        static.close()
+
+
 def test_static_mixture_logits_equal_eager_mixture(tiny_library, tokenizer):
     eager, static = _engines(tiny_library, tokenizer, "llama")
     try:
