@@ -149,7 +149,9 @@ class Mixture:
             return
         whole = self.factors
         self._detach()
-        self.factors = {name: factors.tail(first) for name, factors in whole.items()}
+        # a module none of these rows uses stays off, as in a mixture set for them alone (its tail would be empty)
+        self.factors = {name: factors.tail(first) for name, factors in whole.items()
+                        if bool((factors.coeff[first:] != 0).any())}
         self._attach()
         try:
             yield

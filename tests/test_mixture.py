@@ -233,3 +233,21 @@ def test_a_compact_library_routes_and_generates_what_its_widened_copy_does(tiny_
             e.close()
     assert torch.equal(logits[0], logits[1])
     assert [o.text for o in outs[0]] == [o.text for o in outs[1]]
+
+
+@pytest.mark.parametrize("added", ["base_rows", "base_and_adapter_row"])
+def test_prefilling_added_rows_alone_that_leave_modules_unused(engine, added):
+    """A server's batch: rows join running adapter rows and are prefilled alone (``mixture_rows_from``). Where none
+    of the new rows uses a module (base rows use none), that module runs as the base model for them: it used to build
+    an empty mixture there and fail to reshape it (the server then admitted such rows one by one)."""
+    selections = [None, None] if added == "base_rows" else [None, Selection([2], [1.0])]
+    engine.set_mixture([Selection([0], [1.0]), Selection([1], [1.0])])
+    engine.add_mixture_rows(selections)
+    ids, mask = engine.encode(PROMPTS[2:4])
+    try:
+        with engine.mixture_rows_from(2), torch.no_grad():
+            got = engine.model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        engine.clear_mixture()
+    want = _logits_under(engine, PROMPTS[2:4], selections)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
