@@ -274,7 +274,6 @@ BAD_REQUESTS = {
                                       "stream_options"),
     "unknown stream option": ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": {"usage": True}},
                               "stream_options.usage"),
-    "unknown model": ("/v1/completions", {"prompt": "hi", "model": "gpt-17"}, "gpt-17"),
     "unknown adapter": ("/v1/completions", {"prompt": "hi", "logo": {"adapters": {"nope": 1.0}}}, "nope"),
     "negative adapter weight": ("/v1/completions", {"prompt": "hi", "logo": {"adapters": {"a_r4": -1.0}}}, "weights"),
     "huge adapter weight": ("/v1/completions", {"prompt": "hi", "logo": {"adapters": {"a_r4": 1e308}}}, "at most"),
@@ -335,6 +334,12 @@ def test_bad_request_gets_400_and_server_keeps_serving(setup, case):
 def test_unknown_path_and_method(setup):
     missing = httpx.get(setup["main"].url + "/v1/nothing")
     assert missing.status_code == 404 and "error" in missing.json()
+    for path, body in (("/v1/completions", {"prompt": "hi", "model": "gpt-17"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-17"})):
+        unknown = post(setup["main"], path, body)  # an unknown model is a 404, as OpenAI answers it
+        assert unknown.status_code == 404, unknown.text
+        error = unknown.json()["error"]
+        assert error["code"] == "model_not_found" and error["param"] == "model" and "gpt-17" in error["message"]
     wrong = httpx.get(setup["main"].url + "/v1/completions")
     assert wrong.status_code == 405 and "error" in wrong.json()
     assert wrong.headers["allow"] == "POST"  # the exception's headers are kept

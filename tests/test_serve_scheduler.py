@@ -191,6 +191,18 @@ def test_text_stream_utf8_and_stop_strings():
     assert stream.stopped and "".join(pieces) + stream.finish() == "héllo "
 
 
+@pytest.mark.parametrize("stop", ["ジア", "ログ", "ö!"])
+def test_text_stream_holds_a_stop_strings_start_while_the_next_character_arrives(stop):
+    """Byte by byte, a stop string's second character arrives in pieces (U+FFFD until complete): its first character
+    must be held back all the while, so no part of the stop string is ever handed out."""
+    tokenizer = make_tokenizer()
+    text = "アネットアップログアジアのアネ wö! end"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream = TextStream(tokenizer, [stop])
+    pieces = [stream.add(i) for i in ids]
+    assert stream.stopped and "".join(pieces) + stream.finish() == text[: text.index(stop)]
+
+
 
 @pytest.mark.parametrize("done", ["010100", "110", "001", "11", "000", "100001", "0111"])
 def test_fill_holes_moves_one_row_per_hole(done):
@@ -439,3 +451,25 @@ def test_batched_routing_scores_are_the_unpadded_ones_up_to_rounding(engine):
     alone = engine.route(prompts[:1])[0]
     assert [s["name"] for s in routed[0]] == alone.names
     assert [s["score"] for s in routed[0]] == pytest.approx(alone.scores, rel=1e-4)
+
+
+def test_a_chat_prompt_keeps_one_bos_where_the_tokenizer_adds_it_too():
+    """A template that writes ``{{ bos_token }}`` (Llama-3's) under a tokenizer that prepends BOS itself: the prompt
+    as the engine tokenizes it starts with one BOS, not two; a tokenizer that adds none keeps the template's."""
+    from tokenizers import processors
+
+    from logo.serve.api import without_added_bos
+
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    plain = make_tokenizer()
+    adding = make_tokenizer()
+    bos = adding.bos_token_id
+    adding.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)])
+    assert adding("hi")["input_ids"][0] == bos and plain("hi")["input_ids"][0] != bos
+    for tokenizer in (plain, adding):
+        tokenizer.chat_template = template
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        ids = tokenizer(without_added_bos(tokenizer, text))["input_ids"]
+        assert ids[0] == bos and ids[1] != bos, (tokenizer is adding, ids[:3])
+        assert tokenizer.decode(ids, skip_special_tokens=True) == "hi\n"

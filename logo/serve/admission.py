@@ -125,7 +125,8 @@ def choose_mixture(model: str | None, options: LogoOptions | None,
         return Selection([], []), None
     if model in catalog.adapters:
         return Selection([catalog.adapters.index(model)], [1.0]), None
-    raise ApiError(400, f"unknown model {model!r}: use {catalog.routed_id!r} (LoGo routes), {catalog.base_id!r} "
+    # 404, as OpenAI answers an unknown model (its clients raise NotFoundError)
+    raise ApiError(404, f"unknown model {model!r}: use {catalog.routed_id!r} (LoGo routes), {catalog.base_id!r} "
                    f"(the base model) or an adapter's name (GET /v1/models lists them)", "model", "model_not_found")
 
 

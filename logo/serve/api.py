@@ -451,9 +451,21 @@ def _chat_prompt(tokenizer, body: ChatRequest) -> str:
         role = "system" if message.role == "developer" else message.role
         messages.append({"role": role, "content": content})
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except TemplateError as err:
         raise ApiError(400, f"this model's chat template refuses these messages: {err}", "messages") from None
+    return without_added_bos(tokenizer, text)
+
+
+def without_added_bos(tokenizer, text: str) -> str:
+    """The templated ``text`` without its leading BOS token where tokenizing adds one anyway (Llama-3's template
+    writes ``{{ bos_token }}`` and its tokenizer prepends BOS too): the prompt is tokenized like any other (with
+    special tokens), so the model would otherwise see two BOS tokens and the usage count one token too many."""
+    bos = tokenizer.bos_token
+    if not bos or not text.startswith(bos):
+        return text
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    return text[len(bos):] if ids[:1] == [tokenizer.bos_token_id] else text
 
 
 async def _stream(exchange: Exchange, chunks: AsyncIterator[str],

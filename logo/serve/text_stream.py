@@ -34,10 +34,10 @@ class TextStream:
         if cut >= 0:
             self.stopped = True
             return self._take(text[:cut])
-        final = len(text) - self.hold
-        if text.endswith("\ufffd"):
-            final = min(final, len(text.rstrip("\ufffd")))
-        return self._take(text[: max(final, self.sent)])
+        # the hold counts back from the last complete character: U+FFFD placeholders of a character still arriving
+        # must not use it up, or the character before them (maybe a stop string's start) would go out too early
+        complete = len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)
+        return self._take(text[: max(complete - self.hold, self.sent)])
 
     def finish(self) -> str:
         """The rest of the text once the choice has ended (nothing after a stop string)."""
