@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
 
 from logo.adapter_source import resolve_adapters
-from logo.errors import AdapterError, LogoError
+from logo.errors import AdapterError, LogoError, json_kind
 from logo.paths import cache_dir, write_atomic
 
 FILE_NAME = "logo_calibration.json"
@@ -73,8 +74,36 @@ def load_calibration(library) -> dict:
                                 "\"entries\" map signals to statistics); delete it and recalibrate")
             if data.get("adapters") != library.names:
                 continue  # statistics for another set of adapters
-            return data.get("entries", {})
+            entries = data.get("entries", {})
+            for key, entry in entries.items():
+                check_entry(file, key, entry, len(library.names))
+            return entries
     return {}
+
+
+def _finite_numbers(value: object, adapters: int) -> bool:
+    """Whether ``value`` is an array of ``adapters`` finite numbers (booleans are not numbers here)."""
+    return (isinstance(value, list) and len(value) == adapters
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value))
+
+
+def check_entry(file: Path, key: str, entry: object, adapters: int) -> None:
+    """One entry of a calibration file as :func:`save_calibration` writes it: an object whose ``values`` (the
+    per-adapter means) and, when present, ``std`` are arrays of one finite number per adapter (``std`` not
+    negative). Checked when the file loads, so a hand-edited or truncated file is a one-line error naming the file
+    and the entry rather than a traceback or NaN scores when a router reads it."""
+    where = f"calibration file {file}, entry {key!r}"
+    fix = "delete the file (or the entry) and recalibrate with `logo calibrate`"
+    if not isinstance(entry, dict):
+        raise LogoError(f"{where} must be an object with \"values\" (and \"std\"), got {json_kind(entry)}; {fix}")
+    if "values" not in entry:
+        raise LogoError(f"{where} lacks \"values\" (each adapter's mean score); {fix}")
+    for name in ("values", "std"):
+        if name in entry and not _finite_numbers(entry[name], adapters):
+            raise LogoError(f"{where}: {name!r} must be an array of {adapters} finite numbers (one per adapter), got "
+                            f"{json_kind(entry[name])}; {fix}")
+    if "std" in entry and any(x < 0 for x in entry["std"]):
+        raise LogoError(f"{where}: 'std' holds a negative standard deviation; {fix}")
 
 
 def save_calibration(library, path: Path | None = None) -> Path:

@@ -212,15 +212,18 @@ class LoGoEngine:
         return results  # type: ignore[return-value]
 
     def signals(self, prompts: list[str], points: Sequence[SignalPoint], batch_size: int = 8,
-                progress: bool = False) -> dict[SignalPoint, torch.Tensor]:
+                progress: bool = False, module: str | None = None) -> dict[SignalPoint, torch.Tensor]:
         """Signal vectors ``[n, d_in]`` fp32 at every point, in prompt order: one clean probe per batch that
-        stops at the deepest point (the router's probe, read at several layers and positions)."""
+        stops at the deepest point (the router's probe, read at several layers and positions). A post-norm point
+        reads the input of ``module`` (a short name such as ``up_proj``; default: the router's first signal module),
+        so a fit can read each module's own input."""
         self._check_open()
+        module = module if module is not None else self._router.config.signal_modules[0]
         chunks: dict[SignalPoint, list[torch.Tensor]] = {p: [] for p in points}
         order: list[int] = []
         for batch, ids, mask in self.encoded_batches(prompts, batch_size, progress, "probing"):
             with self._mixer.suspended():
-                found = probe_points(self.model, ids, mask, list(points), self._router.config.signal_modules[0])
+                found = probe_points(self.model, ids, mask, list(points), module)
             for point in points:
                 chunks[point].append(found[point])
             order += batch

@@ -1,9 +1,11 @@
 """Fit a router to an adapter library from a few example prompts per adapter (prompts and adapters, no answers).
 
-The fit reads every signal option from one clean probe of the example prompts: each decoder layer, the
-residual stream or the module's real input (``post_norm``), the last token or the mean over the prompt,
-each module the adapters target, ``norm`` or ``entropy``. Calibration statistics (per signal and adapter:
-the mean and std of the raw score) come from the example prompts with their labels dropped. It then chooses,
+The fit reads every signal option from a clean probe of the example prompts (one more per other input that
+post-norm signals read): each decoder layer, the residual stream or the module's real input (``post_norm``), the
+last token or the mean over the prompt, each module the adapters target that can read a probed hidden state
+(:func:`fit_modules`; a post-norm signal reads its module's own input and pools only modules that share it),
+``norm`` or ``entropy``. Calibration statistics (per signal and adapter: the mean and std of the raw score) come
+from the example prompts with their labels dropped. It then chooses,
 by precision@1 on the examples:
 
 1. the signal and its calibration (``none``, ``mean``, ``zscore``), single or pooled over layers and modules
@@ -32,6 +34,7 @@ import torch
 from logo.calibration import apply_statistics, score_statistics
 from logo.engine import LoGoEngine
 from logo.errors import LogoError
+from logo.library import AdapterLibrary
 from logo.router import (
     POSITIONS,
     AbstainSignal,
@@ -39,6 +42,9 @@ from logo.router import (
     RouterConfig,
     SignalPoint,
     confidence,
+    decoder_layers,
+    differing_inputs,
+    hidden_size,
     score,
     select,
     signal_module_name,
@@ -48,6 +54,8 @@ from logo.router_file import RouterFile, model_fingerprint
 MIN_EXAMPLES = 2
 K_CHOICES = (1, 2, 3)
 TEMPERATURES = (0.25, 0.5, 1.0, 2.0)
+PREFERRED_MODULES = ("q_proj", "k_proj", "v_proj")
+"""The paper's signal modules: the fit scores these when the adapters train any of them."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,63 @@ def examples_from_jsonl(folder: Path) -> list[Example]:
     return out
 
 
+def fit_modules(model: torch.nn.Module, library: AdapterLibrary) -> list[str]:
+    """The modules (short names) whose adapters a fit scores: the ones of q_proj, k_proj, v_proj the adapters train
+    (the paper's signal modules), else every trained module whose input is the hidden state (width
+    ``hidden_size``, so a probed hidden state can be fed to its adapters: not ``down_proj``, whose input is the
+    MLP's inner state), in name order. A library training no such module cannot be routed: a one-line error."""
+    hidden = hidden_size(model)
+    widths: dict[str, set[int]] = {}
+    for name, stack in library.stacks.items():
+        widths.setdefault(name.rsplit(".", 1)[-1], set()).add(stack.in_features)
+    fitting = sorted(module for module, found in widths.items() if found == {hidden})
+    chosen = [module for module in PREFERRED_MODULES if module in fitting] or fitting
+    if not chosen:
+        raise LogoError(f"no module the adapters train takes the model's hidden state (width {hidden}); they train "
+                        f"{', '.join(sorted(widths)) or 'nothing'}, so no router can be fitted to this library")
+    return chosen
+
+
+def trained_layers(model: torch.nn.Module, library: AdapterLibrary, module: str) -> list[int]:
+    """The (non-negative) decoder layers in which some adapter of ``library`` trains ``module`` (a short name)."""
+    n = len(decoder_layers(model))
+    return [layer for layer in range(n)
+            if signal_module_name(model, RouterConfig(layer=layer, module=module)) in library.stacks]
+
+
+def probe_config(model: torch.nn.Module, library: AdapterLibrary) -> RouterConfig:
+    """A router for the engine a fit probes with (``logo fit-router``): the fit reads every signal itself, but an
+    engine's router must be one the library can route with, and the official one (q_proj, last layer) is not when
+    the adapters do not train q_proj there. The first of :func:`fit_modules` (q_proj, k_proj, v_proj first), in
+    the last layer that trains it: chosen from the library alone, so the same library always gets the same one."""
+    n = len(decoder_layers(model))
+    for module in fit_modules(model, library):
+        layers = trained_layers(model, library, module)
+        if layers:
+            return RouterConfig(k=1, layer=layers[-1] - n, module=module)
+    raise LogoError(f"none of the adapters' modules ({', '.join(library.modules[:3])}...) is a module of a decoder "
+                    "layer of this model; the adapters belong to another model")
+
+
+def input_groups(model: torch.nn.Module, modules: list[str], layer: int) -> list[tuple[str, ...]]:
+    """``modules`` (short names) grouped by the input they read in decoder layer ``layer``, in order: q_proj,
+    k_proj and v_proj read one normed state, up_proj and gate_proj another. A post-norm probe reads one module's
+    input, so it scores the modules of that module's group on their own input, and only those may be pooled
+    post-norm (the router refuses the others: :meth:`Router._check_inputs`). Decided by running the layer
+    (:func:`differing_inputs`), as the router decides it."""
+    groups: list[list[str]] = []
+    for module in modules:
+        full = signal_module_name(model, RouterConfig(layer=layer, module=module))
+        for group in groups:
+            leader = signal_module_name(model, RouterConfig(layer=layer, module=group[0]))
+            if not differing_inputs(model, layer, leader, [full]):
+                group.append(module)
+                break
+        else:
+            groups.append([module])
+    return [tuple(group) for group in groups]
+
+
 class SignalTable:
     """Raw scores ``[n, N]`` of every signal option for the example prompts, and their statistics."""
 
@@ -146,9 +211,9 @@ class SignalTable:
         self.num_layers = engine.num_layers
         points = [SignalPoint(layer, post_norm, position) for layer in range(self.num_layers)
                   for post_norm in (False, True) for position in POSITIONS]
-        found = engine.signals(prompts, points, batch_size)
-        short = sorted({name.rsplit(".", 1)[-1] for name in library.stacks})
-        self.modules = [m for m in ("q_proj", "k_proj", "v_proj") if m in short] or short[:1]
+        self.modules = fit_modules(model, library)
+        self.groups = input_groups(model, self.modules, self.num_layers - 1)
+        found = self._probe(engine, prompts, points, batch_size)
         self.raw: dict[tuple, torch.Tensor] = {}
         for point in points:
             for module in self.modules:
@@ -157,9 +222,27 @@ class SignalTable:
                     continue  # no adapter targets this module in this layer
                 for strategy in ("norm", "entropy"):
                     self.raw[(point.layer, module, point.post_norm, point.position, strategy)] = score(
-                        found[point], library, full, strategy)
+                        found[(module, point)], library, full, strategy)
         self.stats = {key: score_statistics(raw) for key, raw in self.raw.items()}
         self._calibrated: dict[tuple, torch.Tensor] = {}
+
+    def _probe(self, engine: LoGoEngine, prompts: list[str], points: list[SignalPoint],
+               batch_size: int) -> dict[tuple[str, SignalPoint], torch.Tensor]:
+        """Signal vectors per ``(module, point)``, each module's post-norm vectors read from its own input, as the
+        fitted router will read them: one probe for the residual points (every module's) and the first group's
+        post-norm points, one more per other input group (its post-norm points only)."""
+        out: dict[tuple[str, SignalPoint], torch.Tensor] = {}
+        for i, group in enumerate(self.groups):
+            wanted = points if i == 0 else [point for point in points if point.post_norm]
+            for point, vectors in engine.signals(prompts, wanted, batch_size, module=group[0]).items():
+                for module in group if point.post_norm else self.modules:
+                    out[(module, point)] = vectors
+        return out
+
+    def shares_input(self, modules: tuple[str, ...]) -> bool:
+        """Whether ``modules`` all read one input (one group of :func:`input_groups`): only then may a post-norm
+        signal pool them, or a post-norm abstain signal read one of them beside a routing signal on another."""
+        return any(set(modules) <= set(group) for group in self.groups)
 
     def calibrated(self, key: tuple, calibration: str, rows: torch.Tensor | None = None) -> torch.Tensor:
         """One signal's scores calibrated as the router does it (:func:`logo.calibration.apply_statistics`), with
@@ -190,11 +273,14 @@ class SignalTable:
         ranges = {tuple(range(n - depth, n)) for depth in (2, 4, 8, n // 2, (3 * n) // 4, n) if 1 < depth <= n}
         ranges |= {tuple(range(0, n // 2)), tuple(range(n // 4, (3 * n) // 4)), tuple(range(1, n, 2))}
         module_sets = [(m,) for m in self.modules] + ([tuple(self.modules)] if len(self.modules) > 1 else [])
+        module_sets += [group for group in self.groups if 1 < len(group) < len(self.modules)]
         for layers in sorted(ranges):
             for modules in module_sets:
                 if not all((lay, mod, False, "last", "norm") in self.raw for lay in layers for mod in modules):
                     continue
                 for post_norm in (False, True):
+                    if post_norm and not self.shares_input(modules):
+                        continue  # a post-norm probe reads one input; the router refuses modules reading another
                     for position in POSITIONS:
                         for strategy in ("norm", "entropy"):
                             for calibration in ("mean", "zscore"):
@@ -238,7 +324,8 @@ ABSTAIN_FROM = ("routing", "any")
 def abstain_options(table: SignalTable, routing: Candidate, source: str = "any"
                     ) -> list[tuple[AbstainSignal | None, Scorer]]:
     """What an abstain rule may read: the routing scores (first: they cost nothing more and win ties), then, with
-    ``source="any"``, every single signal of the table with every calibration."""
+    ``source="any"``, every single signal of the table with every calibration (a post-norm one only on a module
+    that reads the routing's first module's input, which is what the router's post-norm probe reads)."""
     if source not in ABSTAIN_FROM:
         raise LogoError(f"unknown abstain signal source {source!r}; choose one of {', '.join(ABSTAIN_FROM)}")
     out: list[tuple[AbstainSignal | None, Scorer]] = [(None, lambda rows: table.scores(routing, rows))]
@@ -246,6 +333,8 @@ def abstain_options(table: SignalTable, routing: Candidate, source: str = "any"
         return out
     for key in table.raw:
         layer, module, post_norm, position, strategy = key
+        if post_norm and not table.shares_input((routing.modules[0], module)):
+            continue
         for calibration in ("none", "mean", "zscore"):
             signal = AbstainSignal(layer - table.num_layers, module, post_norm, position, strategy, calibration)
             out.append((signal, lambda rows, key=key, calibration=calibration: table.calibrated(key, calibration,
@@ -322,6 +411,8 @@ def choose_abstain(options: list[tuple[AbstainSignal | None, Scorer]], correct: 
         for rule in ("top", "margin"):
             conf = confidence(scores, rule)
             right, threshold = best_threshold(conf, keep, drop)
+            if rule == "margin":
+                threshold = max(0.0, threshold)  # margins are >= 0: 0 never abstains too, and a router takes no < 0
             held_out = None
             if folds is not None:
                 held_out = 0

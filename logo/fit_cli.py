@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from logo.cli_options import Adapters, BaseModel, BatchSize, Device, Dtype
 from logo.errors import LogoError
+
+if TYPE_CHECKING:  # the engine's modules load torch: kept off `--help`'s path
+    from logo.engine import LoGoEngine
+    from logo.spec import EngineSpec
 
 
 def fit_router_command(
@@ -71,7 +75,7 @@ def fit_router_command(
     if not os.access(out.parent if out.parent.exists() else out.parent.parent, os.W_OK):
         raise LogoError(f"cannot write {out}; give --out FILE somewhere writable")
     check_examples(examples, [name for name, _ in entries])  # before the model loads, as every check above
-    engine = spec.build(progress=True)
+    engine = fit_engine(spec)
     try:
         fitted = fit_router(engine, examples, base_model=base_model, batch_size=batch_size, source=source,
                             abstain=not no_abstain, abstain_from=abstain_from)
@@ -86,7 +90,7 @@ def fit_router_command(
     abstain = fit.get("abstain") or {}
     print(f"signal: {fit['signal']}; k={fitted.config.k} ({fitted.config.weighting}); "
           f"precision@1 on {fit['n_seen']} example prompts {fit['precision_at_1']:.3f} "
-          f"(official signal {fit['official_precision_at_1'] or float('nan'):.3f})")
+          f"(official signal {official_precision(fit['official_precision_at_1'])})")
     if abstain:
         print(f"abstain: {abstain['rule']} of {abstain['signal']} below {abstain['threshold']:.4g}: "
               f"{abstain['unseen_abstained']:.2f} of "
@@ -95,6 +99,22 @@ def fit_router_command(
         print("abstain: none fitted (no example prompt is for no adapter: add a none.jsonl, or lines with "
               '"adapter": null, of prompts the library should leave to the base model)')
     print(f"wrote {out}")
+
+
+def official_precision(value: float | None) -> str:
+    """The official signal's precision@1 for the summary line; ``n/a`` when the adapters do not train its module
+    (q_proj, last layer). A precision of 0 prints as 0.000."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def fit_engine(spec: EngineSpec) -> LoGoEngine:
+    """The engine the fit probes with: the spec's model and adapters, with a router on a module and layer the
+    adapters train (:func:`logo.fit.probe_config`). The official router (q_proj, last layer) is refused by a library
+    that does not train q_proj there, and the fit reads every signal itself whatever the engine's router (no router
+    file is read: the fit writes one)."""
+    from logo.fit import probe_config
+
+    return spec.build(progress=True, router_for=probe_config)
 
 
 def register(app: typer.Typer) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -150,13 +151,18 @@ class EngineSpec:
             router = replace(router, k=len(entries))
         return router, file
 
-    def build(self, progress: bool = False) -> LoGoEngine:
+    def build(self, progress: bool = False,
+              router_for: Callable[[torch.nn.Module, AdapterLibrary], RouterConfig] | None = None) -> LoGoEngine:
         """Resolve the adapters and the router first (bad input fails before the slow model load), then load the
-        engine; a router file is checked against the library and the model, and lends the library its statistics."""
+        engine; a router file is checked against the library and the model, and lends the library its statistics.
+        ``router_for(model, library)``: a router that can only be chosen once both are loaded (the fit's probe
+        router, on a module the adapters train); no router file is read then."""
         entries = self.entries()
-        router, file = self.router_choice(entries)
+        router, file = self.router_choice(entries) if router_for is None else (None, None)
         model, tokenizer = load_base_model(self.base_model, device=self.device, dtype=self.dtype)
         library = AdapterLibrary.from_entries(entries, model, progress=progress)
+        if router_for is not None:
+            router = router_for(model, library)
         if file is not None:
             file.check(library.names, model, library.modules, where=f"router file {file.path}")
             file.apply(library)
