@@ -236,3 +236,13 @@ def test_lm_evals_command_line_prints_a_model_arg_mistake_in_one_line(tiny_model
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == "error: k must be at least 1, got 0"
+
+
+def test_an_unknown_model_argument_names_the_known_ones():
+    """``--model_args foo=1`` is a one-line error listing the arguments (not a TypeError traceback)."""
+    from logo.errors import LogoError
+    from logo.eval.lm_eval_backend import LoGoLM
+
+    with pytest.raises(LogoError, match=r"unknown model argument 'strategy' in --model_args; did you mean "
+                                        r"'selection_strategy'\? known: base_model, adapters"):
+        LoGoLM.create_from_arg_obj({"strategy": "norm"})

@@ -21,6 +21,8 @@ lm-eval's disjoint windows of ``max_length`` tokens.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import sys
 import warnings
 
@@ -79,6 +81,12 @@ class LoGoLM(LM):
         if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
             warnings.warn(f"lm-eval's --device {extra.pop('device')} is not available here (no CUDA); the logo "
                           "model runs on the CPU (pass --device or device= in --model_args to choose)", stacklevel=2)
+        known = [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "engine")]
+        unknown = [name for name in arg_dict if name not in known]
+        if unknown:
+            near = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise LogoError(f"unknown model argument {unknown[0]!r} in --model_args; {hint}known: {', '.join(known)}")
         return cls(**arg_dict, **extra)
 
     @classmethod
