@@ -138,6 +138,11 @@ class LoGoEngine:
         raise LogoError("engine.router cannot be replaced in place (the signal module and calibration depend on "
                         "it); use engine.with_router(config), which returns a consistent engine")
 
+    @property
+    def mixer(self) -> Mixture | StaticMixture:
+        """The mixture hooks on the model (what :meth:`set_mixture` sets): to inspect, e.g. ``merged_modules``."""
+        return self._mixer
+
     def with_router(self, config: RouterConfig) -> LoGoEngine:
         """An engine with another router on the same model, library, mixture hooks and decoder."""
         self._check_open()

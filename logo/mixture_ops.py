@@ -101,6 +101,11 @@ class Workspace:
     def release(self) -> None:
         self._buffers = {}
 
+    @property
+    def buffers(self) -> dict[tuple, torch.Tensor]:
+        """The buffers held, by key (a copy of the mapping: for diagnostics and tests)."""
+        return dict(self._buffers)
+
 
 WIDEN_SCRATCH = ("widen",)
 """The workspace key of the one buffer that every module's gather from a compact stack passes through."""

@@ -48,9 +48,9 @@ def test_eager_engine_survives_switching_inference_mode(tiny_library, tokenizer,
             for name, selections in (("per-row", PER_ROW), ("shared", SHARED)):
                 with torch.inference_mode(inference):
                     assert _texts(engine, selections) == want[name], (name, inference)
-        merged = [key for key in engine._mixer.workspace._buffers if key[-1] == "merged"]
+        merged = [key for key in engine.mixer.workspace.buffers if key[-1] == "merged"]
         assert merged, "the shared mixture was never merged: the merged weights went untested"
-        assert not any(buf.is_inference() for buf in engine._mixer.workspace._buffers.values())
+        assert not any(buf.is_inference() for buf in engine.mixer.workspace.buffers.values())
     finally:
         engine.close()
 
@@ -79,7 +79,7 @@ def test_static_mixture_survives_switching_inference_mode(tiny_library, tokenize
             with torch.inference_mode(inference), static.mixture(PER_ROW):
                 got = static.model(input_ids=ids, attention_mask=mask).logits
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        buffers = [t for slot in static._mixer.slots.values() for pair in slot.buffers.values() for t in pair]
+        buffers = [t for slot in static.mixer.slots.values() for pair in slot.buffers.values() for t in pair]
         assert buffers and not any(t.is_inference() for t in buffers)
     finally:
         eager.close()
