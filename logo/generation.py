@@ -71,20 +71,21 @@ def check_sampling_flags(do_sample: bool, flags: dict[str, float | None]) -> Non
 
 
 def check_prompts(prompts: list[str], lengths: list[int] | None = None,
-                  max_tokens: int = MAX_PROMPT_TOKENS) -> None:
-    """Refuse an empty list, an empty prompt, or (given token ``lengths``) a prompt over ``max_tokens``."""
+                  max_tokens: int = MAX_PROMPT_TOKENS, name: str = "prompt") -> None:
+    """Refuse an empty list, an empty prompt, or (given token ``lengths``) a prompt over ``max_tokens``; errors call
+    prompt ``i`` "``name`` i" (a caller whose prompts are numbered otherwise names them its way)."""
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
         raise LogoError(f"prompts must be a list of strings, got {type(prompts).__name__}")
     if not prompts:
         raise LogoError("no prompts given")
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
-            raise LogoError(f"prompt {i} is a {type(prompt).__name__}, not a string")
+            raise LogoError(f"{name} {i} is a {type(prompt).__name__}, not a string")
         if not prompt.strip():
-            raise LogoError(f"prompt {i} is empty; give some text to continue")
+            raise LogoError(f"{name} {i} is empty; give some text to continue")
     for i, length in enumerate(lengths or []):
         if length > max_tokens:
-            raise LogoError(f"prompt {i} has {length} tokens, over the limit of {max_tokens}; shorten it")
+            raise LogoError(f"{name} {i} has {length} tokens, over the limit of {max_tokens}; shorten it")
 
 
 def first_line(text: str) -> str:

@@ -200,6 +200,12 @@ def test_bad_requests_are_one_clear_error(engine):
         lm.loglikelihood([_Req("Q: hello", " world")])
     with pytest.raises(LogoError, match=r"setting\(s\) \['top_k'\] are not supported"):
         lm.generate_until([_Req("Q:", {"until": ["\n"], "max_gen_toks": 2, "top_k": 5})])
+    # a prompt's number is its request's index, whatever group of settings it falls in
+    mixed = [_Req("ok", {"max_gen_toks": 2}), _Req("ok", {"max_gen_toks": 3}), _Req("x " * 3000, {"max_gen_toks": 3})]
+    with pytest.raises(LogoError, match=r"generate_until request 2 has \d+ tokens, over the limit of 2048"):
+        lm.generate_until(mixed)
+    with pytest.raises(LogoError, match="generate_until request 1 is empty"):
+        lm.generate_until([_Req("ok", {"max_gen_toks": 2}), _Req("  ", {"max_gen_toks": 3})])
     sampled = lm.generate_until([_Req("Q:", {"max_gen_toks": 2, "do_sample": True, "temperature": 0.7, "top_p": 0.9})])
     assert len(sampled) == 1
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from logo.engine import LoGoEngine
 from logo.errors import LogoError, one_line
+from logo.generation import MAX_PROMPT_TOKENS, check_prompts
 from logo.router import router_overrides
 from logo.spec import EngineSpec
 
@@ -198,6 +199,11 @@ class LoGoLM(LM):
                                 "supported; this backend takes until, max_gen_toks, do_sample, temperature and top_p")
             settings.append(until)
             groups.setdefault(key, []).append(i)
+        # checked here, where a prompt's number is its request's index (the engine numbers them within a group)
+        contexts = [req.args[0] for req in requests]
+        check_prompts(contexts, name="generate_until request")
+        lengths = [len(ids) for ids in self.engine.tokenizer(contexts, add_special_tokens=True)["input_ids"]]
+        check_prompts(contexts, lengths, MAX_PROMPT_TOKENS, name="generate_until request")
         outputs = [""] * len(requests)
         for (max_new, do_sample, temperature, top_p), rows in groups.items():
             gens = self.engine.generate([requests[i].args[0] for i in rows], max_new_tokens=max_new,
