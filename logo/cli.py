@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import typer
 
 from logo import bench, cli_core, export, fit_cli
-from logo.errors import LogoError, one_line
+from logo.errors import exit_on_error
 from logo.eval import cli as eval_cli
 from logo.experiments import cli as experiments_cli
 from logo.serve import cli as serve_cli
@@ -36,11 +34,7 @@ def _register() -> None:
 
 def main() -> None:
     _register()
-    try:
-        app()
-    except LogoError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_error(app)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,10 @@
 """Errors that a user can fix. The CLI prints them as one line and exits non-zero."""
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
 
 class LogoError(Exception):
     """A user-facing error: the message says what was wrong and what to do."""
@@ -17,6 +22,16 @@ def one_line(text: object) -> str:
     """``text`` (an error, or another library's error message) on one line: runs of whitespace, newlines
     included, become one space, and a trailing period goes, so that it can be quoted inside a sentence."""
     return " ".join(str(text).split()).rstrip(".")
+
+
+def exit_on_error(run: Callable[[], object]) -> None:
+    """Run a command line's ``run``; a :class:`LogoError` (a mistake the user can fix) is printed as one line,
+    ``error: ...``, and the process exits with status 2 (the ``logo`` command and lm-eval's, with ``logo``)."""
+    try:
+        run()
+    except LogoError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def json_kind(value) -> str:

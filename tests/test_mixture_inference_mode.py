@@ -86,22 +86,12 @@ def test_static_mixture_survives_switching_inference_mode(tiny_library, tokenize
         static.close()
 
 
-def test_static_engine_plain_then_inference_mode(tiny_library, tokenizer):
+@pytest.mark.parametrize("order", ORDERS, ids=["inference-first", "plain-first"])
+def test_static_engine_survives_switching_inference_mode(tiny_library, tokenizer, order):
     want = _fresh_texts(tiny_library, tokenizer, "llama", PER_ROW)
     static = _engine(tiny_library, tokenizer, "llama", decode="static")
     try:
-        for inference in (False, True, False):
-            with torch.inference_mode(inference):
-                assert _texts(static, PER_ROW) == want, inference
-    finally:
-        static.close()
-
-
-def test_static_engine_inference_mode_then_plain(tiny_library, tokenizer):
-    want = _fresh_texts(tiny_library, tokenizer, "llama", PER_ROW)
-    static = _engine(tiny_library, tokenizer, "llama", decode="static")
-    try:
-        for inference in (True, False, True):
+        for inference in order:
             with torch.inference_mode(inference):
                 assert _texts(static, PER_ROW) == want, inference
     finally:

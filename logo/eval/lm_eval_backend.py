@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import sys
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 from logo.engine import LoGoEngine
-from logo.errors import LogoError, one_line
+from logo.errors import LogoError, exit_on_error
 from logo.generation import MAX_PROMPT_TOKENS, check_prompts
 from logo.router import router_overrides
 from logo.spec import EngineSpec
@@ -247,11 +246,7 @@ def main() -> None:
     ``error: ...``, and exit status 2, as the ``logo`` command prints it."""
     from lm_eval.__main__ import cli_evaluate
 
-    try:
-        cli_evaluate()
-    except LogoError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_error(cli_evaluate)
 
 
 if __name__ == "__main__":
