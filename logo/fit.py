@@ -45,6 +45,7 @@ from logo.router import (
     decoder_layers,
     differing_inputs,
     hidden_size,
+    ranked,
     score,
     select,
     signal_module_name,
@@ -215,11 +216,14 @@ class SignalTable:
         self.groups = input_groups(model, self.modules, self.num_layers - 1)
         found = self._probe(engine, prompts, points, batch_size)
         self.raw: dict[tuple, torch.Tensor] = {}
+        self.present: dict[tuple[int, str], torch.Tensor] = {}
+        """Per (layer, module): which adapters train it (the others rank last, as the router ranks them)."""
         for point in points:
             for module in self.modules:
                 full = signal_module_name(model, RouterConfig(layer=point.layer, module=module))
                 if full not in library.stacks:
                     continue  # no adapter targets this module in this layer
+                self.present[(point.layer, module)] = library.stacks[full].present.cpu()
                 for strategy in ("norm", "entropy"):
                     self.raw[(point.layer, module, point.post_norm, point.position, strategy)] = score(
                         found[(module, point)], library, full, strategy)
@@ -262,6 +266,15 @@ class SignalTable:
                 total = part if total is None else total + part
         return total
 
+    def eligible(self, layers: tuple[int, ...], modules: tuple[str, ...]) -> torch.Tensor:
+        """``[N]`` bool: the adapters that train one of ``modules`` in one of ``layers``, as
+        :attr:`logo.router.Router.eligible` (the others rank last: :func:`logo.router.ranked`)."""
+        return torch.stack([self.present[(layer, module)] for layer in layers for module in modules]).any(0)
+
+    def ranked(self, candidate: Candidate, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """A candidate's scores as the router ranks them (:func:`logo.router.ranked`)."""
+        return ranked(self.scores(candidate, rows), self.eligible(candidate.layers, candidate.modules))
+
     def candidates(self) -> list[Candidate]:
         """Every single signal with every calibration, and pooled ones (layer ranges x module sets) z-scored or
         mean-calibrated."""
@@ -293,14 +306,16 @@ def precision_at_1(scores: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def mean_weight_on_target(scores: torch.Tensor, targets: torch.Tensor, k: int, weighting: str,
-                          temperature: float) -> float:
-    _, idx, weights = select(scores, k, weighting, temperature)
+                          temperature: float, eligible: torch.Tensor | None = None) -> float:
+    _, idx, weights = select(scores, k, weighting, temperature, eligible)
     return (weights * (idx == targets[:, None])).sum(1).mean().item()
 
 
-def choose_mixture(scores: torch.Tensor, targets: torch.Tensor, calibration: str) -> tuple[int, str, float, float]:
-    """k, weighting and temperature with the largest mean weight on the right adapter (ties: smaller k)."""
-    best = (1, "normalize", 1.0, mean_weight_on_target(scores, targets, 1, "normalize", 1.0))
+def choose_mixture(scores: torch.Tensor, targets: torch.Tensor, calibration: str,
+                   eligible: torch.Tensor | None = None) -> tuple[int, str, float, float]:
+    """k, weighting and temperature with the largest mean weight on the right adapter (ties: smaller k);
+    ``eligible`` as :func:`logo.router.select` takes it."""
+    best = (1, "normalize", 1.0, mean_weight_on_target(scores, targets, 1, "normalize", 1.0, eligible))
     for k in K_CHOICES[1:]:
         if k > scores.shape[1]:
             break
@@ -308,7 +323,7 @@ def choose_mixture(scores: torch.Tensor, targets: torch.Tensor, calibration: str
         if calibration != "zscore":
             options.insert(0, ("normalize", 1.0))
         for weighting, temperature in options:
-            value = mean_weight_on_target(scores, targets, k, weighting, temperature)
+            value = mean_weight_on_target(scores, targets, k, weighting, temperature, eligible)
             if value > best[3] + 1e-9:
                 best = (k, weighting, temperature, value)
     return best
@@ -328,7 +343,7 @@ def abstain_options(table: SignalTable, routing: Candidate, source: str = "any"
     that reads the routing's first module's input, which is what the router's post-norm probe reads)."""
     if source not in ABSTAIN_FROM:
         raise LogoError(f"unknown abstain signal source {source!r}; choose one of {', '.join(ABSTAIN_FROM)}")
-    out: list[tuple[AbstainSignal | None, Scorer]] = [(None, lambda rows: table.scores(routing, rows))]
+    out: list[tuple[AbstainSignal | None, Scorer]] = [(None, lambda rows: table.ranked(routing, rows))]
     if source == "routing":
         return out
     for key in table.raw:
@@ -337,8 +352,8 @@ def abstain_options(table: SignalTable, routing: Candidate, source: str = "any"
             continue
         for calibration in ("none", "mean", "zscore"):
             signal = AbstainSignal(layer - table.num_layers, module, post_norm, position, strategy, calibration)
-            out.append((signal, lambda rows, key=key, calibration=calibration: table.calibrated(key, calibration,
-                                                                                                rows)))
+            out.append((signal, lambda rows, key=key, calibration=calibration: ranked(
+                table.calibrated(key, calibration, rows), table.eligible((key[0],), (key[1],)))))
     return out
 
 
@@ -447,20 +462,22 @@ def fit_router(engine: LoGoEngine, examples: list[Example], base_model: str = ""
     table = SignalTable(engine, [x.prompt for x in examples], batch_size)
     seen = torch.tensor([x.adapter is not None for x in examples])
     targets = torch.tensor([names.index(x.adapter) if x.adapter is not None else -1 for x in examples])
-    ranked = []
+    ranking = []
     for candidate in table.candidates():
-        scores = table.scores(candidate)
+        scores = table.ranked(candidate)
         # ties go to the signal that pools more evidence (it carries over to new wordings better)
-        ranked.append((precision_at_1(scores[seen], targets[seen]), len(candidate.layers) * len(candidate.modules),
+        ranking.append((precision_at_1(scores[seen], targets[seen]), len(candidate.layers) * len(candidate.modules),
                        candidate))
-    ranked.sort(key=lambda r: (r[0], r[1]), reverse=True)
-    precision, _, best = ranked[0]
-    scores = table.scores(best)
-    k, weighting, temperature, weight_on_target = choose_mixture(scores[seen], targets[seen], best.calibration)
+    ranking.sort(key=lambda r: (r[0], r[1]), reverse=True)
+    precision, _, best = ranking[0]
+    scores, eligible = table.scores(best), table.eligible(best.layers, best.modules)
+    k, weighting, temperature, weight_on_target = choose_mixture(scores[seen], targets[seen], best.calibration,
+                                                                 eligible)
     config = replace(best.config(table.num_layers, k), weighting=weighting, temperature=temperature)
     abstain_fit = {}
     if abstain and (~seen).any():
-        abstain_fit = choose_abstain(abstain_options(table, best, abstain_from), scores.argmax(1) == targets, seen,
+        correct = ranked(scores, eligible).argmax(1) == targets
+        abstain_fit = choose_abstain(abstain_options(table, best, abstain_from), correct, seen,
                                      template_folds(examples) if abstain_from == "any" else None)
         config = replace(config, abstain=abstain_fit["rule"], abstain_below=abstain_fit["threshold"],
                          abstain_signal=abstain_fit["signal"])
@@ -483,11 +500,11 @@ def fit_router(engine: LoGoEngine, examples: list[Example], base_model: str = ""
         "source": source, "n_prompts": len(examples), "n_seen": int(seen.sum()), "n_unseen": int((~seen).sum()),
         "precision_at_1": precision, "weight_on_target": weight_on_target,
         "signal": best.describe(table.num_layers),
-        "official_precision_at_1": precision_at_1(table.scores(official)[seen], targets[seen])
+        "official_precision_at_1": precision_at_1(table.ranked(official)[seen], targets[seen])
         if official.layers[0] < table.num_layers and (official.layers[0], "q_proj", False, "last", "norm") in table.raw
         else None,
         "abstain": abstain_fit,
-        "top_candidates": [{"signal": c.describe(table.num_layers), "precision_at_1": p} for p, _, c in ranked[:10]],
-        "n_candidates": len(ranked),
+        "top_candidates": [{"signal": c.describe(table.num_layers), "precision_at_1": p} for p, _, c in ranking[:10]],
+        "n_candidates": len(ranking),
     }
     return RouterFile(config, list(names), model_fingerprint(engine.model), statistics, base_model, fit)

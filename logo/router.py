@@ -472,8 +472,24 @@ def score(h: torch.Tensor, library: AdapterLibrary, module: str, strategy: str) 
     return torch.where(present, raw, torch.zeros_like(raw))
 
 
+def trains_any(library: AdapterLibrary, modules: list[str]) -> torch.Tensor:
+    """``[N]`` bool: which adapters of ``library`` train at least one of ``modules`` (full names)."""
+    return torch.stack([library.stacks[module].present.cpu() for module in modules]).any(0)
+
+
+def ranked(scores: torch.Tensor, eligible: torch.Tensor | None) -> torch.Tensor:
+    """Calibrated scores ``[B, N]`` as they are ranked: an adapter ``eligible`` (``[N]`` bool) leaves out, one that
+    trains none of the signal's modules, is ``-inf``. Its score (0, no evidence) could otherwise outrank adapters
+    that do answer, since calibrated scores can be negative (z-scores). For ranking and confidence only; weights
+    are taken from the scores themselves (:func:`select`)."""
+    if eligible is None:
+        return scores
+    return torch.where(eligible.to(scores.device), scores, torch.full_like(scores, float("-inf")))
+
+
 def confidence(scores: torch.Tensor, rule: str) -> torch.Tensor:
-    """Per-row confidence ``[B]`` of calibrated scores ``[B, N]``: the top score, or the top-1/top-2 margin."""
+    """Per-row confidence ``[B]`` of calibrated scores ``[B, N]`` (:func:`ranked`): the top score, or the
+    top-1/top-2 margin (``inf`` with a single eligible adapter, as with a single adapter)."""
     if rule == "margin":
         if scores.shape[-1] < 2:
             return torch.full(scores.shape[:-1], float("inf"), device=scores.device)
@@ -490,16 +506,24 @@ def check_k(k: int, n: int, flag: str = "--n-selected-modules", holder: str = "t
     return k
 
 
-def select(scores: torch.Tensor, k: int, weighting: str = "normalize", temperature: float = 1.0):
+def select(scores: torch.Tensor, k: int, weighting: str = "normalize", temperature: float = 1.0,
+           eligible: torch.Tensor | None = None):
     """Top-k per row and their weights. Returns ``(top_scores, indices, weights)``, each ``[B, k]``.
 
     ``normalize`` weighs ``s_i / sum_j s_j`` over the top-k. Where that sum is 0 (every selected adapter scored 0,
     e.g. none of them trains the signal module) the ratio is undefined, and the selected adapters get equal weights
-    ``1 / k`` (its value for any equal scores), so that no weight is NaN."""
+    ``1 / k`` (its value for any equal scores), so that no weight is NaN.
+
+    ``eligible`` (``[N]`` bool) ranks the adapters it leaves out below every other one whatever their scores (a
+    z-score can be negative, so an adapter without evidence, scored 0, would otherwise outrank the ones below their
+    mean); they are selected only when k exceeds the eligible adapters, and weigh 0 (their scores are 0, and the
+    softmax reads them as ``-inf``)."""
     check_k(k, scores.shape[-1])
-    top, idx = torch.topk(scores, k=k, dim=-1)
+    order = ranked(scores, eligible)
+    idx = torch.topk(order, k=k, dim=-1).indices
+    top = scores.gather(-1, idx)
     if weighting == "softmax":
-        weights = torch.softmax(top / temperature, dim=-1)
+        weights = torch.softmax(order.gather(-1, idx) / temperature, dim=-1)
     else:
         total = top.sum(dim=-1, keepdim=True)
         zero = total == 0
@@ -551,6 +575,8 @@ class Router:
                 self._check_width(signals[-1], module)
         self.signals: list[Signal] = signals
         self.signal_module = signals[0].module
+        self.eligible = trains_any(library, [s.module for s in signals])
+        """``[N]`` bool: the adapters that train one of the signal modules (the others rank last: :func:`ranked`)."""
         self.abstain_signal: Signal | None = None
         """The signal the abstain rule reads when it has its own (``config.abstain_signal``)."""
         own = self.config.abstain_signal
@@ -685,8 +711,8 @@ class Router:
         if sig is None:
             raise LogoError("this router's abstain rule reads the routing scores; it has no signal of its own")
         raw = score(found[sig.point], self.library, sig.module, own.strategy)
-        return confidence(calibrate_scores(raw, self.library, own.calibration, sig.module, sig.key, self.num_layers),
-                          self.config.abstain)
+        scores = calibrate_scores(raw, self.library, own.calibration, sig.module, sig.key, self.num_layers)
+        return confidence(ranked(scores, trains_any(self.library, [sig.module])), self.config.abstain)
 
     def routes(self, raw: torch.Tensor, abstain_confidence: torch.Tensor | None = None) -> list[Route]:
         """Top-k selections and weights from raw scores (``[B, N]``, or ``[B, S, N]`` per signal), calibrated
@@ -695,7 +721,8 @@ class Router:
         (:meth:`abstain_confidence`)."""
         scores = self.calibrated(raw)
         summed_raw = raw if raw.dim() == 2 else raw.sum(1)
-        top, idx, weights = select(scores, self.config.k, self.config.weighting, self.config.temperature)
+        top, idx, weights = select(scores, self.config.k, self.config.weighting, self.config.temperature,
+                                   self.eligible)
         abstain = torch.zeros(raw.shape[0], dtype=torch.bool)
         if self.abstain_signal is not None:
             if abstain_confidence is None:
@@ -703,7 +730,8 @@ class Router:
                                 "(Router.route does)")
             abstain = (abstain_confidence < self.config.abstain_below).cpu()
         elif self.config.abstain != "none":
-            abstain = (confidence(scores, self.config.abstain) < self.config.abstain_below).cpu()
+            abstain = (confidence(ranked(scores, self.eligible), self.config.abstain)
+                       < self.config.abstain_below).cpu()
         routes = []
         for row in range(raw.shape[0]):
             if abstain[row]:

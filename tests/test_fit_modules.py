@@ -199,3 +199,32 @@ def test_the_summary_prints_an_official_precision_of_zero_as_zero():
 
     assert official_precision(0.0) == "0.000" and official_precision(0.5) == "0.500"
     assert official_precision(None) == "n/a"
+
+
+def test_the_fit_ranks_an_adapter_without_the_signal_modules_last_as_the_router_does(model, tokenizer, tmp_path):
+    """a2 trains only the MLP, so no fit signal (q_proj, v_proj) has evidence for it: under every candidate it ranks
+    below a0 and a1 (a z-score of 0 would outrank their negative ones), and the precision@1 the fit reports is the
+    one its router gets on the same prompts."""
+    from logo.engine import LoGoEngine
+
+    specs = [{"name": "a0", "targets": ("q_proj", "v_proj")}, {"name": "a1", "targets": ("q_proj", "v_proj")},
+             {"name": "a2", "targets": ("up_proj",)}]
+    make_library(model, tmp_path / "lib", specs)
+    lib = AdapterLibrary.load(tmp_path / "lib", model)
+    engine = LoGoEngine(model, tokenizer, lib, RouterConfig(k=1))
+    table = SignalTable(engine, [x.prompt for x in examples()], 4)
+    for candidate in table.candidates():
+        assert table.eligible(candidate.layers, candidate.modules).tolist() == [True, True, False]
+        scores = table.ranked(candidate)
+        assert torch.isinf(scores[:, 2]).all() and torch.isfinite(scores[:, :2]).all(), candidate
+    fitted = fit_router(engine, examples(), batch_size=4, abstain=False)
+    engine.close()
+    seen = [x for x in examples() if x.adapter is not None]
+    routed = LoGoEngine(model, tokenizer, lib, fitted.apply(lib))
+    try:
+        routes = routed.route([x.prompt for x in seen], batch_size=4)
+    finally:
+        routed.close()
+    assert all(r.indices[0] != 2 for r in routes)
+    right = sum(r.names[0] == x.adapter for r, x in zip(routes, seen)) / len(seen)
+    assert fitted.fit["precision_at_1"] == pytest.approx(right)

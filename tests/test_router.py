@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -143,6 +144,47 @@ def test_adapters_without_the_signal_module_score_zero_under_every_strategy(setu
             assert [route.all_scores[i] for i in lacking] == [0.0, 0.0], (strategy, route.all_scores)
             assert all(route.all_scores[i] > 0 for i in range(len(lib)) if i not in lacking)
             assert sorted(route.indices[-2:]) == sorted(lacking) and route.weights[-2:] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("abstain", ["top", "margin"])
+def test_adapters_without_the_signal_module_rank_last_under_zscore(setup, abstain):
+    """A z-score is negative below an adapter's mean, so the 0 of an adapter that trains no signal module (no
+    evidence) would outrank every adapter below its mean. They rank last, and the abstain rule's confidence reads
+    only the adapters that answer: the formula written out from the calibrated scores."""
+    model, _, lib, tokenizer = setup
+    lacking = [lib.index("d_qonly"), lib.index("f_mlp")]
+    config = RouterConfig(k=len(lib), module="v_proj", calibration="zscore", weighting="softmax", abstain=abstain,
+                          abstain_below=-1e9 if abstain == "top" else 0.0)
+    engine = LoGoEngine(model, tokenizer, lib, config)
+    try:
+        engine.calibrate(PROMPTS + ["Name a colour.", "Reverse: a b c\nA:"], save=False)
+        assert engine.router.eligible.tolist() == [i not in lacking for i in range(len(lib))]
+        ids, mask = engine.encode(PROMPTS)
+        raw = engine.router.raw_scores(engine.router.probe(ids, mask))
+        scores = engine.router.calibrated(raw)
+        routes = engine.route(PROMPTS, batch_size=3)
+    finally:
+        engine.close()
+    answering = [i for i in range(len(lib)) if i not in lacking]
+    assert any(scores[row, i] < 0 for row in range(len(PROMPTS)) for i in answering)  # the case that matters
+    for row, route in enumerate(routes):
+        assert sorted(route.indices[-2:]) == sorted(lacking), route.indices
+        assert route.indices[:-2] == sorted(answering, key=lambda i: -scores[row, i].item())
+        assert route.scores == pytest.approx([scores[row, i].item() for i in route.indices])
+        assert route.weights == pytest.approx(torch.softmax(scores[row, route.indices[:-2]], 0).tolist() + [0, 0])
+    for prompt in PROMPTS:
+        engine = LoGoEngine(model, tokenizer, lib, config)
+        try:
+            one = engine.router.calibrated(engine.router.raw_scores(engine.router.probe(*engine.encode([prompt]))))
+            top = one[0, answering].topk(2).values
+            value = (top[0] if abstain == "top" else top[0] - top[1]).item()
+            engine = engine.with_router(replace(config, abstain_below=value + 1e-4))
+            assert engine.route([prompt])[0].abstained
+            below = value - 1e-4 if abstain == "top" else max(0.0, value - 1e-4)
+            engine = engine.with_router(replace(config, abstain_below=below))
+            assert not engine.route([prompt])[0].abstained
+        finally:
+            engine.close()
 
 
 def test_a_signal_module_whose_input_is_not_the_hidden_state_is_a_one_line_error(setup):
