@@ -161,6 +161,25 @@ def test_requests_are_encoded_as_lm_evals_hf_model_does(engine, tiny_library, to
     assert rolling == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
 
+def test_a_context_over_max_length_is_cut_from_the_left_as_lm_evals_hf_model_cuts_it(engine, tiny_library,
+                                                                                     tokenizer):
+    """lm-eval's hf model scores ``(context + continuation)[-(max_length + 1):][:-1]``: the context loses its first
+    tokens. The cut context is routed and scored (checked on the official PEFT path), with a warning."""
+    _, root = tiny_library("llama")
+    context, continuation = "Q: hello there, how are you\nA:", " fine thanks"
+    ctx, cont = tokenizer(context)["input_ids"], tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    max_length = len(ctx) + len(cont) - 4
+    kept = ctx[-(max_length + 1 - len(cont)):]
+    assert len(kept) == len(ctx) - 3
+    lm = LoGoLM(engine=engine, max_length=max_length)
+    with pytest.warns(UserWarning, match=f"1 of 2 loglikelihood request\\(s\\) over max_length={max_length}"):
+        [(cut, _), (short, _)] = lm.loglikelihood([_Req(context, continuation), _Req("Q:", " fine")])
+    assert cut == pytest.approx(reference_logprob(engine, root, kept, kept, cont), rel=1e-4, abs=1e-4)
+    [(whole, _)] = LoGoLM(engine=engine, max_length=len(ctx) + len(cont)).loglikelihood([_Req(context, continuation)])
+    assert whole == pytest.approx(reference_logprob(engine, root, ctx, ctx, cont), rel=1e-4, abs=1e-4)
+    assert whole != pytest.approx(cut, rel=1e-4)
+
+
 @pytest.mark.parametrize("args, message", [
     ("k=abc", "k must be a whole number, got 'abc'"), ("batch_size=0", "batch_size must be at least 1"),
     ("max_length=many", "max_length must be a whole number"), ("temperature=hot", "temperature must be a number")])
@@ -196,8 +215,8 @@ def test_bad_requests_are_one_clear_error(engine):
     lm = LoGoLM(engine=engine, max_length=8)
     with pytest.raises(LogoError, match="request 1 has an empty continuation"):
         lm.loglikelihood([_Req("Q:", " a"), _Req("Q: hello", "")])
-    with pytest.raises(LogoError, match="request 0 has 14 tokens, over max_length=8"):
-        lm.loglikelihood([_Req("Q: hello", " world")])
+    with pytest.raises(LogoError, match="request 1's continuation has 18 tokens, over max_length=8"):
+        lm.loglikelihood([_Req("Q:", " a"), _Req("Q:", " a b c d e f g h i")])
     with pytest.raises(LogoError, match=r"setting\(s\) \['top_k'\] are not supported"):
         lm.generate_until([_Req("Q:", {"until": ["\n"], "max_gen_toks": 2, "top_k": 5})])
     # a prompt's number is its request's index, whatever group of settings it falls in

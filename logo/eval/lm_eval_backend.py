@@ -15,8 +15,9 @@ or lm-eval's own command line with the model registered (``lm_eval --model logo`
 Each request is routed on its context (the prompt's last token, as LoGo does), then scored or generated
 with that context's mixture; a batch mixes requests with different mixtures. Requests are encoded as
 lm-eval's own ``hf`` model does: a context's trailing spaces move to the continuation, an empty context is the
-prefix token (BOS, else EOS) so that every continuation token is scored, and rolling log-likelihoods add up
-lm-eval's disjoint windows of ``max_length`` tokens.
+prefix token (BOS, else EOS) so that every continuation token is scored, a context too long for ``max_length``
+is cut from the left (with a warning), and rolling log-likelihoods add up lm-eval's disjoint windows of
+``max_length`` tokens.
 """
 
 from __future__ import annotations
@@ -128,9 +129,9 @@ class LoGoLM(LM):
             ctx = self.tokenizer(context)["input_ids"]
             cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx and len(whole) > len(ctx) else \
                 self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        if len(ctx) + len(cont) > self.max_length + 1:
-            raise LogoError(f"loglikelihood request {index} has {len(ctx) + len(cont)} tokens, over max_length="
-                            f"{self.max_length} (+1); raise max_length (model_args) or shorten the task's prompts")
+        if len(cont) > self.max_length:
+            raise LogoError(f"loglikelihood request {index}'s continuation has {len(cont)} tokens, over max_length="
+                            f"{self.max_length}; raise max_length (model_args) or shorten the task's answers")
         return ctx, cont
 
     @torch.no_grad()
@@ -152,7 +153,16 @@ class LoGoLM(LM):
 
     # ------------------------------------------------------------- LM methods
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        pairs = [self._split(*req.args, index=i) for i, req in enumerate(requests)]
+        """Each request's log-likelihood and greediness; a context whose request is over ``max_length`` (+1: the
+        last token is not fed) is cut from the left to fit, as lm-eval's ``hf`` model cuts it (with a warning
+        counting them), and routed as cut."""
+        whole = [self._split(*req.args, index=i) for i, req in enumerate(requests)]
+        pairs = [(ctx[max(0, len(ctx) + len(cont) - self.max_length - 1):], cont) for ctx, cont in whole]
+        cut = sum(len(ctx) != len(kept) for (ctx, _), (kept, _) in zip(whole, pairs))
+        if cut:
+            warnings.warn(f"{cut} of {len(requests)} loglikelihood request(s) over max_length={self.max_length} "
+                          "tokens (+1): their contexts were cut from the left to fit, as lm-eval's hf model does; "
+                          "raise max_length (model_args) to keep them whole", stacklevel=2)
         results: list[tuple[float, bool]] = []
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start : start + self.batch_size]
