@@ -25,7 +25,9 @@ def check_decode(decode: str) -> str:
 
 
 SEED_LIMIT = 2**63
-"""Seeds are below this (an int64: what a torch generator and the server's per-row seeds take)."""
+"""Seeds are int64, from ``-SEED_LIMIT`` up to (not including) this: what a torch generator (which reads a
+negative seed as its 64-bit two's complement, so distinct seeds stay distinct) and the server's per-row seeds
+take."""
 
 
 @dataclass
@@ -53,8 +55,8 @@ class GenerationSettings:
             raise LogoError(f"temperature must be positive, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise LogoError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT):
-            raise LogoError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and -SEED_LIMIT <= self.seed < SEED_LIMIT):
+            raise LogoError(f"seed must be a whole number from -2**63 to 2**63 - 1 (an int64), got {self.seed!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,7 +15,7 @@ from logo.generation import GenerationSettings
 from logo.router import RouterConfig, Selection
 from logo.serve.admission import Catalog, settings_for
 from logo.serve.api import ServeConfig, create_app
-from logo.serve.sampling import Penalties, RowSettings, choose, count, penalize, uniform
+from logo.serve.sampling import Penalties, RowSettings, choice_seed, choose, count, penalize, uniform
 from logo.serve.scheduler import Job, Scheduler, ShuttingDown
 from logo.serve.text_stream import TextStream
 from logo.spec import EngineSpec
@@ -473,3 +473,118 @@ def test_a_chat_prompt_keeps_one_bos_where_the_tokenizer_adds_it_too():
         ids = tokenizer(without_added_bos(tokenizer, text))["input_ids"]
         assert ids[0] == bos and ids[1] != bos, (tokenizer is adding, ids[:3])
         assert tokenizer.decode(ids, skip_special_tokens=True) == "hi\n"
+
+
+def test_every_bit_of_a_seed_counts():
+    """Seeds differing only in their top bits (2**62, the sign) or by 2**32 draw other sequences; 2,000 seeds give
+    2,000 distinct 4-step sequences (the earlier fold kept 62 bits and folded the seed before the step)."""
+    base = torch.tensor([5, 5 + 2**62, 5 - 2**63, 5 + 2**32, -1, 2**63 - 1], dtype=torch.long)
+    steps = [uniform(base, torch.full_like(base, s)) for s in range(4)]
+    sequences = {tuple(float(u[i]) for u in steps) for i in range(len(base))}
+    assert len(sequences) == len(base)
+    seeds = torch.arange(-1000, 1000, dtype=torch.long) * 0x100000001
+    draws = torch.stack([uniform(seeds, torch.full_like(seeds, s)) for s in range(4)], 1)
+    assert len({tuple(row.tolist()) for row in draws}) == len(seeds)
+
+
+def test_a_seeded_list_of_identical_prompts_gives_distinct_choices(api):
+    """A list of prompts is how this server gives several choices (it refuses n > 1): with a seed, each choice
+    draws with its own seed (choice_seed), the first with the request's own, so it equals the prompt sent alone."""
+    body = {"prompt": ["Once upon a time"] * 4, "max_tokens": 8, "temperature": 1.0, "seed": 5}
+    texts = [c["text"] for c in api.post("/v1/completions", json=body).json()["choices"]]
+    assert len(set(texts)) > 1, texts
+    alone = api.post("/v1/completions", json={**body, "prompt": "Once upon a time"}).json()["choices"][0]["text"]
+    assert texts[0] == alone
+    again = [c["text"] for c in api.post("/v1/completions", json=body).json()["choices"]]
+    assert again == texts
+    assert choice_seed(5, 0) == 5 and choice_seed(None, 3) is None
+    assert len({choice_seed(seed, i) for seed in (-1, 0, 5, 2**63 - 1) for i in range(1, 50)}) == 4 * 49
+    assert all(-(2**63) <= choice_seed(seed, i) < 2**63 for seed in (-(2**63), -1, 2**63 - 1) for i in range(9))
+
+
+def test_a_stop_string_of_the_replacement_character_waits_for_the_character():
+    """U+FFFD stands for a character whose bytes are still arriving: a stop string holding it must not fire on
+    that placeholder (it fired on the first byte of an emoji). A stop string ending in held-back text is still
+    found when the choice finishes."""
+    tokenizer = make_tokenizer()
+    text = "ok 😀🎉 done"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream = TextStream(tokenizer, ["\ufffd"])
+    pieces = [stream.add(i) for i in ids]
+    assert not stream.stopped and "".join(pieces) + stream.finish() == text
+    cut = tokenizer("ok 😀", add_special_tokens=False)["input_ids"][:-1]  # the choice ends inside the emoji
+    assert tokenizer.decode(cut).endswith("\ufffd")
+    stream = TextStream(tokenizer, ["\ufffd"])
+    pieces = [stream.add(i) for i in cut]
+    assert not stream.stopped and "".join(pieces) + stream.finish() == "ok " and stream.stopped
+
+
+def test_a_request_is_refused_at_its_first_prompt_over_the_limit():
+    """Tokenizing every prompt of a request before checking any took 14 s for 256 long prompts: each prompt is
+    tokenized and checked in turn."""
+    from logo.serve.admission import ApiError, prompt_lengths
+
+    tokenizer, calls = make_tokenizer(), []
+
+    class Counting:
+        def __call__(self, text, **kwargs):
+            calls.append(text)
+            return tokenizer(text, **kwargs)
+
+    catalog = Catalog("logo", "base", [], RouterConfig(), 8, 10, 256, None)
+    prompts = ["ok", "much too long for eight tokens " * 3, *["short"] * 50]
+    with pytest.raises(ApiError, match="prompt 1 has .* tokens, over this server's limit of 8"):
+        prompt_lengths(Counting(), prompts, catalog)
+    assert len(calls) == 2
+    assert prompt_lengths(Counting(), ["a b", "c"], catalog) == [len(tokenizer(p)["input_ids"]) for p in ("a b", "c")]
+
+
+def test_tokenizing_a_request_leaves_the_event_loop_free(api, monkeypatch):
+    """The prompts of a request are tokenized (and a chat rendered) off the event loop: /health answers while a
+    slow one is being tokenized."""
+    import logo.serve.api as api_module
+    from logo.serve.admission import prompt_lengths
+
+    started = threading.Event()
+
+    def slow(*args, **kwargs):
+        started.set()
+        time.sleep(1.5)
+        return prompt_lengths(*args, **kwargs)
+
+    monkeypatch.setattr(api_module, "prompt_lengths", slow)
+    answers = []
+    worker = threading.Thread(target=lambda: answers.append(api.post("/v1/completions",
+                                                                     json={"prompt": "hi", "max_tokens": 1})))
+    worker.start()
+    assert started.wait(10)
+    start = time.perf_counter()
+    assert api.get("/health").status_code == 200
+    waited = time.perf_counter() - start
+    worker.join(30)
+    assert answers and answers[0].status_code == 200
+    assert waited < 1.0, waited
+
+
+def test_new_tokens_must_fit_the_models_context(api):
+    """A prompt and its new tokens must fit the model's context (max_position_embeddings; here made 20 tokens):
+    a max_tokens asked for that does not fit is refused with OpenAI's code, the server's default is shortened."""
+    catalog = api.app.state.catalog
+    tokens = len(api.app.state.tokenizer("count with me: one two three four five six seven")["input_ids"])
+    saved, catalog.context_tokens = catalog.context_tokens, tokens + 4
+    try:
+        body = {"prompt": ["hi", "count with me: one two three four five six seven"], "max_tokens": 5}
+        error = refusal(api, "/v1/completions", body)
+        assert error["code"] == "context_length_exceeded" and error["param"] == "max_tokens"
+        assert error["message"] == (f"max_tokens=5 does not fit: prompt 1 has {tokens} tokens and this model's "
+                                    f"context is {tokens + 4}; ask for at most 4")
+        answer = api.post("/v1/completions", json={**body, "max_tokens": 4}).json()
+        assert answer["usage"]["completion_tokens"] <= 8
+        default = api.post("/v1/completions", json={"prompt": body["prompt"][1], "temperature": 0}).json()
+        assert default["usage"]["completion_tokens"] <= 4
+        catalog.context_tokens = tokens
+        error = refusal(api, "/v1/completions", {"prompt": body["prompt"][1]})
+        assert error["message"].startswith(f"prompt 0 has {tokens} tokens, which fill this model's context of")
+    finally:
+        catalog.context_tokens = saved
+    assert saved == 512  # the tiny model's max_position_embeddings

@@ -50,8 +50,8 @@ def test_k_is_checked_against_the_library_before_any_model_loads(tiny_library):
     ({"max_new_tokens": 2.5}, "whole number"),
     ({"temperature": 0.0}, "temperature must be positive"),
     ({"top_p": 1.5}, "top_p must be in (0, 1]"),
-    ({"seed": 2**70}, "seed must be a whole number from 0 to 2**63 - 1"),
-    ({"seed": -1}, "seed must be"),
+    ({"seed": 2**70}, "seed must be a whole number from -2**63 to 2**63 - 1 (an int64)"),
+    ({"seed": -(2**63) - 1}, "seed must be"),
 ])
 def test_generation_settings_check_themselves(kwargs, message):
     with pytest.raises(LogoError) as err:

@@ -76,6 +76,8 @@ class Catalog:
     max_tokens_limit: int
     max_queue: int
     overrides: RouterOverrides
+    context_tokens: int | None = None
+    """The model's context (``max_position_embeddings``): a prompt and its new tokens must fit (None: unknown)."""
 
     @property
     def model_ids(self) -> list[str]:
@@ -160,7 +162,6 @@ def settings_for(max_tokens: int | None, default_max_tokens: int, temperature: f
     if seed is not None:
         if not -SEED_LIMIT <= seed < SEED_LIMIT:
             raise ApiError(400, f"seed={seed} is outside int64; give a whole number from -2**63 to 2**63 - 1", "seed")
-        seed %= SEED_LIMIT  # OpenAI's seeds are any int64; distinct ones stay distinct
     try:
         return GenerationSettings(max_new_tokens=tokens, do_sample=sample, temperature=temperature if sample else 1.0,
                                   top_p=top_p, seed=seed)
@@ -191,7 +192,9 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
 def prompt_lengths(tokenizer: PreTrainedTokenizerBase, prompts: list[str], catalog: Catalog,
                    param: str = "prompt", names: list[str] | None = None) -> list[int]:
     """Each prompt's token count (as the engine tokenizes it); an empty, over-long or not encodable prompt, or
-    more prompts than the queue holds, is refused. ``names``: what the errors call each prompt (``param i``)."""
+    more prompts than the queue holds, is refused. ``names``: what the errors call each prompt (``param i``).
+    Prompts are tokenized one at a time, so a request is refused at its first prompt over the limit (tokenizing a
+    whole request of long prompts takes seconds; the server runs this off its event loop)."""
     if not prompts:
         raise ApiError(400, f"{param} is empty; give at least one prompt", param)
     if len(prompts) > catalog.max_queue:
@@ -212,9 +215,39 @@ def prompt_lengths(tokenizer: PreTrainedTokenizerBase, prompts: list[str], catal
         except UnicodeEncodeError as err:
             raise ApiError(400, f"{name} is not valid Unicode (a lone surrogate at character {err.start}); "
                            "send UTF-8 text", param) from None
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
-    for name, length in zip(names, lengths):
+    lengths = []
+    for name, prompt in zip(names, prompts):
+        lengths.append(length := len(tokenizer(prompt, add_special_tokens=True)["input_ids"]))
         if length > limit:
             raise ApiError(400, f"{name} has {length} tokens, over this server's limit of {limit} "
                            "(--max-prompt-tokens); shorten it", param, "prompt_too_long")
     return lengths
+
+
+def context_tokens(model: torch.nn.Module) -> int | None:
+    """The model's context in tokens (its config's ``max_position_embeddings``), None where it does not say."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def fit_context(settings: GenerationSettings, lengths: list[int], catalog: Catalog, asked: bool,
+                param: str = "max_tokens", names: list[str] | None = None) -> GenerationSettings:
+    """``settings`` whose new tokens fit the model's context after the longest prompt: a ``max_tokens`` the client
+    ``asked`` for that does not fit is refused (400, OpenAI's ``context_length_exceeded``); the server's default
+    is shortened to the room left."""
+    context = catalog.context_tokens
+    if context is None:
+        return settings
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    room = context - lengths[longest]
+    name = (names or [f"prompt {i}" for i in range(len(lengths))])[longest]
+    if room < 1:
+        raise ApiError(400, f"{name} has {lengths[longest]} tokens, which fill this model's context of {context} "
+                       "tokens and leave no room for an answer; shorten it", param, "context_length_exceeded")
+    if settings.max_new_tokens <= room:
+        return settings
+    if asked:
+        raise ApiError(400, f"{param}={settings.max_new_tokens} does not fit: {name} has {lengths[longest]} tokens "
+                       f"and this model's context is {context}; ask for at most {room}", param,
+                       "context_length_exceeded")
+    return replace(settings, max_new_tokens=room)

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -39,12 +40,14 @@ from logo.serve.admission import (
     RouterOverrides,
     check_logprobs,
     choose_mixture,
+    context_tokens,
+    fit_context,
     prompt_lengths,
     settings_for,
     stop_strings,
 )
 from logo.serve.metrics import Metrics
-from logo.serve.sampling import Penalties
+from logo.serve.sampling import Penalties, choice_seed
 from logo.serve.scheduler import Event, Job, QueueFull, Scheduler, ShuttingDown
 from logo.serve.schemas import (
     AdapterCard,
@@ -152,7 +155,8 @@ class Exchange:
                  selection: Selection | None, router: RouterConfig | None, stops: list[str], app_state,
                  penalties: Penalties = Penalties()) -> None:
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        self.jobs = [Job(p, settings, selection, router, penalties, on_event=self._listener(i))
+        self.jobs = [Job(p, replace(settings, seed=choice_seed(settings.seed, i)), selection, router, penalties,
+                         on_event=self._listener(i))
                      for i, p in enumerate(prompts)]
         self.lengths = lengths
         self.streams = [TextStream(app_state.tokenizer, stops) for _ in prompts]
@@ -239,7 +243,7 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
     metrics = Metrics()
     catalog = Catalog(config.routed_id, config.base_id, list(engine.library.names), engine.router.config,
                       config.max_prompt_tokens, config.max_tokens_limit, config.max_queue,
-                      RouterOverrides(engine.model, engine.library))
+                      RouterOverrides(engine.model, engine.library), context_tokens(engine.model))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -350,7 +354,7 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        exchange = _exchange(request, body, prompts, body.max_tokens, COMPLETION_DEFAULT_TOKENS, "prompt")
+        exchange = await _exchange(request, body, prompts, body.max_tokens, COMPLETION_DEFAULT_TOKENS, "prompt")
         model = body.model or config.routed_id
         if body.stream:
             return StreamingResponse(_stream_completion(exchange, model, _include_usage(body)),
@@ -371,9 +375,9 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        prompt = _chat_prompt(request.app.state.tokenizer, body)
+        prompt = await run_in_threadpool(_chat_prompt, request.app.state.tokenizer, body)  # a template renders slowly
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        exchange = _exchange(request, body, [prompt], max_tokens, CHAT_DEFAULT_TOKENS, "messages",
+        exchange = await _exchange(request, body, [prompt], max_tokens, CHAT_DEFAULT_TOKENS, "messages",
                              "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
                              ["messages (after the chat template)"])
         exchange.id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -396,8 +400,10 @@ def create_app(engine: LoGoEngine, config: ServeConfig) -> FastAPI:
     return app
 
 
-def _exchange(request: Request, body, prompts: list[str], max_tokens: int | None, default_tokens: int,
-              param: str, tokens_param: str = "max_tokens", names: list[str] | None = None) -> Exchange:
+async def _exchange(request: Request, body, prompts: list[str], max_tokens: int | None, default_tokens: int,
+                    param: str, tokens_param: str = "max_tokens", names: list[str] | None = None) -> Exchange:
+    """The request's checks, then its jobs queued. Tokenizing the prompts runs off the event loop (long prompts
+    take seconds), so other requests' streams and ``/health`` go on meanwhile."""
     state = request.app.state
     catalog: Catalog = state.catalog
     if body.stream_options is not None and not body.stream:
@@ -408,7 +414,9 @@ def _exchange(request: Request, body, prompts: list[str], max_tokens: int | None
                             tokens_param)
     stops = stop_strings(body.stop)
     check_logprobs(body.logprobs, getattr(body, "top_logprobs", None))
-    lengths = prompt_lengths(state.tokenizer, prompts, catalog, param, names)
+    lengths = await run_in_threadpool(prompt_lengths, state.tokenizer, prompts, catalog, param, names)
+    settings = fit_context(settings, lengths, catalog, max_tokens is not None, tokens_param,
+                           names or [f"{param} {i}" for i in range(len(prompts))])
     penalties = Penalties(presence=body.presence_penalty, frequency=body.frequency_penalty)
     return Exchange(prompts, lengths, settings, selection, router, stops, state, penalties)
 

@@ -33,11 +33,28 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """One number in [0, 1) per row from int64 ``seed`` and ``step`` (``[B]`` each), 24 bits of resolution."""
-    seed = seed & ((1 << 62) - 1)
-    state = _mix32(_mix32(seed >> 32) ^ (seed & _MASK32))
-    state = _mix32(state ^ _mul32(step & _MASK32, 0x9E3779B9))
+    """One number in [0, 1) per row from int64 ``seed`` and ``step`` (``[B]`` each), 24 bits of resolution.
+
+    Every bit of the seed counts (its two 32-bit halves, the sign's included), and the step is mixed in before the
+    halves are folded into one 32-bit state, so two distinct seeds coincide at a step only by chance (about 2**-32)
+    and never along a whole sequence."""
+    low = _mix32((seed & _MASK32) ^ _mul32(step & _MASK32, 0x9E3779B9))
+    state = _mix32(_mix32(((seed >> 32) & _MASK32) ^ 0x6A09E667) ^ _mul32(low, 0x85EBCA6B))
     return (state >> 8).double() / float(1 << 24)
+
+
+_CHOICE = 0x9E3779B97F4A7C15
+"""Fibonacci hashing's 64-bit constant: prompt ``i`` of a seeded request draws with ``seed ^ (i * _CHOICE)``."""
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice ``index`` of a seeded request (None stays None): the request's own for the first, a
+    distinct int64 for each other one, so a list of identical prompts gives distinct samples (as OpenAI's ``n``
+    does), and each choice is the same whatever else shares the batch."""
+    if seed is None or index == 0:
+        return seed
+    mixed = (seed ^ (index * _CHOICE)) & ((1 << 64) - 1)
+    return mixed - (1 << 64) if mixed >= 1 << 63 else mixed
 
 
 @dataclass(frozen=True)

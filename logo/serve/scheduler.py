@@ -382,7 +382,7 @@ def _row_settings(jobs: list[Job], device: torch.device) -> RowSettings:
         greedy=torch.tensor([not s.do_sample for s in settings], device=device),
         temperature=torch.tensor([s.temperature for s in settings], dtype=torch.float32, device=device),
         top_p=torch.tensor([s.top_p for s in settings], dtype=torch.float32, device=device),
-        seed=torch.tensor([secrets.randbits(62) if s.seed is None else s.seed % (1 << 62) for s in settings],
+        seed=torch.tensor([secrets.randbits(63) if s.seed is None else s.seed for s in settings],
                           dtype=torch.long, device=device),
         presence=torch.tensor([job.penalties.presence for job in jobs], dtype=torch.float32, device=device),
         frequency=torch.tensor([job.penalties.frequency for job in jobs], dtype=torch.float32, device=device),

@@ -29,21 +29,30 @@ class TextStream:
             return ""
         self.tokens.append(token)
         text = self.text
-        cut = min((i for i in (text.find(s, max(0, self.sent - self.hold)) for s in self.stop) if i >= 0),
-                  default=-1)
+        # U+FFFD placeholders of a character still arriving are not text yet: no stop string is looked for in them
+        # (a stop string holding U+FFFD must not fire on half a character), and the hold counts back from the last
+        # complete character, or the character before them (maybe a stop string's start) would go out too early
+        complete = len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)
+        return self._release(text, complete)
+
+    def finish(self) -> str:
+        """The rest of the text once the choice has ended (nothing after a stop string): every character is final
+        now, so a stop string may also end in what was held back."""
+        if self.stopped:
+            return ""
+        text = self.text
+        out = self._release(text, len(text))
+        return out if self.stopped else out + self._take(text)
+
+    def _release(self, text: str, complete: int) -> str:
+        """The newly final text of ``text``, whose first ``complete`` characters are complete: up to the first stop
+        string found in them (then the choice has stopped), else up to the hold."""
+        start = max(0, self.sent - self.hold)
+        cut = min((i for i in (text.find(s, start, complete) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
             return self._take(text[:cut])
-        # the hold counts back from the last complete character: U+FFFD placeholders of a character still arriving
-        # must not use it up, or the character before them (maybe a stop string's start) would go out too early
-        complete = len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)
         return self._take(text[: max(complete - self.hold, self.sent)])
-
-    def finish(self) -> str:
-        """The rest of the text once the choice has ended (nothing after a stop string)."""
-        if self.stopped:
-            return ""
-        return self._take(self.text)
 
     def _take(self, text: str) -> str:
         delta = text[self.sent :]
