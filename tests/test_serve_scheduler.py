@@ -588,3 +588,27 @@ def test_new_tokens_must_fit_the_models_context(api):
     finally:
         catalog.context_tokens = saved
     assert saved == 512  # the tiny model's max_position_embeddings
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_stream_chunks_carry_openais_fields(api, path):
+    """Raw chunks as OpenAI sends them: no ``usage`` field unless the stream asked for it (then null in every
+    chunk but the last), and the chat's last delta is ``{}`` (not nulls)."""
+    body = {"max_tokens": 3, "stream": True, **({"messages": [{"role": "user", "content": "hi"}]}
+                                                if "chat" in path else {"prompt": "hi"})}
+
+    def chunks(extra: dict) -> list[dict]:
+        text = api.post(path, json={**body, **extra}).text
+        events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        return [json.loads(e) for e in events[:-1]]
+
+    plain = chunks({})
+    assert all("usage" not in c for c in plain)
+    asked = chunks({"stream_options": {"include_usage": True}})
+    assert all(c["usage"] is None for c in asked[:-1]) and asked[-1]["usage"]["completion_tokens"] >= 1
+    if "chat" in path:
+        deltas = [c["choices"][0]["delta"] for c in plain]
+        assert deltas[0] == {"role": "assistant", "content": ""} and deltas[-1] == {}
+        assert plain[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        assert all(set(d) == {"content"} for d in deltas[1:-1])

@@ -492,11 +492,18 @@ async def _stream(exchange: Exchange, chunks: AsyncIterator[str],
     yield sse("[DONE]")
 
 
+def _chunk_fields(payload: dict, usage: bool) -> dict:
+    """A stream chunk's fields as OpenAI sends them: ``usage`` (null) only in a stream that asked for it."""
+    if not usage:
+        payload.pop("usage", None)
+    return payload
+
+
 def _stream_completion(exchange: Exchange, model: str, usage: bool) -> AsyncIterator[str]:
     def chunk(index: int, text: str, reason: str | None, info: LogoInfo | None = None) -> str:
         choice = CompletionChoice(index=index, text=text, finish_reason=reason)
-        return sse(Completion(id=exchange.id, created=exchange.created, model=model, choices=[choice],
-                              logo=info).model_dump())
+        return sse(_chunk_fields(Completion(id=exchange.id, created=exchange.created, model=model, choices=[choice],
+                                            logo=info).model_dump(), usage))
 
     async def chunks() -> AsyncIterator[str]:
         async for index, text, reason in exchange.updates(None):
@@ -513,8 +520,10 @@ def _stream_completion(exchange: Exchange, model: str, usage: bool) -> AsyncIter
 def _stream_chat(exchange: Exchange, model: str, usage: bool) -> AsyncIterator[str]:
     def chunk(delta: Delta, reason: str | None = None, info: LogoInfo | None = None) -> str:
         choice = ChatChunkChoice(index=0, delta=delta, finish_reason=reason)
-        return sse(ChatChunk(id=exchange.id, created=exchange.created, model=model, choices=[choice],
-                             logo=info).model_dump())
+        payload = ChatChunk(id=exchange.id, created=exchange.created, model=model, choices=[choice],
+                            logo=info).model_dump()
+        payload["choices"][0]["delta"] = delta.model_dump(exclude_none=True)  # OpenAI's last delta is {}
+        return sse(_chunk_fields(payload, usage))
 
     async def chunks() -> AsyncIterator[str]:
         async for _index, text, reason in exchange.updates(None):
