@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import json
 import os
 import secrets
@@ -260,3 +261,15 @@ def load_base_model(
     model.to(device)
     model.eval()
     return model, load_tokenizer(spec)
+
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword that hands a KV cache to ``model``'s forward: ``cache`` where transformers names it so (5.x
+    renamed it, and warns that ``past_key_values`` goes in 5.40), else ``past_key_values``. Read once per model
+    (a compiled step takes the name as a constant)."""
+    try:
+        named = "cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no signature to read: the older name
+        named = False
+    return "cache" if named else "past_key_values"

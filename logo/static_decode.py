@@ -27,6 +27,7 @@ from torch import nn
 from transformers import StaticCache
 
 from logo.errors import LogoError
+from logo.models import cache_keyword
 
 RECOMPILE_LIMIT = 128  # one graph per (batch, cache length, mixture on/off)
 
@@ -38,6 +39,7 @@ class StaticDecoder:
         if min_cache_len < 1:
             raise LogoError(f"min_cache_len must be at least 1 token, got {min_cache_len}")
         self.model = model
+        self._cache_kw = cache_keyword(model)
         self.min_cache_len = min_cache_len
         self.device = next(model.parameters()).device
         self.cuda_graphs = compile and self.device.type == "cuda"
@@ -49,7 +51,7 @@ class StaticDecoder:
 
     def _forward_step(self, token: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
                       cache_position: torch.Tensor, cache: StaticCache) -> torch.Tensor:
-        out = self.model(input_ids=token, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+        out = self.model(input_ids=token, attention_mask=mask, position_ids=position_ids, **{self._cache_kw: cache},
                          cache_position=cache_position, use_cache=True)
         return out.logits[:, -1, :]
 
@@ -107,7 +109,7 @@ class StaticDecoder:
         stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=self.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
 
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **{self._cache_kw: cache},
                             cache_position=torch.arange(prompt_len, device=self.device), use_cache=True,
                             logits_to_keep=1).logits[:, -1, :]
         position = positions[:, -1:].clone()

@@ -218,3 +218,24 @@ def test_a_failed_conversion_is_one_line_and_leaves_nothing(monkeypatch, tmp_pat
                                              r".*No space left on device.*LOGO_CACHE") as err:
         embedded_checkpoint()
     assert "\n" not in str(err.value) and list(target.parent.iterdir()) == []
+
+
+def test_the_kv_cache_keyword_follows_the_models_forward(tiny_model_dir):
+    """transformers 5 renamed the forward's ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40);
+    the decoders hand a cache by whichever name the model's forward takes."""
+    from logo.models import cache_keyword
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            return input_ids
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None):
+            return input_ids
+
+    assert cache_keyword(Old()) == "past_key_values" and cache_keyword(New()) == "cache"
+    import inspect
+
+    model, _ = load_base_model(str(tiny_model_dir("llama")), device="cpu")
+    expected = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    assert cache_keyword(model) == expected

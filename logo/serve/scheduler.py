@@ -30,6 +30,7 @@ from transformers import DynamicCache
 from logo.engine import LoGoEngine
 from logo.errors import LogoError
 from logo.generation import GenerationSettings
+from logo.models import cache_keyword
 from logo.router import Route, RouterConfig, Selection
 from logo.serve.batch_cache import BatchCache
 from logo.serve.metrics import Metrics
@@ -108,6 +109,7 @@ class Scheduler:
         if engine.decoder is not None:
             raise LogoError("the server batches with its own dynamic KV cache; build its engine with decode='eager'")
         self.engine, self.model = engine, engine.model
+        self._cache_kw = cache_keyword(engine.model)
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.deliver, self.metrics = deliver, metrics or Metrics()
         self.stops = torch.tensor(sorted(set(engine.stop_ids(False))), dtype=torch.long, device=engine.device)
@@ -249,7 +251,7 @@ class Scheduler:
             engine.add_mixture_rows(selections)
         self._stale = True  # until the newcomers are in: a failure leaves rows in the mixture that are not admitted
         with engine.mixture_rows_from(first):  # the newcomers' prefill, under their own mixtures only
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **{self._cache_kw: cache},
                                 use_cache=True, logits_to_keep=1).logits[:, -1, :]
         settings = _row_settings(jobs, engine.device)
         steps = torch.zeros(len(jobs), dtype=torch.long, device=engine.device)
@@ -304,7 +306,7 @@ class Scheduler:
         mask = self._batch.extended()
         self._positions = self._positions + 1
         logits = self.model(input_ids=self._last[:, None], attention_mask=mask, position_ids=self._positions[:, None],
-                            past_key_values=self._batch.cache, use_cache=True).logits[:, -1, :]
+                            **{self._cache_kw: self._batch.cache}, use_cache=True).logits[:, -1, :]
         self.metrics.batch_size.observe(len(self._rows))
         self._last = choose(logits, self._settings, self._steps, self._counts)
         if self._counts is not None:
