@@ -177,7 +177,7 @@ def statistics_for(library, calibration: str, key: str, adapters: int, num_layer
         raise LogoError(
             f"no '{calibration}' calibration statistics for signal {describe_signal(key, num_layers)}; fit a router "
             "with `logo fit-router` or compute them with `logo calibrate --base-model ... --adapters ...` (same "
-            "router options)"
+            "router options), or route uncalibrated with --calibration none"
         )
     if len(entry["values"]) != adapters:
         raise LogoError(f"calibration statistics for {describe_signal(key, num_layers)} cover {len(entry['values'])} "

@@ -131,7 +131,7 @@ class EngineSpec:
                                 hint="; or give --router official to route without it")
         router = self.router or (file.config if file is not None else RouterConfig())
         if self.router_overrides:
-            changes = dict(self.router_overrides)
+            changes = _changed(router, self.router_overrides)  # restating a value the router has changes nothing
             fitted = file is not None and self.router is None
             if fitted and SIGNAL_FIELDS & set(changes):
                 changes.setdefault("statistics", "default")  # another signal: the fit's statistics do not apply
@@ -167,6 +167,18 @@ class EngineSpec:
             file.check(library.names, model, library.modules, where=f"router file {file.path}")
             file.apply(library)
         return LoGoEngine(model, tokenizer, library, router, decode=self.decode)
+
+
+def _changed(router: RouterConfig, overrides: dict) -> dict:
+    """The overrides that change ``router``: a flag restating the value it already has is no change (restating a
+    fitted router's own calibration must not turn off its abstain rule, nor its own signal send it to other
+    statistics). A single ``layer``/``module`` changes a signal pooled over others, which it replaces."""
+    def same(name: str, value) -> bool:
+        if name in ("layer", "module") and getattr(router, name + "s") is not None:
+            return tuple(getattr(router, name + "s")) == (value,)
+        return getattr(router, name) == value
+
+    return {name: value for name, value in overrides.items() if not same(name, value)}
 
 
 def _check_abstain_flags(flags: dict, before: RouterConfig, keeps_threshold: bool) -> None:

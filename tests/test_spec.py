@@ -66,3 +66,24 @@ def test_prompts_are_checked():
             check_prompts(prompts)
     with pytest.raises(LogoError, match="prompt 1 has 9 tokens, over the limit of 8"):
         check_prompts(["a", "b"], [3, 9], max_tokens=8)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    # restating the fitted router's own values changes nothing: its statistics and abstain rule stay
+    ({"calibration": "zscore"}, {}),
+    ({"post_norm": True, "strategy": "entropy", "position": "mean", "module": "v_proj", "k": 2}, {}),
+    # real changes: another calibration drops the abstain threshold fitted on the fit's scores; another signal
+    # also reads the library's default statistics; one layer replaces the pooled ones
+    ({"calibration": "mean"}, {"calibration": "mean", "abstain": "none"}),
+    ({"module": "q_proj"}, {"module": "q_proj", "modules": None, "statistics": "default", "abstain": "none"}),
+    ({"layer": -1}, {"layer": -1, "layers": None, "statistics": "default", "abstain": "none"}),
+])
+def test_a_flag_restating_the_fitted_router_changes_nothing(flags, expected):
+    """The demo's fitted router (zscore, entropy, post-norm, mean, v_proj pooled over layers, abstain top): restating
+    its calibration turned its abstain rule off, and restating its signal sent it to statistics nobody computed."""
+    from dataclasses import replace
+
+    spec = EngineSpec("smollm2-135m", "embedded:demo", router_overrides=flags)
+    router, file = spec.router_choice(spec.entries())
+    assert file is not None and file.config.abstain == "top" and file.config.modules == ("v_proj",)
+    assert router == replace(file.config, **expected)
